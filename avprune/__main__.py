@@ -1,0 +1,5 @@
+import sys
+
+from avprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,8 @@
+"""`avprune prune` (being built; see its issue)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prune", help="(not yet available)")
+    p.set_defaults(func=lambda args: (_ for _ in ()).throw(RuntimeError("'prune' is not implemented yet")))

@@ -1,0 +1,63 @@
+"""Each benchmark owns one section of benchmarks/RESULTS.md, replaced atomically in place."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import re
+from pathlib import Path
+
+from perception.io import atomic_write_text
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+ASSETS = Path(__file__).with_name("results")  # PNGs and raw JSON linked from RESULTS.md
+
+_HEADER = (
+    "# avprune benchmark results\n\n"
+    "Each section is written by the script it names (`python -m benchmarks.NAME`); figures on a\n"
+    "shared 2-core machine move 30-50% between runs, so every comparison is measured side by side\n"
+    "in one run and reported as a ratio.\n"
+)
+
+SECTION_ORDER = (
+    "train_default",
+    "pruner_overhead",
+    "latency_model",
+    "prune_job",
+    "engine",
+    "gpu_check",
+    "validate_overhead",
+    "compare",
+)
+
+
+def machine_line() -> str:
+    """One line naming the machine the numbers came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+
+
+def write_section(name: str, markdown: str) -> Path:
+    """Replace (or add) the section ``name`` of RESULTS.md, keeping the others."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    lock = RESULTS.with_suffix(".lock")
+    with open(lock, "w") as lf:
+        fcntl.flock(lf, fcntl.LOCK_EX)
+        text = RESULTS.read_text() if RESULTS.exists() else _HEADER
+        pattern = r"<!-- BEGIN (\S+) -->\n.*?\n<!-- END \1 -->"
+        sections = {m.group(1): m.group(0) for m in re.finditer(pattern, text, flags=re.S)}
+        sections[name] = block
+        order = [s for s in SECTION_ORDER if s in sections] + sorted(s for s in sections if s not in SECTION_ORDER)
+        atomic_write_text(RESULTS, _HEADER + "\n" + "\n\n".join(sections[s] for s in order) + "\n")
+    return RESULTS

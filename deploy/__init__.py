@@ -1,0 +1,1 @@
+"""Deployment: export, engine builders, runtimes, stream readers, real-time validation."""

@@ -1,0 +1,1 @@
+"""The autonomous-driving domain: detectors, data sets, training and COCO mAP."""
