@@ -1,0 +1,213 @@
+"""The prune job file (`avprune prune JOB.yaml`), validated once at the edge.
+
+Every path is checked here, before anything is written: a job that cannot start leaves no
+output folder behind. Paths are taken relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from avprune.config.base import StrictModel, load_config
+
+Importance = Literal["magnitude", "taylor", "activation", "bn_scale"]
+Controller = Literal["budget", "cubic", "fixed", "layer_adaptive"]
+
+
+class ModelSpec(StrictModel):
+    """The dense detector to prune: a registry name and a local checkpoint."""
+
+    name: str = "ssdlite320_mobilenet_v3_large"
+    checkpoint: Path
+    num_classes: int = Field(8, ge=2)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from perception.models import list_detectors
+
+        if v not in list_detectors():
+            raise ValueError(f"unknown detector {v!r}; valid names: {', '.join(list_detectors())}")
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not v.is_file():
+            raise ValueError(f"checkpoint file not found: {v} (train one with `avprune train`)")
+        return v
+
+
+class DataSpec(StrictModel):
+    """`synthetic` generates the drive data set into `root` (a cache) when missing; `coco` reads `root`."""
+
+    source: Literal["synthetic", "coco"] = "synthetic"
+    root: Path | None = None  # coco: folder holding train/ val/ annotations/; synthetic: cache folder
+    images: int = Field(96, ge=8, description="synthetic only: images to generate")
+    seed: int = 0
+    train_images: int | None = Field(None, ge=2, description="fine-tune subset size (None: all)")
+    val_images: int = Field(32, ge=1, description="images scored at every mAP evaluation")
+
+    @model_validator(mode="after")
+    def _root(self) -> DataSpec:
+        if self.source == "coco":
+            if self.root is None:
+                raise ValueError("data.root is required when data.source is 'coco'")
+            if not self.root.is_dir():
+                raise ValueError(f"data.root: COCO folder not found: {self.root}")
+            if not (self.root / "annotations").is_dir():
+                raise ValueError(f"data.root: {self.root} has no annotations/ folder (expected COCO layout)")
+        return self
+
+    def coco_root(self) -> Path:
+        """Where the COCO layout lives (synthetic: under the cache folder)."""
+        if self.source == "coco":
+            assert self.root is not None
+            return self.root
+        return self.synthetic_dir() / "coco"
+
+    def synthetic_dir(self) -> Path:
+        base = self.root or Path.home() / ".cache" / "avprune" / "synthetic"
+        return base / f"images{self.images}-seed{self.seed}"
+
+
+class BudgetSpec(StrictModel):
+    """The latency budget (one of `latency_ms` / `speedup`) and the mAP floor (one of `map_floor` / `max_map_drop`)."""
+
+    latency_ms: float | None = Field(None, gt=0, description="end-to-end latency per batch, p50")
+    speedup: float | None = Field(None, gt=1, description="alternative: dense p50 / pruned p50 at least this")
+    runtime: Literal["onnxruntime", "tensorrt", "pytorch"] = "onnxruntime"
+    device: str = "cpu"
+    input_size: tuple[int, int] = (320, 320)
+    batch: int = Field(1, ge=1)
+    threads: int = Field(2, ge=1)
+    map_floor: float | None = Field(None, ge=0, le=1, description="absolute COCO mAP@[.5:.95]")
+    max_map_drop: float | None = Field(None, ge=0, le=1, description="alternative: dense mAP - floor")
+    measure_iters: int = Field(30, ge=5)
+
+    @field_validator("input_size")
+    @classmethod
+    def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 32:
+            raise ValueError(f"input_size must be (height, width), each >= 32; got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "cpu" and not v.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetSpec:
+        if (self.latency_ms is None) == (self.speedup is None):
+            raise ValueError("give exactly one of budget.latency_ms and budget.speedup")
+        if (self.map_floor is None) == (self.max_map_drop is None):
+            raise ValueError("give exactly one of budget.map_floor and budget.max_map_drop")
+        if self.runtime == "tensorrt" and not self.device.startswith("cuda"):
+            raise ValueError("budget.runtime 'tensorrt' needs budget.device 'cuda'")
+        return self
+
+    def latency_target(self, dense_p50_ms: float) -> float:
+        """The budget in ms, given the dense model's measured p50."""
+        return float(self.latency_ms) if self.latency_ms is not None else dense_p50_ms / float(self.speedup)
+
+    def floor(self, dense_map: float) -> float:
+        """The mAP floor, given the dense model's mAP."""
+        return float(self.map_floor) if self.map_floor is not None else max(0.0, dense_map - float(self.max_map_drop))
+
+
+class PruningSpec(StrictModel):
+    """What the candidates vary over: importances × ramp speeds (controllers fixed to one list)."""
+
+    importances: list[Importance] = Field(default_factory=lambda: ["magnitude", "bn_scale"], min_length=1)
+    granularity: Literal["channel", "unstructured", "nm"] = "channel"
+    controller: Controller = "budget"
+    ramps: list[float] = Field(default_factory=lambda: [0.5], min_length=1, description="fraction of fine-tune steps")
+    round_to: int = Field(8, ge=1)
+    update_every: int = Field(5, ge=1)
+    max_sparsity: float = Field(0.75, gt=0, lt=1)
+
+    @field_validator("ramps")
+    @classmethod
+    def _ramps(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"ramps are fractions of the fine-tune steps in (0, 1]; got {bad}")
+        return v
+
+
+class SensitivitySpec(StrictModel):
+    """Per-layer scan: a subset of layers (largest first) at a few sparsities."""
+
+    max_layers: int = Field(8, ge=1)
+    sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.6], min_length=1)
+    eval_images: int = Field(16, ge=1)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _range(cls, v: list[float]) -> list[float]:
+        bad = [s for s in v if not 0 < s < 1]
+        if bad:
+            raise ValueError(f"sensitivity sparsities must be in (0, 1); got {bad}")
+        return sorted(v)
+
+
+class FinetuneSpec(StrictModel):
+    steps: int = Field(200, ge=1)
+    lr: float = Field(0.005, gt=0)
+    batch_size: int = Field(8, ge=2, description=">= 2: SSDlite's 1x1 maps need BatchNorm statistics")
+    measure_every: int = Field(50, ge=1, description="steps between measured latency + mAP")
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+
+
+class SearchSpec(StrictModel):
+    candidates: int = Field(2, ge=1)
+    grace_period: int = Field(2, ge=1, description="ASHA: reports before a trial may be stopped")
+    max_failures: int = Field(2, ge=0, description="restarts per trial after a worker dies")
+
+
+class ResourcesSpec(StrictModel):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    torch_threads: int = Field(1, ge=1, description="torch threads inside each Ray worker")
+
+
+class PruneJobConfig(StrictModel):
+    """A whole `avprune prune` job."""
+
+    model: ModelSpec
+    data: DataSpec = DataSpec()
+    budget: BudgetSpec
+    pruning: PruningSpec = PruningSpec()
+    sensitivity: SensitivitySpec = SensitivitySpec()
+    finetune: FinetuneSpec = FinetuneSpec()
+    search: SearchSpec = SearchSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    output_dir: Path = Path("runs/prune")
+    cache_dir: Path = Field(Path.home() / ".cache" / "avprune", description="latency tables, per runtime+device")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cross(self) -> PruneJobConfig:
+        if self.finetune.measure_every > self.finetune.steps:
+            raise ValueError(
+                f"finetune.measure_every ({self.finetune.measure_every}) must be <= finetune.steps ({self.finetune.steps})"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not where they go): guards `--resume`."""
+        data = self.model_dump(mode="json", exclude={"output_dir"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_prune_config(path: str | Path) -> PruneJobConfig:
+    """Read and validate a prune job file; raises ConfigError naming every bad field."""
+    return load_config(path, PruneJobConfig)
