@@ -1,8 +1,59 @@
-"""`avprune prune` (being built; see its issue)."""
+"""`avprune prune JOB.yaml`: the Ray-distributed prune job against an mAP floor and a latency budget."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+
+EXIT_INFEASIBLE = 2
+
+_EPILOG = """\
+stages (each recorded in OUT/stages/NAME.json; --resume skips the finished ones):
+  baseline       dense mAP and measured p50/p99 latency on the budget's runtime
+  latency_table  per-layer latency table for that runtime (cached per runtime and device)
+  sensitivity    per-layer sensitivity scan, layers in parallel as Ray tasks
+  search         candidates fine-tuned in parallel as Ray Tune trials (ASHA stops hopeless ones)
+  select         highest-mAP candidate whose re-measured latency meets the budget
+  finalize       pruned checkpoint, ONNX, report.json, report.html, latency table
+
+exit codes: 0 done, 1 error, 2 infeasible budget (the message gives the best trade-off
+reached and the nearest feasible budget), 130 interrupted.
+Example job files: avprune/config/examples/prune_default.yaml, prune_tiny.yaml.
+"""
+
 
 def register(sub) -> None:
-    p = sub.add_parser("prune", help="(not yet available)")
-    p.set_defaults(func=lambda args: (_ for _ in ()).throw(RuntimeError("'prune' is not implemented yet")))
+    p = sub.add_parser(
+        "prune",
+        help="Ray prune job against an mAP floor and a latency budget",
+        description=__doc__,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("job", metavar="JOB.yaml", help="prune job file")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--resume", action="store_true", help="continue a killed job in its output folder")
+    p.add_argument("--out", default=None, help="output folder (default: output_dir from the job file)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress lines")
+    p.set_defaults(func=run, error_exit_code=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from avprune.config.prune import load_prune_config
+    from avprune.prune_job import InfeasibleBudgetError, run_prune_job, summary_table
+
+    config = load_prune_config(args.job)  # validated before anything is written
+    try:
+        result = run_prune_job(
+            config, out_dir=args.out, address=args.address, resume=args.resume, progress=not args.no_progress
+        )
+    except InfeasibleBudgetError as e:
+        print(f"avprune prune: {e}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    console = Console()
+    console.print(summary_table(result))
+    console.print(f"pruned checkpoint: {result.checkpoint}\nONNX: {result.onnx}\nreport: {result.report_html}")
+    return 0

@@ -1,0 +1,48 @@
+"""The prune job's own failure: a budget pair that no candidate meets (CLI exit code 2)."""
+
+from __future__ import annotations
+
+
+class InfeasibleBudgetError(RuntimeError):
+    """No candidate meets both the latency budget and the mAP floor.
+
+    Carries the best trade-off reached and the nearest budgets that would have been feasible,
+    so the message can tell the user what to ask for instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        latency_budget_ms: float,
+        map_floor: float,
+        best_latency_ms: float,
+        best_map: float,
+        nearest_latency_ms: float | None,
+        nearest_map_floor: float | None,
+    ) -> None:
+        self.latency_budget_ms = latency_budget_ms
+        self.map_floor = map_floor
+        self.best_latency_ms = best_latency_ms
+        self.best_map = best_map
+        self.nearest_latency_ms = nearest_latency_ms
+        self.nearest_map_floor = nearest_map_floor
+        options = []
+        if nearest_latency_ms is not None:
+            options.append(f"latency_ms >= {nearest_latency_ms:.2f} at mAP floor {map_floor:.3f}")
+        if nearest_map_floor is not None:
+            options.append(f"map_floor <= {nearest_map_floor:.3f} at {latency_budget_ms:.2f} ms")
+        super().__init__(
+            f"infeasible budget: no candidate reaches {latency_budget_ms:.2f} ms at mAP >= {map_floor:.3f}; "
+            f"best trade-off reached: {best_latency_ms:.2f} ms at mAP {best_map:.3f}; "
+            f"nearest feasible budget: {' or '.join(options) if options else 'none found (no candidate kept any mAP)'}"
+        )
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {
+            "latency_budget_ms": self.latency_budget_ms,
+            "map_floor": self.map_floor,
+            "best_latency_ms": self.best_latency_ms,
+            "best_map": self.best_map,
+            "nearest_latency_ms": self.nearest_latency_ms,
+            "nearest_map_floor": self.nearest_map_floor,
+        }

@@ -1,0 +1,121 @@
+"""Progress a person can follow: one live line per stage and per trial (rich), on stderr.
+
+Disabled progress is a no-op object with the same methods, so stage code never branches on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class JobProgress:
+    """Live lines for stages and trials; use as a context manager around the job."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> JobProgress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def _line(self, key: str, description: str, total: float | None) -> None:
+        if self._progress is None:
+            return
+        if key not in self._tasks:
+            self._tasks[key] = self._progress.add_task(description, total=total)
+        else:
+            self._progress.update(self._tasks[key], description=description, total=total)
+
+    # ------------------------------------------------------------------ stages
+    def stage_start(self, name: str, total: int | None = None, note: str = "") -> None:
+        log.info("stage %s: started %s", name, note)
+        self._line(f"stage:{name}", f"[bold]{name:<14}[/] {note}", total)
+
+    def stage_advance(self, name: str, advance: float = 1, note: str | None = None) -> None:
+        if self._progress is None or f"stage:{name}" not in self._tasks:
+            return
+        kw: dict[str, Any] = {"advance": advance}
+        if note is not None:
+            kw["description"] = f"[bold]{name:<14}[/] {note}"
+        self._progress.update(self._tasks[f"stage:{name}"], **kw)
+
+    def stage_done(self, name: str, note: str = "", *, skipped: bool = False) -> None:
+        state = "[yellow]skipped (resume)[/]" if skipped else "[green]done[/]"
+        log.info("stage %s: %s %s", name, "skipped" if skipped else "done", note)
+        self._line(f"stage:{name}", f"[bold]{name:<14}[/] {state} {note}", None)
+        if self._progress is not None:
+            task = self._tasks[f"stage:{name}"]
+            total = self._progress.tasks[task].total or 1
+            self._progress.update(task, total=total, completed=total)
+
+    # ------------------------------------------------------------------ trials
+    def trial(self, trial_id: str, note: str, *, completed: float | None = None, total: float | None = None) -> None:
+        """Create or update the line of one Tune trial."""
+        self._line(f"trial:{trial_id}", f"  trial {trial_id:<10} {note}", total)
+        if self._progress is not None and completed is not None:
+            self._progress.update(self._tasks[f"trial:{trial_id}"], completed=completed)
+
+
+def tune_callback(progress: JobProgress, total_steps: int) -> Any:
+    """A Ray Tune callback that mirrors each trial's reports onto its live line (driver side)."""
+    from ray.tune import Callback
+
+    class _ProgressCallback(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+            name = str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
+            progress.trial(
+                name,
+                f"step {result.get('step', 0):>4}  mAP {result.get('map', float('nan')):.3f}  "
+                f"pred {result.get('latency_pred_ms', float('nan')):.2f} ms  "
+                f"meas {result.get('latency_ms', float('nan')):.2f} ms  sparsity {result.get('sparsity', 0.0):.2f}",
+                completed=result.get("step", 0),
+                total=total_steps,
+            )
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+            name = str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
+            progress.trial(name, "[red]worker failed, retrying from its checkpoint[/]")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+            name = str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
+            last = trial.last_result or {}
+            stopped = last.get("step", total_steps) < total_steps
+            progress.trial(
+                name,
+                f"[{'yellow' if stopped else 'green'}]{'stopped early (ASHA)' if stopped else 'done'}[/]  "
+                f"mAP {last.get('map', float('nan')):.3f}  meas {last.get('latency_ms', float('nan')):.2f} ms",
+                completed=last.get("step", 0),
+                total=total_steps,
+            )
+
+    return _ProgressCallback()

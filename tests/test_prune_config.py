@@ -1,0 +1,135 @@
+"""The prune job file: examples validate; bad files fail with the field named and write nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from avprune.cli import main
+from avprune.config.base import ConfigError
+from avprune.config.prune import PruneJobConfig, load_prune_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "avprune" / "config" / "examples"
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    p = tmp_path / "dense.pt"
+    p.write_bytes(b"not read by validation")  # validation checks existence only
+    return p
+
+
+def _job(tmp_path: Path, ckpt: Path, **changes) -> dict:
+    data = yaml.safe_load((EXAMPLES / "prune_tiny.yaml").read_text())
+    data["model"]["checkpoint"] = str(ckpt)
+    data["output_dir"] = str(tmp_path / "out")
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        if value is _DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return data
+
+
+_DELETE = object()
+
+
+def _write(tmp_path: Path, data: dict | str) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize("name", ["prune_default.yaml", "prune_tiny.yaml"])
+def test_examples_validate(tmp_path, ckpt, name):
+    data = yaml.safe_load((EXAMPLES / name).read_text())
+    data["model"]["checkpoint"] = str(ckpt)
+    cfg = PruneJobConfig.model_validate(data)
+    assert cfg.budget.runtime == "onnxruntime" and cfg.search.candidates >= 1
+
+
+def test_budget_helpers_and_fingerprint(tmp_path, ckpt):
+    cfg = PruneJobConfig.model_validate(_job(tmp_path, ckpt, **{"budget.speedup": 2.0}))
+    assert cfg.budget.latency_target(10.0) == pytest.approx(5.0)
+    assert cfg.budget.floor(0.5) == pytest.approx(0.0)  # tiny job: max_map_drop 1.0 clamps at 0
+    other = PruneJobConfig.model_validate(_job(tmp_path, ckpt, output_dir=str(tmp_path / "elsewhere")))
+    changed = PruneJobConfig.model_validate(_job(tmp_path, ckpt, **{"finetune.steps": 7}))
+    base = PruneJobConfig.model_validate(_job(tmp_path, ckpt))
+    assert base.fingerprint() == other.fingerprint()  # where results go does not change them
+    assert base.fingerprint() != changed.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"budget.latncy_ms": 3}, "budget.latncy_ms", "unknown key"),
+        ({"surprise": 1}, "surprise", "unknown key"),
+        ({"budget.speedup": _DELETE, "budget.latency_ms": 0}, "budget.latency_ms", "greater than 0"),
+        ({"budget.speedup": _DELETE, "budget.latency_ms": -2}, "budget.latency_ms", "greater than 0"),
+        ({"budget.max_map_drop": _DELETE, "budget.map_floor": 1.5}, "budget.map_floor", "less than or equal to 1"),
+        ({"budget.max_map_drop": _DELETE, "budget.map_floor": -0.1}, "budget.map_floor", "greater than or equal"),
+        ({"budget.map_floor": 0.4}, "budget", "exactly one of budget.map_floor and budget.max_map_drop"),
+        ({"budget.max_map_drop": _DELETE}, "budget", "exactly one of budget.map_floor and budget.max_map_drop"),
+        ({"budget.latency_ms": 5}, "budget", "exactly one of budget.latency_ms and budget.speedup"),
+        ({"budget.runtime": "tflite"}, "budget.runtime", "must be one of"),
+        ({"budget.input_size": [16, 16]}, "budget.input_size", ">= 32"),
+        ({"pruning.importances": ["magnitude", "random"]}, "pruning.importances.1", "must be one of"),
+        ({"pruning.ramps": [0.0]}, "pruning.ramps", "(0, 1]"),
+        ({"sensitivity.sparsities": [1.0]}, "sensitivity.sparsities", "(0, 1)"),
+        ({"finetune.batch_size": 1}, "finetune.batch_size", "greater than or equal to 2"),
+        ({"finetune.measure_every": 50}, "(top level)", "measure_every"),
+        ({"model.name": "yolo"}, "model.name", "unknown detector"),
+        ({"search.candidates": 0}, "search.candidates", "greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, ckpt, changes, field, words):
+    path = _write(tmp_path, _job(tmp_path, ckpt, **changes))
+    with pytest.raises(ConfigError) as e:
+        load_prune_config(path)
+    msg = str(e.value)
+    assert f"  {field}:" in msg and words in msg, msg
+
+
+def test_missing_checkpoint_and_data_folder(tmp_path, ckpt):
+    with pytest.raises(ConfigError, match=r"model\.checkpoint: .*checkpoint file not found"):
+        load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **{"model.checkpoint": str(tmp_path / "nope.pt")})))
+    bad_data = {"data.source": "coco", "data.root": str(tmp_path / "no_such_coco")}
+    with pytest.raises(ConfigError, match=r"data: .*COCO folder not found"):
+        load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **bad_data)))
+    with pytest.raises(ConfigError, match="data.root is required"):
+        load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **{"data.source": "coco", "data.root": None})))
+
+
+def _bad_files(tmp_path: Path, ckpt: Path) -> dict[str, tuple[str | dict, str]]:
+    return {
+        "bad_yaml": ("model: [unclosed\n", "not valid YAML"),
+        "not_mapping": ("- a\n- b\n", "must be a mapping"),
+        "unknown_key": (_job(tmp_path, ckpt, **{"finetune.stepz": 3}), "finetune.stepz: unknown key"),
+        "missing_checkpoint": (_job(tmp_path, ckpt, **{"model.checkpoint": "missing/dense.pt"}), "checkpoint file not found"),
+        "missing_data": (
+            _job(tmp_path, ckpt, **{"data.source": "coco", "data.root": str(tmp_path / "none")}),
+            "COCO folder not found",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["bad_yaml", "not_mapping", "unknown_key", "missing_checkpoint", "missing_data"])
+def test_cli_bad_job_exits_1_and_writes_nothing(tmp_path, ckpt, capsys, case):
+    content, words = _bad_files(tmp_path, ckpt)[case]
+    path = _write(tmp_path, content)
+    out = tmp_path / "out"
+    assert main(["prune", str(path), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("avprune prune: error:") and words in err, err
+    assert not out.exists()
+
+
+def test_cli_missing_job_file(tmp_path, capsys):
+    assert main(["prune", str(tmp_path / "nope.yaml")]) == 1
+    assert "config file not found" in capsys.readouterr().err
