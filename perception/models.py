@@ -58,10 +58,12 @@ def register_detector(spec: DetectorSpec) -> DetectorSpec:
 
 
 def list_detectors() -> list[str]:
+    """Names of every registered detector, sorted."""
     return sorted(_REGISTRY)
 
 
 def detector_spec(name: str) -> DetectorSpec:
+    """The registry entry for ``name``; an unknown name raises ValueError listing the valid ones."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -198,12 +200,13 @@ def load_detector(path: str | Path, **overrides: Any) -> nn.Module:
             f"{path}: a plain state_dict does not say which detector it is; "
             "use build_detector(NAME, checkpoint=PATH) instead"
         )
-    model = build_detector(
-        meta["name"],
-        num_classes=int(meta.get("num_classes", DEFAULT_NUM_CLASSES)),
-        image_size=tuple(meta.get("image_size")) if meta.get("image_size") else None,
-        **overrides,
-    )
+    kwargs: dict[str, Any] = {
+        "num_classes": int(meta.get("num_classes", DEFAULT_NUM_CLASSES)),
+        "image_size": tuple(meta["image_size"]) if meta.get("image_size") else None,
+        **overrides,  # e.g. a different image_size or Faster R-CNN sampling for fine-tuning
+    }
+    model = build_detector(meta["name"], **kwargs)
+    _check_meta(model, meta, path)
     _load_state(model, ckpt["state_dict"], path, allow_resize=True)
     return model
 
@@ -211,7 +214,23 @@ def load_detector(path: str | Path, **overrides: Any) -> nn.Module:
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load weights of the same architecture into ``model`` (dense or pruned avprune checkpoints)."""
     ckpt = read_checkpoint(path)
+    _check_meta(model, ckpt["model"], path)
     _load_state(model, ckpt["state_dict"], path, allow_resize=ckpt["format"] == CHECKPOINT_FORMAT)
+
+
+def _check_meta(model: nn.Module, meta: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint of another detector or class count before any layer is resized.
+
+    Resizing is only for channel-pruned widths: resizing a head to another class count would
+    load but decode wrongly (SSD's scoring head keeps its own ``num_classes``).
+    """
+    own = getattr(model, "avprune_meta", {})
+    for key in ("name", "num_classes"):
+        if key in meta and key in own and meta[key] != own[key]:
+            raise ValueError(
+                f"{path}: checkpoint was saved for {key}={meta[key]!r} but the model has {key}={own[key]!r}; "
+                f"build the model with {key}={meta[key]!r} or use load_detector({str(path)!r})"
+            )
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, *, allow_resize: bool) -> None:
@@ -276,4 +295,5 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (pruned models count their physically smaller layers)."""
     return sum(p.numel() for p in model.parameters())
