@@ -1,0 +1,79 @@
+"""Stage 6, finalize: the artifacts of the selected candidate.
+
+    OUT/pruned.pt            avprune checkpoint of the physically smaller model
+    OUT/pruned.onnx          its core graph (deploy.export, form "core")
+    OUT/latency_table.json   the latency table the budget controller predicted with
+    OUT/report.json          every number of the job; OUT/report.html the same, with figures
+
+Every file is written atomically; the stage record is written after all of them, so a job
+killed here is finalized again on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from avprune.prune_job import common
+from avprune.prune_job.report import write_report_html, write_report_json
+from perception.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    """Write the pruned checkpoint, ONNX, latency table copy and reports."""
+    from perception.models import save_checkpoint
+
+    cfg, out = ctx.config, ctx.out_dir
+    base, sel, search = ctx.results["baseline"], ctx.results["select"], ctx.results["search"]
+    cand = next(c for c in search["candidates"] if c["candidate_id"] == sel["candidate_id"])
+    model = common.load_model(out / cand["checkpoint"], cfg)
+    row = sel["selected"]
+    ctx.progress.stage_start("finalize", note="checkpoint + ONNX")
+    save_checkpoint(out / "pruned.pt", model, extra={"prune_job": {
+        "candidate": {k: cand[k] for k in ("candidate_id", "importance", "controller", "ramp")},
+        "map": row["map"], "p50_ms": row["p50_ms"], "latency_budget_ms": base["latency_budget_ms"],
+        "map_floor": base["map_floor"], "runtime": cfg.budget.runtime, "device": cfg.budget.device,
+    }})
+    onnx_path = common.export_core(model, out / "pruned.onnx")
+    table_src = Path(ctx.results["latency_table"]["path"])
+    table = json.loads(table_src.read_text()) if table_src.is_file() else None
+    if table_src.is_file():
+        atomic_write_bytes(out / "latency_table.json", table_src.read_bytes())
+    pruning_file = out / cand.get("pruning_record", "")
+    pruning = json.loads(pruning_file.read_text()) if cand.get("pruning_record") and pruning_file.is_file() else {}
+    pruned = {k: row[k] for k in ("map", "map50", "p50_ms", "p99_ms", "params", "gmacs")}
+    dense = base["dense"]
+    doc = {
+        "candidate_id": sel["candidate_id"],
+        "dense": dense,
+        "pruned": pruned,
+        "speedup": dense["p50_ms"] / pruned["p50_ms"],
+        "latency_budget_ms": base["latency_budget_ms"],
+        "map_floor": base["map_floor"],
+        "runtime": cfg.budget.runtime,
+        "device": cfg.budget.device,
+        "threads": cfg.budget.threads,
+        "candidates": search["candidates"],
+        "measured": sel["measured"],
+        "pareto": sel["pareto"],
+        "sensitivity": ctx.results.get("sensitivity", {}),
+        "layers": pruning.get("layers", {}),
+        "pruner_history": pruning.get("history", []),
+        "artifacts": {"checkpoint": "pruned.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},
+        "config": cfg.model_dump(mode="json"),
+    }
+    ctx.progress.stage_start("finalize", note="report")
+    write_report_json(out / "report.json", doc)
+    write_report_html(out / "report.html", doc, table)
+    return {
+        "pruned": pruned,
+        "checkpoint": "pruned.pt",
+        "onnx": onnx_path.name,
+        "report_json": "report.json",
+        "report_html": "report.html",
+        "note": f"{dense['p50_ms'] / pruned['p50_ms']:.2f}x faster, mAP {dense['map']:.3f} -> {pruned['map']:.3f}",
+    }

@@ -1,0 +1,188 @@
+"""report.json and a self-contained report.html (PNGs embedded as base64, no external files).
+
+Figures: mAP vs latency per candidate over fine-tuning with the budget, the floor and the
+Pareto front; mAP and latency against steps; the selected candidate's sparsity and threshold
+per layer; sensitivity curves. The latency table is rendered as an HTML table.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from perception.io import atomic_write_json, atomic_write_text
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:0.5em 0}"
+    ".ok{color:#0a0}.bad{color:#a00}code{background:#f5f5f5;padding:1px 4px}"
+)
+
+
+def write_report_json(path: Path, doc: Mapping[str, Any]) -> None:
+    atomic_write_json(path, dict(doc))
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _tradeoff_figure(doc: Mapping[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for cand in doc["candidates"]:
+        pts = [(h["latency_ms"], h["map"]) for h in cand.get("history", []) if h.get("latency_ms") is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, "-o", ms=3, alpha=0.7, label=f"{cand['candidate_id']} ({cand['importance']}) during fine-tune")
+    for m in doc.get("measured", []):
+        ax.plot(m["p50_ms"], m["map"], "*", ms=12, label=f"{m['candidate_id']} re-measured")
+    dense = doc["dense"]
+    ax.plot(dense["p50_ms"], dense["map"], "ks", ms=8, label="dense")
+    front = doc.get("pareto", [])
+    if front:
+        ax.step([p["latency_ms"] for p in front], [p["map"] for p in front], "k--", where="post", lw=1, label="Pareto front")
+    ax.axvline(doc["latency_budget_ms"], color="tab:red", lw=1, label="latency budget")
+    ax.axhline(doc["map_floor"], color="tab:green", lw=1, label="mAP floor")
+    ax.set_xlabel(f"latency p50 per batch, ms ({doc['runtime']})")
+    ax.set_ylabel("mAP@[.5:.95]")
+    ax.set_title("mAP vs latency per candidate")
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def _over_time_figure(doc: Mapping[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for cand in doc["candidates"]:
+        hist = [h for h in cand.get("history", []) if h.get("step") is not None]
+        if not hist:
+            continue
+        steps = [h["step"] for h in hist]
+        a1.plot(steps, [h.get("map") for h in hist], "-o", ms=3, label=cand["candidate_id"])
+        a2.plot(steps, [h.get("latency_ms") for h in hist], "-o", ms=3, label=f"{cand['candidate_id']} measured")
+        if any(h.get("latency_pred_ms") is not None for h in hist):
+            a2.plot(steps, [h.get("latency_pred_ms") for h in hist], ":", label=f"{cand['candidate_id']} predicted")
+    a1.axhline(doc["map_floor"], color="tab:green", lw=1)
+    a2.axhline(doc["latency_budget_ms"], color="tab:red", lw=1)
+    a1.set(xlabel="fine-tune step", ylabel="mAP", title="mAP over fine-tuning")
+    a2.set(xlabel="fine-tune step", ylabel="ms", title="latency over fine-tuning")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
+    return _png(fig)
+
+
+def _layers_figure(layers: Mapping[str, Mapping[str, Any]]) -> str:
+    import matplotlib.pyplot as plt
+
+    names = list(layers)
+    fig, ax = plt.subplots(figsize=(10, max(2.5, 0.22 * len(names))))
+    ax.barh(range(len(names)), [layers[n].get("sparsity", 0.0) for n in names], color="tab:blue")
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.invert_yaxis()
+    ax.set(xlabel="sparsity (fraction removed)", xlim=(0, 1), title="selected candidate: sparsity per layer")
+    return _png(fig)
+
+
+def _thresholds_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for rec in history:
+        for name, layer in (rec.get("layers") or {}).items():
+            if isinstance(layer, Mapping) and layer.get("threshold") is not None:
+                series.setdefault(name, []).append((rec.get("step", 0), layer["threshold"]))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    for name, pts in list(series.items())[:40]:
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, lw=0.8)
+    ax.set(xlabel="fine-tune step", ylabel="normalised importance threshold", title="threshold per layer over fine-tuning")
+    return _png(fig)
+
+
+def _sensitivity_figure(sens: Mapping[str, Any]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    layers = sens.get("layers") or {}
+    if not layers:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for name, rec in layers.items():
+        curve = rec.get("curve", [])
+        ax.plot([0.0, *[c["sparsity"] for c in curve]], [sens["dense_map"], *[c["map"] for c in curve]], "-o", ms=3, label=name)
+    ax.set(xlabel="sparsity of the layer alone", ylabel="mAP", title="per-layer sensitivity")
+    ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def _table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report_html(path: Path, doc: Mapping[str, Any], latency_table: Mapping[str, Any] | None) -> None:
+    """Render the job's report.json content as one self-contained HTML file."""
+    dense, pruned = doc["dense"], doc["pruned"]
+    summary = _table(
+        [{"model": "dense", **dense, "speed-up": 1.0}, {"model": f"pruned ({doc['candidate_id']})", **pruned,
+                                                        "speed-up": doc["speedup"]}],
+        ["model", "map", "map50", "p50_ms", "p99_ms", "params", "gmacs", "speed-up"],
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>avprune prune report</title><style>{_CSS}</style></head><body>",
+        "<h1>avprune prune job</h1>",
+        f"<p>Budget: p50 &le; <b>{doc['latency_budget_ms']:.2f} ms</b> per batch on <code>{html.escape(doc['runtime'])}</code> "
+        f"({html.escape(doc['device'])}, {doc['threads']} threads), mAP &ge; <b>{doc['map_floor']:.3f}</b>. "
+        f"Selected <b>{html.escape(doc['candidate_id'])}</b>: {doc['speedup']:.2f}&times; faster.</p>",
+        summary,
+        "<h2>Candidates</h2>",
+        _table(doc.get("measured", []), ["candidate_id", "map", "map50", "p50_ms", "p99_ms", "params", "gmacs"]),
+        _table([{k: c.get(k) for k in ("candidate_id", "importance", "controller", "ramp", "status", "steps")}
+                for c in doc["candidates"]], ["candidate_id", "importance", "controller", "ramp", "status", "steps"]),
+        _tradeoff_figure(doc),
+        _over_time_figure(doc),
+        "<h2>Pareto front</h2>",
+        _table(doc.get("pareto", []), ["source", "latency_ms", "map", "map50"]),
+    ]
+    layers = doc.get("layers") or {}
+    if layers:
+        parts += ["<h2>Per layer (selected candidate)</h2>", _layers_figure(layers)]
+        thr = _thresholds_figure(doc.get("pruner_history", []))
+        if thr:
+            parts.append(thr)
+        parts.append(_table([{"layer": n, **v} for n, v in layers.items()], ["layer", *sorted({k for v in layers.values() for k in v})]))
+    sens = doc.get("sensitivity") or {}
+    fig = _sensitivity_figure(sens)
+    if fig:
+        parts += ["<h2>Sensitivity</h2>", fig]
+    if latency_table:
+        entries = latency_table.get("entries") or latency_table.get("table") or []
+        if isinstance(entries, Mapping):
+            entries = [{"key": k, **(v if isinstance(v, Mapping) else {"ms": v})} for k, v in entries.items()]
+        if entries:
+            cols = sorted({k for e in entries for k in e})
+            parts += [f"<h2>Latency table ({len(entries)} entries)</h2>", _table(entries[:200], cols)]
+    parts.append(f"<h2>Job</h2><pre>{html.escape(json.dumps(doc.get('config', {}), indent=1))}</pre></body></html>")
+    atomic_write_text(path, "\n".join(parts))
