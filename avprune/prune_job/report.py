@@ -111,7 +111,7 @@ def _thresholds_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    for name, pts in list(series.items())[:40]:
+    for pts in list(series.values())[:40]:
         xs, ys = zip(*pts, strict=True)
         ax.plot(xs, ys, lw=0.8)
     ax.set(xlabel="fine-tune step", ylabel="normalised importance threshold", title="threshold per layer over fine-tuning")
