@@ -1,0 +1,77 @@
+"""Runtimes that share one pre/post-processing: PyTorch, ONNX Runtime, TensorRT.
+
+``open_runtime`` picks the backend from what it is given:
+
+* an ``nn.Module`` or a ``.pt``/``.pth`` checkpoint -> PyTorch (eager);
+* an exported ``.onnx`` (with avprune metadata) -> ONNX Runtime;
+* an engine written by ``avprune build-engine`` (any suffix, with ``ENGINE.json`` beside it) ->
+  the backend named in the sidecar, after checking it was built for this device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deploy.runtimes.base import DetectorRuntime, Prepared, Runtime, RuntimeInfo
+
+__all__ = ["DetectorRuntime", "Prepared", "Runtime", "RuntimeInfo", "open_runtime"]
+
+BACKENDS = ("pytorch", "onnxruntime", "tensorrt")
+
+
+def open_runtime(
+    model_or_path: Any, *, backend: str | None = None, device: str = "cpu", threads: int | None = None
+) -> DetectorRuntime:
+    """Open a runtime for a model, checkpoint, exported ONNX or built engine (see module doc)."""
+    from torch import nn
+
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or None for auto), got {backend!r}")
+    if isinstance(model_or_path, nn.Module):
+        if backend not in (None, "pytorch"):
+            raise ValueError(f"an nn.Module runs on the pytorch backend; export it first for {backend!r}")
+        from deploy.runtimes.pytorch import PyTorchRuntime
+
+        return PyTorchRuntime(model_or_path, device=device, threads=threads)
+    path = Path(model_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    from deploy.engine.sidecar import sidecar_path
+
+    if path.suffix in (".pt", ".pth"):
+        from deploy.runtimes.pytorch import PyTorchRuntime
+        from perception.models import load_detector
+
+        if backend not in (None, "pytorch"):
+            raise ValueError(f"{path} is a checkpoint; export it (avprune build-engine {path}) to run on {backend}")
+        return PyTorchRuntime(load_detector(path), device=device, threads=threads)
+    if sidecar_path(path).is_file():
+        return _open_engine(path, backend=backend, device=device, threads=threads)
+    if path.suffix == ".onnx":
+        if backend not in (None, "onnxruntime"):
+            raise ValueError(f"{path}: a plain ONNX file runs on onnxruntime; build a {backend} engine first")
+        from deploy.runtimes.ort import OrtRuntime
+
+        return OrtRuntime(path, device=device, threads=threads)
+    raise ValueError(
+        f"{path}: not a checkpoint (.pt), an ONNX file (.onnx) or an engine with its sidecar {sidecar_path(path).name}"
+    )
+
+
+def _open_engine(path: Path, *, backend: str | None, device: str, threads: int | None) -> DetectorRuntime:
+    from deploy.engine.sidecar import check_device, cpu_device, read_sidecar
+
+    doc = read_sidecar(path)
+    if backend is not None and backend != doc["backend"]:
+        raise ValueError(f"{path} is a {doc['backend']} engine, not {backend}")
+    if doc["backend"] == "tensorrt":
+        from deploy.runtimes.tensorrt import TensorRTRuntime
+
+        return TensorRTRuntime(path, doc=doc)
+    from deploy.runtimes.ort import OrtRuntime
+
+    if doc["device"]["kind"] == "cpu":
+        check_device(doc, cpu_device(), path)
+    onnx_doc = {"meta": doc["model_meta"], "form": doc["export"]["form"], **({"stage2": doc["stage2"]} if doc.get("stage2") else {})}
+    return OrtRuntime(path, device=device, threads=threads, doc=onnx_doc, precision=doc["precision"])

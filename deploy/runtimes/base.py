@@ -40,6 +40,8 @@ class Prepared:
 
     batch: Any  # np.ndarray or torch.Tensor, NCHW
     original_sizes: tuple[tuple[int, int], ...]  # (height, width) of each input frame
+    # (height, width) each frame was resized to on the model's input canvas (top-left aligned)
+    input_sizes: tuple[tuple[int, int], ...] = ()
 
 
 @runtime_checkable
@@ -57,3 +59,81 @@ class Runtime(Protocol):
     def postprocess(self, raw: Any, prepared: Prepared) -> list[Detections]: ...
 
     def infer(self, frames: Sequence[np.ndarray]) -> list[Detections]: ...
+
+
+# ----------------------------------------------------------------------------- shared implementation
+
+
+class DetectorRuntime:
+    """Pre/post-processing every backend shares (from :mod:`deploy.core_graph`); backends add ``run``.
+
+    ``run`` returns the raw graph outputs: for the core form a dict name -> array/tensor, for the
+    full form a list of per-image dicts (boxes in canvas coordinates, scores, labels). Faster
+    R-CNN's box head (stage 2) runs inside ``postprocess`` through ``_stage2``.
+    """
+
+    info: RuntimeInfo
+
+    def __init__(self, meta: Any, form: str, post: Any) -> None:
+        self.meta = meta  # deploy.core_graph.ModelMeta
+        self.form = form
+        self.post = post  # deploy.core_graph.Postprocessor
+
+    def __enter__(self) -> DetectorRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release backend resources (sessions, engines, device memory)."""
+
+    def preprocess(self, frames: Sequence[np.ndarray]) -> Prepared:
+        from deploy.core_graph import preprocess_frames
+
+        batch, sizes = preprocess_frames(frames, self.meta)
+        return Prepared(
+            batch=batch, original_sizes=tuple((f.shape[0], f.shape[1]) for f in frames), input_sizes=sizes
+        )
+
+    def run(self, prepared: Prepared) -> Any:  # pragma: no cover - every backend overrides it
+        raise NotImplementedError
+
+    def _stage2(self, box_features: Any) -> tuple[Any, Any]:  # pragma: no cover - two-stage backends override
+        raise NotImplementedError(f"{type(self).__name__} has no stage-2 runner")
+
+    def postprocess(self, raw: Any, prepared: Prepared) -> list[Detections]:
+        import torch
+
+        from deploy.core_graph import to_frame_coords
+
+        def tensor(v: Any) -> Any:
+            return torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu()
+
+        if self.form == "full":
+            dets = [{k: tensor(v) for k, v in d.items()} for d in raw]
+        else:
+            with torch.no_grad():
+                dets = self.post.detect({k: tensor(v) for k, v in raw.items()}, prepared.input_sizes, self._stage2)
+        return [
+            to_frame_coords(d, rs, os_)
+            for d, rs, os_ in zip(dets, prepared.input_sizes, prepared.original_sizes, strict=True)
+        ]
+
+    def infer(self, frames: Sequence[np.ndarray]) -> list[Detections]:
+        prepared = self.preprocess(frames)
+        return self.postprocess(self.run(prepared), prepared)
+
+
+def cpu_name() -> str:
+    """The CPU model name (for reports and sidecars)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
