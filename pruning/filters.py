@@ -1,0 +1,102 @@
+"""Which submodules may be pruned, as ``(name, module) -> bool`` filter functions.
+
+A filter selects layers whose *weights* may be masked (unstructured, N:M) and whose *output
+channels* may be removed (channel granularity: a coupled group is prunable only if every layer
+whose outputs it removes passes the filter). Detectors must keep their final class/box output
+convs: their channel counts are the number of classes and box coordinates times anchors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+LayerFilter = Callable[[str, nn.Module], bool]
+
+# Final output layers of torchvision detectors (RetinaNet/FCOS name them; SSD's are the last conv
+# of each head's module_list entry; Faster R-CNN's live in the RPN head and the box predictor).
+_OUTPUT_PREFIXES = (
+    "head.classification_head.cls_logits",
+    "head.regression_head.bbox_reg",
+    "head.regression_head.bbox_ctrness",
+    "rpn.head.cls_logits",
+    "rpn.head.bbox_pred",
+    "roi_heads.box_predictor",
+    "roi_heads.mask_predictor",
+    "roi_heads.keypoint_predictor",
+)
+# Faster R-CNN's box head sits after RoIAlign, which the dependency graph does not trace through.
+_UNTRACEABLE_PREFIXES = ("roi_heads.",)
+
+
+def _is_prunable_type(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear))
+
+
+def all_layers(name: str, module: nn.Module) -> bool:
+    """Every Conv1d/Conv2d/Linear (output layers are still protected by the dependency graph)."""
+    return _is_prunable_type(module)
+
+
+def is_detector(model: nn.Module) -> bool:
+    """True for torchvision-style detectors (a ``backbone`` plus a ``head`` or an ``rpn``)."""
+    return hasattr(model, "backbone") and (hasattr(model, "head") or hasattr(model, "rpn"))
+
+
+def detector_output_layers(model: nn.Module) -> set[str]:
+    """Names of a torchvision detector's final class/box output layers."""
+    names: set[str] = set()
+    for name, mod in model.named_modules():
+        if _is_prunable_type(mod) and any(name == p or name.startswith(p + ".") for p in _OUTPUT_PREFIXES):
+            names.add(name)
+    head = getattr(model, "head", None)
+    for branch in ("classification_head", "regression_head"):
+        module_list = getattr(getattr(head, branch, None), "module_list", None)
+        if module_list is None:
+            continue
+        for i, entry in enumerate(module_list):  # SSD: a conv; SSDlite: Sequential(dw block, 1x1 conv)
+            last = [n for n, m in entry.named_modules() if _is_prunable_type(m)][-1]
+            names.add(f"head.{branch}.module_list.{i}" + (f".{last}" if last else ""))
+    return names
+
+
+def detector_default_filter(model: nn.Module) -> LayerFilter:
+    """Prune backbone, FPN/extra layers and head towers; never the final class/box output layers."""
+    protected = detector_output_layers(model)
+
+    def keep(name: str, module: nn.Module) -> bool:
+        return (
+            _is_prunable_type(module)
+            and name not in protected
+            and not any(name.startswith(p) for p in _UNTRACEABLE_PREFIXES)
+        )
+
+    return keep
+
+
+def default_filter(model: nn.Module) -> LayerFilter:
+    """:func:`detector_default_filter` for detectors, :func:`all_layers` otherwise."""
+    return detector_default_filter(model) if is_detector(model) else all_layers
+
+
+def by_prefix(*prefixes: str, base: LayerFilter = all_layers) -> LayerFilter:
+    """Only layers under one of ``prefixes`` (e.g. ``"backbone."``), further restricted by ``base``."""
+    return lambda name, module: base(name, module) and any(name.startswith(p) for p in prefixes)
+
+
+def detector_core_forward(model: nn.Module, images: Any) -> Any:
+    """Forward of a detector's NMS-free core (backbone + heads) on a normalised [B, 3, H, W] batch.
+
+    Tracing the full detector would drag box decoding and NMS into the dependency graph
+    (coupling all head outputs through top-k); the core is what gets pruned and exported.
+    """
+    if isinstance(images, (list, tuple)):
+        images = torch.stack(list(images))
+    feats = model.backbone(images)
+    feat_list = list(feats.values()) if isinstance(feats, dict) else [feats]
+    if hasattr(model, "head"):
+        return model.head(feat_list)
+    return model.rpn.head(feat_list)

@@ -1,0 +1,114 @@
+"""Granularities: which elements one pruning decision covers, and how a threshold becomes a mask.
+
+Thresholds live on *normalised* importance: a unit's (layer's or coupled group's) scores divided
+by their mean, ŝ = s / mean(s). A threshold of 1.0 therefore means "below this layer's average
+importance", comparable across layers whose raw scales differ by orders of magnitude (|w| of a
+stem conv vs. a 1x1 projection). The controller sets a target sparsity per unit; the threshold is
+the largest normalised score that was pruned, so it is exactly the cut the target implies (ties
+are broken by rank, which keeps the resulting sparsity exact).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pruning.nm import nm_mask
+from pruning.registry import Registry
+
+GRANULARITIES: Registry[str] = Registry("granularity")
+for _name, _doc in (
+    ("unstructured", "single weights"),
+    ("channel", "output channels, coupled through Torch-Pruning's dependency graph"),
+    ("nm", "N:M along input channels, TensorRT layout"),
+):
+    GRANULARITIES.add(_name, _doc)
+
+
+def check_granularity(name: str) -> str:
+    """Return ``name`` if it is a registered granularity, else raise listing the valid ones."""
+    GRANULARITIES.get(name)
+    return name
+
+
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    """Raise ValueError unless ``value`` is in [0, 1)."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must be in [0, 1); got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """A unit's new mask and what explains it."""
+
+    mask: torch.Tensor  # same shape as the scores (per-weight) or [C] (per-channel)
+    threshold: float  # on normalised importance; elements at or below it are pruned
+    sparsity: float  # fraction of the unit's elements masked
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """ŝ = s / mean(s); all-zero scores stay zero (nothing distinguishes the elements)."""
+    mean = scores.float().mean()
+    return scores.float() / mean if mean > 0 else torch.zeros_like(scores, dtype=torch.float32)
+
+
+def _rank_cut(norm: torch.Tensor, n_prune: int) -> tuple[torch.Tensor, float]:
+    """Mask the ``n_prune`` lowest entries (rank-exact); return (keep mask, threshold)."""
+    flat = norm.reshape(-1)
+    keep = torch.ones_like(flat)
+    if n_prune <= 0:
+        return keep.view_as(norm), 0.0
+    idx = torch.topk(flat, n_prune, largest=False, sorted=False).indices
+    keep[idx] = 0.0
+    return keep.view_as(norm), float(flat[idx].max())
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float) -> MaskResult:
+    """Per-weight mask pruning the ``round(sparsity * numel)`` least important weights."""
+    check_sparsity(sparsity)
+    n_prune = int(round(sparsity * scores.numel()))
+    keep, thr = _rank_cut(normalise(scores), n_prune)
+    return MaskResult(keep, thr, n_prune / scores.numel())
+
+
+def kept_channels(channels: int, sparsity: float, round_to: int = 1) -> int:
+    """Channels kept at ``sparsity``, rounded *up* to a multiple of ``round_to``.
+
+    Rounding up keeps more channels than asked: safe for accuracy, and odd channel counts make
+    GPU kernels slower than the rounded-up count would (FIELD_NOTES: round to 8, 32 for INT8). A
+    layer narrower than ``round_to`` is never pruned, since it cannot land on the multiple.
+    """
+    check_sparsity(sparsity)
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1; got {round_to}")
+    if channels <= round_to:
+        return channels
+    keep = channels - int(round(sparsity * channels))
+    keep = max(round_to, math.ceil(keep / round_to) * round_to)
+    return min(channels, keep)
+
+
+def channel_mask(scores: torch.Tensor, sparsity: float, round_to: int = 1) -> MaskResult:
+    """Keep the most important channels of a coupled group (``scores`` is [C])."""
+    c = scores.numel()
+    n_prune = c - kept_channels(c, sparsity, round_to)
+    keep, thr = _rank_cut(normalise(scores), n_prune)
+    return MaskResult(keep, thr, n_prune / c)
+
+
+def nm_layer_mask(scores: torch.Tensor, sparsity: float, n: int, m: int) -> MaskResult:
+    """N:M mask whose zeros per group follow the target: ``min(M-N, floor(sparsity*M))``.
+
+    A ramped target (e.g. cubic to 0.5) therefore passes through 1:4-zero masks before the final
+    2:4 pattern; at and beyond (M-N)/M the mask is the exact TensorRT pattern.
+    """
+    check_sparsity(sparsity)
+    zeros = min(m - n, int(math.floor(sparsity * m + 1e-9)))
+    mask = nm_mask(scores, n, m, zeros)
+    pruned = mask == 0
+    norm = normalise(scores)
+    thr = float(norm[pruned].max()) if bool(pruned.any()) else 0.0
+    return MaskResult(mask, thr, zeros / m)
