@@ -34,6 +34,8 @@ from perception.synthetic.world import sample_world
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1.0"
+#: Below this many images a process pool costs more (interpreter start-up) than it saves.
+POOL_MIN_JOBS = 32
 #: progress(stage, done, total) with stage "train", "val" or "drive_XXX".
 ProgressFn = Callable[[str, int, int], None]
 
@@ -65,7 +67,7 @@ def _check_args(images: int, drives: int, val_fraction: float, size: tuple[int, 
         raise ValueError(f"drives must be an integer >= 0, got {drives!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if images > 1 and val_fraction > 0 and round(images * val_fraction) < 1:
+    if val_fraction > 0 and round(images * val_fraction) < 1:
         raise ValueError(f"val_fraction={val_fraction} of {images} images leaves an empty val split; "
                          "raise --images or --val-fraction")
     w, h = size
@@ -117,7 +119,7 @@ def _coco_split(root: Path, split: str, indices: range, *, seed: int, size: tupl
             if progress:
                 progress(split, n, len(jobs))
 
-    if workers > 1 and len(jobs) > 32:
+    if workers > 1 and len(jobs) > POOL_MIN_JOBS:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
