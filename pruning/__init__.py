@@ -26,6 +26,8 @@ from pruning.importance import CRITERIA, build_criterion
 from pruning.latency_model import LatencyTable
 from pruning.pruner import Pruner
 from pruning.records import LayerRecord, UpdateRecord
+from pruning.report import write_report
+from pruning.sensitivity import metric_drops, scan_layer, sensitivity_scan
 
 __all__ = [
     "CONTROLLERS",
@@ -46,4 +48,8 @@ __all__ = [
     "default_filter",
     "detector_core_forward",
     "detector_default_filter",
+    "metric_drops",
+    "scan_layer",
+    "sensitivity_scan",
+    "write_report",
 ]

@@ -100,3 +100,20 @@ def detector_core_forward(model: nn.Module, images: Any) -> Any:
     if hasattr(model, "head"):
         return model.head(feat_list)
     return model.rpn.head(feat_list)
+
+
+def followed_by_batchnorm(
+    model: nn.Module, example_inputs: Any = None, base: LayerFilter | None = None
+) -> LayerFilter:
+    """Layers (passing ``base``, default :func:`default_filter`) that feed a BatchNorm directly.
+
+    Use it with ``importance="bn_scale"``, which needs a BN γ for every pruned layer (SE-block
+    convs and classifier layers have none).
+    """
+    from pruning.groups import find_following_bn
+
+    base = base or default_filter(model)
+    candidates = [n for n, m in model.named_modules() if base(n, m)]
+    fwd = detector_core_forward if is_detector(model) else None
+    with_bn = set(find_following_bn(model, candidates, example_inputs, fwd))
+    return lambda name, module: name in with_bn

@@ -64,10 +64,10 @@ class Criterion:
 
 def _reduce_except(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     """Lp norm over every dim except ``dim`` (p=1: sum of |.|)."""
-    dims = [d for d in range(t.dim()) if d != dim]
-    if not dims:
+    if t.dim() == 1:
         return t.abs()
-    return t.abs().pow(p).sum(dims).pow(1.0 / p) if p != 1 else t.abs().sum(dims)
+    dims = tuple(d for d in range(t.dim()) if d != dim)
+    return torch.linalg.vector_norm(t, ord=p, dim=dims)
 
 
 def _channel_dim(module: nn.Module, role: str) -> int:

@@ -187,12 +187,13 @@ class Pruner:
         targets = self.controller.targets()
         records: dict[str, LayerRecord] = {}
         if self.granularity == "channel":
+            dirty: set[tuple[str, str]] = set()
             for g in self.groups:
                 scores = self._group_scores(g)
                 res = channel_mask(scores, targets[g.root], self.round_to)
-                self._scatter_group(g, res.mask)
+                dirty |= self._scatter_group(g, res.mask)
                 records[g.root] = self._record(targets[g.root], res, scores, channels=int(res.mask.sum()))
-            self._compose_channel_masks()
+            self._compose_channel_masks(dirty)
         else:
             n, m = self.nm
             for name in self.units:
@@ -236,24 +237,36 @@ class Pruner:
             raise ValueError(f"importance {self.importance!r} has no score for channel group {g.root!r}")
         return total
 
-    def _scatter_group(self, g: ChannelGroup, keep: torch.Tensor) -> None:
+    def _scatter_group(self, g: ChannelGroup, keep: torch.Tensor) -> set[tuple[str, str]]:
+        """Write a group's keep vector into its members' per-dim vectors; return the tensors that changed."""
+        changed: set[tuple[str, str]] = set()
         for mem in g.members:
             vals = keep[mem.root_idxs]
             for tname, dim in mem.tensors:
-                self._vec_index[(mem.module, tname, dim)][mem.idxs] = vals
+                vec = self._vec_index[(mem.module, tname, dim)]
+                if not torch.equal(vec[mem.idxs], vals):
+                    vec[mem.idxs] = vals
+                    changed.add((mem.module, tname))
+        return changed
 
-    def _compose_channel_masks(self) -> None:
-        """Each masked tensor's mask = outer product of its per-dim keep vectors."""
-        per_tensor: dict[tuple[str, str], torch.Tensor] = {}
-        for (mod, tname, dim), vec in self._vec_index.items():
+    def _compose_channel_masks(self, dirty: set[tuple[str, str]]) -> None:
+        """Each changed tensor's mask = outer product of its per-dim keep vectors.
+
+        Only tensors whose keep vectors changed are rewritten: once thresholds settle most updates
+        touch nothing, which keeps ``update_every=1`` cheap on large models.
+        """
+        for mod, tname in dirty:
             mask = self.masks[(mod, tname)].mask
-            shape = [1] * mask.dim()
-            shape[dim] = -1
-            v = vec.view(shape)
-            prev = per_tensor.get((mod, tname))
-            per_tensor[(mod, tname)] = v if prev is None else prev * v
-        for key, m in per_tensor.items():
-            self.masks[key].mask.copy_(m.expand_as(self.masks[key].mask))
+            composed = None
+            for dim in range(mask.dim()):
+                vec = self._vec_index.get((mod, tname, dim))
+                if vec is None:
+                    continue
+                shape = [1] * mask.dim()
+                shape[dim] = -1
+                composed = vec.view(shape) if composed is None else composed * vec.view(shape)
+            if composed is not None:
+                mask.copy_(composed.expand_as(mask))
 
     # ------------------------------------------------------------------ views
     def config_at(self, sparsity: float) -> dict[str, int]:
