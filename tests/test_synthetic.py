@@ -116,8 +116,9 @@ def test_same_seed_is_byte_identical_and_another_seed_differs(tmp_path, dataset)
 
 def test_worker_pool_gives_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "POOL_MIN_JOBS", 0)
-    gen.generate_dataset(tmp_path / "w1", images=4, drives=0, seed=3, size=SIZE, val_fraction=0.25, workers=1)
-    gen.generate_dataset(tmp_path / "w2", images=4, drives=0, seed=3, size=SIZE, val_fraction=0.25, workers=2)
+    kw = {"images": 4, "drives": 1, "seed": 3, "size": SIZE, "val_fraction": 0.25, "drive_seconds": 0.4, "fps": 10.0}
+    gen.generate_dataset(tmp_path / "w1", workers=1, **kw)
+    gen.generate_dataset(tmp_path / "w2", workers=2, **kw)
     assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
 
 

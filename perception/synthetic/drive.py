@@ -9,6 +9,7 @@ rain streaks are drawn fresh per frame. Frame i is stamped ``DRIVE_EPOCH_NS + ro
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,10 +25,14 @@ DRIVE_EPOCH_NS = int(_dt.datetime(2026, 1, 1, tzinfo=_dt.timezone.utc).timestamp
 
 @dataclass(frozen=True)
 class DriveFrame:
+    """One rendered frame; ``png`` / ``jpeg`` hold pre-encoded bytes when a worker made them."""
+
     index: int
     timestamp_ns: int
     image: np.ndarray
     boxes: list[ObjectBox]
+    png: bytes = b""
+    jpeg: bytes = b""
 
 
 def frame_timestamp_ns(index: int, fps: float) -> int:
@@ -51,6 +56,29 @@ def drive_world(seed: int, drive_index: int, camera: Camera, seconds: float) -> 
 def n_frames(seconds: float, fps: float) -> int:
     """Frames in a drive of ``seconds`` at ``fps`` (at least one)."""
     return max(1, int(round(seconds * fps)))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_world(seed: int, drive_index: int, size: tuple[int, int], seconds: float) -> World:
+    return drive_world(seed, drive_index, Camera.default(*size), seconds)
+
+
+def render_drive_frame(seed: int, drive_index: int, size: tuple[int, int], seconds: float, fps: float,
+                       rules: BoxRules | None, index: int, *, encode: bool = False) -> DriveFrame:
+    """Frame ``index`` of drive ``drive_index``: a pure function of its arguments (pool friendly).
+
+    With ``encode`` the PNG (KITTI) and JPEG (MCAP) bytes are made here too, so that worker
+    processes share the encoding work.
+    """
+    from perception.synthetic.coco_writer import encode_jpeg, encode_png
+
+    world = _cached_world(seed, drive_index, size, seconds)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2, drive_index, index]))
+    image, boxes = render_frame(world, index / fps, rng, rules=rules)
+    png = encode_png(image) if encode else b""
+    jpeg = encode_jpeg(image) if encode else b""
+    return DriveFrame(index=index, timestamp_ns=frame_timestamp_ns(index, fps), image=image, boxes=boxes,
+                      png=png, jpeg=jpeg)
 
 
 def iter_drive(world: World, *, seed: int, drive_index: int, seconds: float, fps: float,

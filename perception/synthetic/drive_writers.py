@@ -19,14 +19,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from perception.io import atomic_path, atomic_write_text
+from perception.io import atomic_path, atomic_write_bytes, atomic_write_text
 from perception.synthetic.coco_writer import (
     annotation_records,
     coco_document,
     encode_jpeg,
+    encode_png,
     image_record,
     write_coco_json,
-    write_png,
 )
 from perception.synthetic.drive import DriveFrame, kitti_timestamp
 
@@ -98,11 +98,11 @@ class DriveRecorder:
         self._video.write(frame.image)
         sec, nsec = divmod(frame.timestamp_ns, 1_000_000_000)
         msg = {"header": {"stamp": {"sec": sec, "nanosec": nsec}, "frame_id": FRAME_ID},
-               "format": "jpeg", "data": encode_jpeg(frame.image)}
+               "format": "jpeg", "data": frame.jpeg or encode_jpeg(frame.image)}
         self._mcap.write_message(TOPIC, self._schema, msg, log_time=frame.timestamp_ns,
                                  publish_time=frame.timestamp_ns, sequence=frame.index)
         rel = f"kitti/image_02/data/{frame.index:010d}.png"
-        write_png(self.dir / rel, frame.image)
+        atomic_write_bytes(self.dir / rel, frame.png or encode_png(frame.image))
         self._stamps.append(kitti_timestamp(frame.timestamp_ns))
         self._images.append(image_record(frame.index, rel, w, h, timestamp_ns=frame.timestamp_ns))
         self._anns.extend(annotation_records(frame.boxes, frame.index, len(self._anns) + 1))

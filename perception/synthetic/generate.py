@@ -8,9 +8,10 @@ never leaves a manifest claiming a complete data set.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from perception.synthetic.coco_writer import (
     write_coco_json,
     write_png,
 )
-from perception.synthetic.drive import drive_world, iter_drive, n_frames
+from perception.synthetic.drive import DriveFrame, drive_world, n_frames, render_drive_frame
 from perception.synthetic.drive_writers import TOPIC, DriveRecorder
 from perception.synthetic.render import BoxRules, ObjectBox, render_frame
 from perception.synthetic.world import sample_world
@@ -104,30 +105,18 @@ def _check_writable(root: Path) -> None:
 
 
 def _coco_split(root: Path, split: str, indices: range, *, seed: int, size: tuple[int, int], rules: BoxRules,
-                workers: int, progress: ProgressFn | None) -> dict[str, Any]:
+                pool, progress: ProgressFn | None) -> dict[str, Any]:
     img_dir = root / "coco" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(seed, i, size, rules, str(img_dir / f"{i:06d}.png")) for i in indices]
     images: list[dict[str, Any]] = []
     anns: list[dict[str, Any]] = []
-
-    def collect(results) -> None:
-        for n, (job, boxes) in enumerate(zip(jobs, results, strict=True), start=1):
-            image_id = n
-            images.append(image_record(image_id, Path(job[4]).name, size[0], size[1]))
-            anns.extend(annotation_records(boxes, image_id, len(anns) + 1))
-            if progress:
-                progress(split, n, len(jobs))
-
-    if workers > 1 and len(jobs) > POOL_MIN_JOBS:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")  # never fork a parent that may hold threads
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            collect(pool.map(_render_and_write, jobs, chunksize=8))
-    else:
-        collect(map(_render_and_write, jobs))
+    results = pool.map(_render_and_write, jobs, chunksize=8) if pool else map(_render_and_write, jobs)
+    for image_id, (job, boxes) in enumerate(zip(jobs, results, strict=True), start=1):
+        images.append(image_record(image_id, Path(job[4]).name, size[0], size[1]))
+        anns.extend(annotation_records(boxes, image_id, len(anns) + 1))
+        if progress:
+            progress(split, image_id, len(jobs))
     ann_file = root / "coco" / "annotations" / f"instances_{split}.json"
     doc = coco_document(images, anns, description=f"avprune synthetic drive scenes ({split})",
                         extra_info={"seed": seed, "generator_version": GENERATOR_VERSION})
@@ -136,14 +125,21 @@ def _coco_split(root: Path, split: str, indices: range, *, seed: int, size: tupl
             "annotation_file": f"coco/annotations/instances_{split}.json"}
 
 
+def _drive_frame_job(job: tuple) -> DriveFrame:
+    return render_drive_frame(*job, encode=True)
+
+
 def _drive(root: Path, d: int, *, seed: int, size: tuple[int, int], seconds: float, fps: float, rules: BoxRules,
-           progress: ProgressFn | None) -> dict[str, Any]:
+           pool, progress: ProgressFn | None) -> dict[str, Any]:
     name = f"drive_{d:03d}"
     world = drive_world(seed, d, Camera.default(*size), seconds)
     total = n_frames(seconds, fps)
+    jobs = [(seed, d, size, seconds, fps, rules, i) for i in range(total)]
+    # Workers render and encode frames; this process writes them in order (MP4 needs one writer).
+    frames = pool.map(_drive_frame_job, jobs, chunksize=4) if pool else map(_drive_frame_job, jobs)
     n_boxes = 0
     with DriveRecorder(root / "drives" / name, fps=fps, size=size, name=name) as rec:
-        for frame in iter_drive(world, seed=seed, drive_index=d, seconds=seconds, fps=fps, rules=rules):
+        for frame in frames:
             rec.write(frame)
             n_boxes += len(frame.boxes)
             if progress:
@@ -153,6 +149,20 @@ def _drive(root: Path, d: int, *, seed: int, size: tuple[int, int], seconds: flo
             "weather": world.env.weather, "ego_speed_mps": round(world.ego_speed, 3),
             "files": ["drive.mp4", "drive.mcap", "kitti/image_02/data", "kitti/image_02/timestamps.txt",
                       "ground_truth.json"]}
+
+
+@contextlib.contextmanager
+def _maybe_pool(workers: int, jobs: int) -> Iterator[Any]:
+    """A spawn-context process pool when it pays off, else None (render in this process)."""
+    if workers <= 1 or jobs <= POOL_MIN_JOBS:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")  # never fork a parent that may hold threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield pool
 
 
 def generate_dataset(out_dir: str | os.PathLike, *, images: int, drives: int, seed: int,
@@ -177,11 +187,13 @@ def generate_dataset(out_dir: str | os.PathLike, *, images: int, drives: int, se
     n_train = images - n_val
     log.info("synthesising %d train + %d val images and %d drives under %s", n_train, n_val, drives, root)
     splits = {}
-    for split, idx in (("train", range(0, n_train)), ("val", range(n_train, images))):
-        splits[split] = _coco_split(root, split, idx, seed=seed, size=size, rules=rules, workers=workers,
-                                    progress=progress)
-    drive_info = [_drive(root, d, seed=seed, size=size, seconds=drive_seconds, fps=fps, rules=rules,
-                         progress=progress) for d in range(drives)]
+    total_jobs = images + (drives * n_frames(drive_seconds, fps) if drives else 0)
+    with _maybe_pool(workers, total_jobs) as pool:
+        for split, idx in (("train", range(0, n_train)), ("val", range(n_train, images))):
+            splits[split] = _coco_split(root, split, idx, seed=seed, size=size, rules=rules, pool=pool,
+                                        progress=progress)
+        drive_info = [_drive(root, d, seed=seed, size=size, seconds=drive_seconds, fps=fps, rules=rules,
+                             pool=pool, progress=progress) for d in range(drives)]
     manifest = Manifest(root=str(root), seed=seed, size=size, splits=splits, drives=drive_info,
                         box_rules=asdict(rules))
     atomic_write_json(manifest_path, {k: v for k, v in manifest.to_json().items() if k != "root"})

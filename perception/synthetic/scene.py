@@ -167,14 +167,15 @@ def _fog_ground(p: Painter) -> None:
     p.canvas[hz:] = g.astype(np.uint8)
 
 
-def _building(p: Painter, b: Building, z0: float, z1: float, lights_on: bool, rng_key: int) -> None:
+def _building(p: Painter, b: Building, z0: float, z1: float, ego_s: float, lights_on: bool, rng_key: int) -> None:
+    """Facade (and end wall) of ``b``; z0, z1 are its visible depth range relative to the camera."""
     cam = p.camera
     x = b.side * b.face_x
     p.background(z0)
     facade = cam.project([x, x, x, x], [0, 0, b.height, b.height], [z0, z1, z1, z0])
     p.poly(facade, tuple(0.85 * c for c in b.color))
     # End wall facing the camera (only when its near end is in front of us).
-    if b.z0 >= NEAR_CLIP_M:
+    if b.z0 - ego_s >= NEAR_CLIP_M:
         x_far = x + b.side * 12.0
         end = cam.project([x, x_far, x_far, x], [0, 0, b.height, b.height], z0)
         p.poly(end, b.color)
@@ -182,17 +183,21 @@ def _building(p: Painter, b: Building, z0: float, z1: float, lights_on: bool, rn
     if cam.scale(z0) * 1.4 < 2.0:
         return
     floors = np.arange(1.2, b.height - 1.5, 3.2)
-    cols = np.arange(b.z0 + 1.0, b.z1 - 1.5, 2.6)
-    cols = cols[(cols >= z0) & (cols + 1.3 <= z1) & (cols < PROP_FAR_M)]
+    cols = np.arange(b.z0 + 1.0, b.z1 - 1.5, 2.6) - ego_s  # windows are fixed to the building
+    col_idx = np.arange(cols.size)
+    keep = (cols >= z0) & (cols + 1.3 <= z1) & (cols < PROP_FAR_M)
+    cols, col_idx = cols[keep], col_idx[keep]
     if floors.size == 0 or cols.size == 0:
         return
     fy, fz = np.meshgrid(floors, cols, indexing="ij")
+    fi, ci = np.meshgrid(np.arange(floors.size), col_idx, indexing="ij")
     fy, fz = fy.ravel(), fz.ravel()
     ys = np.stack([fy, fy, fy + 1.5, fy + 1.5], 1)
     zs = np.stack([fz, fz + 1.3, fz + 1.3, fz], 1)
     quads = cam.project(np.full_like(ys, x), ys, zs)
     if lights_on:
-        lit = (np.arange(len(quads)) * 7 + rng_key) % 5 < 2  # a fixed pattern of lit windows
+        # Which windows are lit is a property of the window (floor, column), so it never flickers.
+        lit = ((fi.ravel() * 7 + ci.ravel() * 3 + rng_key) % 5) < 2
         p.polys(list(quads[lit]), (90, 200, 240), emissive=True)
         p.polys(list(quads[~lit]), b.window)
     else:
@@ -231,6 +236,6 @@ def draw_street(p: Painter, road: Road, buildings: tuple[Building, ...], trees: 
             items.append((z, len(buildings) + i, t))
     for z, key, item in sorted(items, key=lambda it: (-it[0], it[1])):
         if isinstance(item, Building):
-            _building(p, item, z, min(item.z1 - ego_s, PROP_FAR_M), env.lights_on, key)
+            _building(p, item, z, min(item.z1 - ego_s, PROP_FAR_M), ego_s, env.lights_on, key)
         else:
             _tree(p, item, z)
