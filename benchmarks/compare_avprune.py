@@ -1,0 +1,169 @@
+"""avprune's own methods for ``benchmarks/compare.py``: the ``pruning.Pruner`` in a fine-tune.
+
+- ``avprune_budget_<importance>``: channel granularity, the budget controller (PI control of
+  sparsity against the latency target with an mAP floor; cheap predicted latency every step from a
+  HALP-style per-layer table, measured latency and mAP every ``measure_every`` steps), for each
+  importance criterion (magnitude, taylor, activation, bn_scale).
+- ``avprune_cubic``: the same pruner with Zhu & Gupta's cubic ramp (2017) to a fixed final
+  sparsity: a threshold that moves, but is not driven by feedback. Its final sparsity is chosen
+  once, before fine-tuning, to land on the latency target (table prediction corrected by one
+  measurement), so it is compared at the same budget.
+
+Both ramps end at ``RAMP_END`` of the step budget so the rest is recovery at the final width, as
+every other method gets.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from torch import nn
+
+from benchmarks.compare_methods import (
+    MAX_RATIO,
+    MethodContext,
+    MethodOutput,
+    MethodSpec,
+    TrajectoryPoint,
+    finetune,
+    load_base,
+    register,
+)
+
+log = logging.getLogger(__name__)
+
+IMPORTANCES = ("magnitude", "taylor", "activation", "bn_scale")
+RAMP_END = 0.5  # sparsity moves in the first half of the fine-tune; the second half recovers
+UPDATE_EVERY = 5  # steps between mask updates (FIELD_NOTES: the mask update is cheap; importance EMAs need a few steps)
+
+
+def _table(ctx: MethodContext) -> Any:
+    from pruning.latency_model import LatencyTable
+
+    if ctx.latency_table is None:
+        raise ValueError("avprune methods need the setup's latency table (MethodContext.latency_table)")
+    return LatencyTable.load(ctx.latency_table)
+
+
+def _pruner(model: nn.Module, ctx: MethodContext, importance: str, controller: Any, table: Any) -> Any:
+    from pruning import Pruner
+
+    return Pruner(
+        model,
+        importance=importance,
+        granularity="channel",
+        controller=controller,
+        example_inputs=ctx.example_inputs,
+        update_every=UPDATE_EVERY,
+        round_to=8,
+        predict_latency=table.predict,
+    )
+
+
+def finalized_copy(pruner: Any) -> nn.Module:
+    """The pruner's current masked model made physically small, leaving the pruner training on."""
+    return copy.deepcopy(pruner).finalize().eval()
+
+
+def _run(ctx: MethodContext, pruner: Any, model: nn.Module, extra: dict[str, Any]) -> MethodOutput:
+    traj: list[TrajectoryPoint] = [ctx.probe(finalized_copy(pruner), 0)]
+    traj += finetune(model, ctx, steps=ctx.steps, snapshot=lambda: finalized_copy(pruner), hooks=(pruner,))
+    history = [
+        {"step": r.step, "predicted_ms": r.predicted_latency_ms,
+         "sparsity": sum(x.sparsity for x in r.layers.values()) / max(1, len(r.layers))}
+        for r in pruner.history
+    ]
+    small = pruner.finalize().eval()
+    return MethodOutput(small, traj, {**extra, "updates": history[-20:]})
+
+
+def run_budget(ctx: MethodContext, importance: str) -> MethodOutput:
+    """avprune with the budget controller and ``importance``, channel granularity."""
+    from pruning.controllers import build_controller
+
+    model = load_base(ctx)
+    table = _table(ctx)
+    holder: dict[str, Any] = {}
+
+    def measure() -> tuple[float, float]:
+        pruner = holder["pruner"]
+        return ctx.measure_ms(finalized_copy(pruner)), ctx.map_of(pruner.model)
+
+    ramp = max(1, int(RAMP_END * ctx.steps))
+    controller = build_controller(
+        "budget",
+        latency_budget_ms=ctx.latency_target_ms,
+        map_floor=ctx.map_floor,
+        predict_latency=table.predict,
+        measure=measure,
+        measure_every=ctx.measure_every,
+        max_sparsity=MAX_RATIO,
+        max_rate=min(1.0, MAX_RATIO / ramp),  # per step: any level is reachable within the ramp
+    )
+    pruner = _pruner(model, ctx, importance, controller, table)
+    holder["pruner"] = pruner
+    out = _run(ctx, pruner, model, {"importance": importance})
+    points = [p.__dict__ for p in controller.points if p.map is not None]
+    out.extra.update(infeasible=bool(controller.infeasible), final_sparsity_level=controller.u, measured=points)
+    return out
+
+
+def cubic_final_sparsity(pruner: Any, table: Any, target_ms: float, measure_ms: Any, *, iters: int = 12) -> float:
+    """Uniform sparsity whose latency is the target: bisection on the table, then one measured correction.
+
+    The table was measured on another runtime (eager PyTorch, per layer) and calibrated on the
+    dense model only, so its slope can be off; one finalized copy at the first answer is measured
+    and the prediction rescaled by measured / predicted (as the budget controller's bias does).
+    """
+    from pruning.controllers import build_controller
+
+    def solve(scale: float) -> float:
+        lo, hi = 0.0, MAX_RATIO
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            if table.predict(pruner.config_at(mid)) * scale > target_ms:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    first = solve(1.0)
+    probe = copy.deepcopy(pruner)
+    probe.controller = build_controller("fixed", sparsity=first)
+    probe.controller.bind(probe.units, probe.config_at)
+    probe.update()
+    measured = measure_ms(probe.finalize().eval())
+    predicted = table.predict(pruner.config_at(first))
+    return solve(measured / predicted if predicted > 0 else 1.0)
+
+
+def run_cubic(ctx: MethodContext) -> MethodOutput:
+    """avprune with a cubic sparsity ramp (Zhu & Gupta 2017) to a final sparsity chosen for the target."""
+    from pruning.controllers import build_controller
+
+    model = load_base(ctx)
+    table = _table(ctx)
+    ramp = max(1, int(RAMP_END * ctx.steps))
+    pruner = _pruner(model, ctx, "magnitude", build_controller("fixed", sparsity=0.0), table)
+    final = cubic_final_sparsity(pruner, table, ctx.latency_target_ms, ctx.measure_ms)
+    # The controller needs the pruner's units to bind to, so it is swapped in once they exist.
+    pruner.controller = build_controller("cubic", final_sparsity=final, end_step=ramp)
+    pruner.controller.bind(pruner.units, pruner.config_at)
+    return _run(ctx, pruner, model, {"importance": "magnitude", "final_sparsity": final})
+
+
+def _budget_runner(importance: str) -> Any:
+    def run(ctx: MethodContext) -> MethodOutput:
+        return run_budget(ctx, importance)
+
+    run.__name__ = f"run_budget_{importance}"
+    return run
+
+
+def register_all() -> None:
+    """Add the avprune methods to the comparison's registry (called once by compare_methods)."""
+    for imp in IMPORTANCES:
+        register(MethodSpec(f"avprune_budget_{imp}", _budget_runner(imp), "channel", f"avprune budget, {imp}"))
+    register(MethodSpec("avprune_cubic", run_cubic, "channel", "avprune cubic ramp, magnitude"))

@@ -1,0 +1,176 @@
+"""Measurement for ``benchmarks/compare.py``: quick latency probes and the final side-by-side pass.
+
+Every latency here is ONNX Runtime on CPU with 2 threads, end to end per frame (preprocessing,
+the core graph, decoding + NMS), through ``deploy.runtimes``: the same path a user deploys. Quick
+probes (bisection, trajectories, the budget controller's feedback) use a few iterations; the
+final rows come from one pass over all final models, interleaved round-robin so that load from
+other processes and thermal drift hit every method alike (FIELD_NOTES: figures move 30-50%
+between runs on a shared 2-core machine; only side-by-side numbers compare).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.compare_methods import TrajectoryPoint
+
+log = logging.getLogger(__name__)
+
+THREADS = 2
+
+
+def sample_frames(dataset: Any, n: int) -> list[np.ndarray]:
+    """The first ``n`` images of a split as HxWx3 uint8 RGB frames (what a runtime receives)."""
+    return [dataset.load_image(i) for i in range(min(n, len(dataset)))]
+
+
+def export_core(model: nn.Module, dest: Path) -> Path:
+    """Export the NMS-free core graph (decoding + NMS run in the shared post-processing).
+
+    The legacy exporter: about 3x faster to export than dynamo here, and ORT mAP equals eager
+    mAP with it (FIELD_NOTES); a fixed batch of 1 matches the per-frame measurement.
+    """
+    from deploy.export import export_onnx
+
+    return export_onnx(model.eval(), dest, form="core", exporter="legacy", dynamic_batch=False).path
+
+
+def open_ort(onnx_path: Path) -> Any:
+    """An ONNX Runtime CPU runtime with the comparison's thread count."""
+    from deploy.runtimes import open_runtime
+
+    return open_runtime(onnx_path, backend="onnxruntime", device="cpu", threads=THREADS)
+
+
+def time_frames(rt: Any, frames: Sequence[np.ndarray], n: int, start: int = 0) -> list[float]:
+    """End-to-end milliseconds of ``n`` single-frame ``rt.infer`` calls (pre + core + post).
+
+    Our own loop rather than a summary so the final pass can interleave models sample by sample
+    and still take true percentiles over each model's samples.
+    """
+    out = []
+    for k in range(n):
+        frame = frames[(start + k) % len(frames)]
+        t0 = time.perf_counter()
+        rt.infer([frame])
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def quick_latency(frames: Sequence[np.ndarray], iters: int) -> Callable[[nn.Module], float]:
+    """A callable giving a model's p50 end-to-end latency (ms) on ONNX Runtime over ``iters`` frames."""
+
+    def measure(model: nn.Module) -> float:
+        with tempfile.TemporaryDirectory(prefix="compare-") as d:
+            path = export_core(copy.deepcopy(model), Path(d) / "m.onnx")
+            with open_ort(path) as rt:
+                time_frames(rt, frames, 2)  # warm-up: first calls allocate
+                return float(np.median(time_frames(rt, frames, iters)))
+
+    return measure
+
+
+def probe_map(model: nn.Module, dataset: Any) -> float:
+    """COCO mAP@[.5:.95] of an eager model on a (small) split; NaN-free (0 when nothing matches)."""
+    from perception.evaluate import evaluate_model
+
+    value = evaluate_model(model, dataset, batch_size=8).map
+    return 0.0 if math.isnan(value) else float(value)
+
+
+def prober(latency: Callable[[nn.Module], float], dataset: Any) -> Callable[[nn.Module, int], TrajectoryPoint]:
+    """A trajectory probe: latency on the target runtime and mAP on the probe subset."""
+
+    def probe(model: nn.Module, step: int) -> TrajectoryPoint:
+        return TrajectoryPoint(step=step, latency_ms=latency(model), map=probe_map(model, dataset))
+
+    return probe
+
+
+def model_stats(model: nn.Module) -> dict[str, float]:
+    """Parameters, non-zero parameters and GMACs (Torch-Pruning's counter, one frame)."""
+    import torch_pruning as tp
+
+    h, w = (int(v) for v in model.avprune_meta["image_size"])
+    model.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, [[torch.rand(3, h, w)]])
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    return {"params": int(params), "nonzero_params": nonzero, "gmacs": float(macs) / 1e9}
+
+
+def _accuracy(path: Path, rt: Any, val_set: Any, max_images: int | None, cache: Path) -> dict[str, Any]:
+    """mAP of the deployed model (through its runtime), cached per checkpoint content."""
+    from perception.evaluate import evaluate
+    from perception.io import atomic_write_json, sha256_file
+
+    key = f"{sha256_file(path)[:16]}-{max_images or 'all'}"
+    cached = cache / f"{path.stem}.json"
+    if cached.is_file():
+        d = json.loads(cached.read_text())
+        if d.get("key") == key:
+            return d
+    m = evaluate(rt.infer, val_set, batch_size=8, max_images=max_images)
+    d = {"key": key, "map": m.map, "map50": m.map50, "map_small": m.map_small, "num_images": m.num_images}
+    atomic_write_json(cached, d)
+    return d
+
+
+def final_pass(
+    paths: Sequence[Path],
+    val_set: Any,
+    *,
+    rounds: int,
+    iters: int,
+    max_images: int | None,
+    cache: Path,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure every final model side by side: accuracy, size, and interleaved end-to-end latency.
+
+    All runtimes are opened first; then ``rounds`` times, every model infers ``iters`` single
+    frames in turn (the order rotates each round). p50/p99 come from all of a model's samples.
+    """
+    from tqdm import tqdm
+
+    from perception.models import load_detector
+
+    frames = sample_frames(val_set, 8)
+    stats, acc, samples = [], [], [[] for _ in paths]
+    with contextlib.ExitStack() as stack:
+        runtimes = []
+        for p in tqdm(paths, desc="final: export + accuracy", unit="model", disable=not progress):
+            model = load_detector(p).eval()
+            stats.append(model_stats(model))
+            onnx_path = cache / f"{p.stem}.onnx"
+            if not onnx_path.is_file() or onnx_path.stat().st_mtime < p.stat().st_mtime:
+                export_core(model, onnx_path)
+            rt = stack.enter_context(open_ort(onnx_path))
+            acc.append(_accuracy(p, rt, val_set, max_images, cache))
+            time_frames(rt, frames, 3)  # warm-up
+            runtimes.append(rt)
+        order = list(range(len(paths)))
+        for r in tqdm(range(rounds), desc="final: latency", unit="round", disable=not progress):
+            k = r % len(order)
+            for i in order[k:] + order[:k]:  # rotate so no model always follows the same one
+                samples[i] += time_frames(runtimes[i], frames, iters, start=r * iters)
+    out = []
+    for s, a, lat in zip(stats, acc, samples, strict=True):
+        arr = np.asarray(lat)
+        out.append({**s, **{k: a[k] for k in ("map", "map50", "map_small", "num_images")},
+                    "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+                    "latency_samples": len(arr)})
+    return out

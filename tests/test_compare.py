@@ -1,0 +1,124 @@
+"""benchmarks/compare.py: the harness on a tiny model and a handful of synthetic images.
+
+One module-scoped run of every registered method (one seed, a few steps at 128x128) feeds the
+row and resumability tests; the report's verdict logic is tested on hand-made numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import compare, compare_methods, compare_report
+
+TINY = dataclasses.replace(
+    compare.QUICK,
+    images=20,
+    pretrain_steps=3,
+    steps=3,
+    batch_size=2,
+    probe_images=3,
+    probe_every=3,
+    quick_iters=2,
+    bisect_iters=2,
+    final_rounds=1,
+    final_iters=2,
+    seeds=(0,),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    torch.set_num_threads(2)
+    work = tmp_path_factory.mktemp("compare")
+    data = compare.run(TINY, work, write=True, quick=True)
+    return work, data
+
+
+def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, dict]) -> None:
+    work, data = tiny_run
+    assert sorted(c["method"] for c in data["cells"]) == sorted(compare_methods.list_methods())
+    for cell in data["cells"]:
+        f = cell["final"]
+        for key in ("p50_ms", "p99_ms", "gmacs"):
+            assert math.isfinite(f[key]) and f[key] > 0, (cell["method"], key, f[key])
+        assert 0.0 <= f["map"] <= 1.0 and 0.0 <= f["map50"] <= 1.0, cell["method"]
+        assert f["params"] > 0 and cell["wall_s"] > 0
+        assert cell["trajectory"], cell["method"]
+        for p in cell["trajectory"]:
+            assert math.isfinite(p["latency_ms"]) and 0.0 <= p["map"] <= 1.0
+    by = {c["method"]: c["final"] for c in data["cells"]}
+    # Channel pruning makes the model physically smaller; unstructured keeps its size but zeroes weights.
+    assert by["tp_magnitude"]["params"] < by["dense"]["params"]
+    assert by["tp_magnitude"]["gmacs"] < by["dense"]["gmacs"]
+    assert by["unstructured_l1"]["params"] == by["dense"]["params"]
+    assert by["unstructured_l1"]["nonzero_params"] < 0.9 * by["dense"]["nonzero_params"]
+    md = (work / "compare.md").read_text()
+    assert "SMOKE RUN" in md and "| method |" in md and (work / "compare.png").stat().st_size > 1000
+    for m in compare_methods.list_methods():
+        assert f"`{m}`" in md
+
+
+def test_second_run_skips_finished_cells(tiny_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    work, first = tiny_run
+    stamps = {p.name: p.stat().st_mtime_ns for p in (work / "cells").glob("*.json")}
+    assert len(stamps) == len(compare_methods.list_methods())
+
+    def fail(*a: object, **k: object) -> None:
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(compare, "_run_cell", fail)
+    again = compare.run(TINY, work, write=False, resume=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "cells").glob("*.json")} == stamps
+    assert [c["wall_s"] for c in again["cells"]] == [c["wall_s"] for c in first["cells"]]
+
+
+def test_changed_settings_in_the_same_work_dir_are_refused(tiny_run: tuple[Path, dict]) -> None:
+    work, _ = tiny_run
+    with pytest.raises(ValueError, match="other settings"):
+        compare.run(dataclasses.replace(TINY, steps=4), work, write=False, resume=True)
+
+
+def test_unknown_method_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="tp_magnitude"):
+        compare_methods.get_method("magic")
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--seeds", "0"])
+
+
+def test_slimming_hook_soft_thresholds_gamma() -> None:
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.05, -0.05, 0.5, -0.5]))
+    hook = compare_methods.slimming_hook(nn.Sequential(bn), lam=1.0, skip=set())
+    hook(type("Ctx", (), {"lr": 0.1})())
+    assert torch.allclose(bn.weight, torch.tensor([0.0, 0.0, 0.4, -0.4]))
+
+
+def _cells(method: str, maps: list[float], p50: float) -> list[dict]:
+    final = {"map50": 0.5, "map_small": 0.1, "p99_ms": p50 * 1.2, "params": 1e6, "nonzero_params": 1e6, "gmacs": 0.1}
+    return [
+        {"method": method, "seed": s, "wall_s": 10.0, "trajectory": [], "final": {**final, "map": m, "p50_ms": p50}}
+        for s, m in enumerate(maps)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("avp", "p50", "expect"),
+    [
+        ([0.32, 0.33], 10.2, "is met"),  # +2 points, spread ~0.7
+        ([0.30, 0.34], 10.0, "within the seed spread"),  # +2 points, spread ~2.9
+        ([0.305, 0.305], 10.0, "less than the 1.0-point target"),  # +0.5 points, no spread
+        ([0.28, 0.28], 10.0, "Torch-Pruning one-shot is ahead"),
+        ([0.40, 0.40], 12.0, "cannot be judged at equal latency"),  # 20% slower
+    ],
+)
+def test_verdict_is_computed_from_the_numbers(avp: list[float], p50: float, expect: str) -> None:
+    cells = _cells("tp_magnitude", [0.30, 0.30], 10.0) + _cells("avprune_cubic", avp, p50)
+    text = " ".join(compare_report.verdict(compare_report.aggregate(cells)))
+    assert expect in text
