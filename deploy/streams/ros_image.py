@@ -1,0 +1,104 @@
+"""ROS ``sensor_msgs`` image messages -> RGB pixels, shared by the MCAP and rosbag readers.
+
+Both mcap-ros2-support and rosbags hand back objects with the ROS field names (``header.stamp``,
+``format``/``data`` for CompressedImage; ``height``/``width``/``encoding``/``step``/``data`` for
+Image), so one conversion serves both. The message definitions below are what a writer registers
+to produce such a file (tests and the synthetic drive generator use them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from deploy.streams.base import DecodeError, as_rgb_frame, decode_encoded_image
+
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
+
+#: Raw encodings decoded here (channels, channel order); other encodings are refused by name.
+RAW_ENCODINGS: dict[str, tuple[int, str]] = {
+    "rgb8": (3, "rgb"),
+    "bgr8": (3, "bgr"),
+    "rgba8": (4, "rgb"),
+    "bgra8": (4, "bgr"),
+    "mono8": (1, "mono"),
+    "8UC1": (1, "mono"),
+    "8UC3": (3, "bgr"),  # OpenCV's default channel order
+}
+
+_HEADER_DEFS = """================================================================================
+MSG: std_msgs/Header
+builtin_interfaces/Time stamp
+string frame_id
+================================================================================
+MSG: builtin_interfaces/Time
+int32 sec
+uint32 nanosec
+"""
+
+#: ros2msg text (with dependencies) to register with ``mcap_ros2.writer.Writer.register_msgdef``.
+COMPRESSED_IMAGE_MSGDEF = "std_msgs/Header header\nstring format\nuint8[] data\n" + _HEADER_DEFS
+IMAGE_MSGDEF = (
+    "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\n"
+    "uint32 step\nuint8[] data\n" + _HEADER_DEFS
+)
+
+
+def is_image_type(type_name: str) -> bool:
+    """True for Image/CompressedImage in ROS 2 (``sensor_msgs/msg/X``) or ROS 1 (``sensor_msgs/X``) naming."""
+    return type_name.replace("/msg/", "/") in ("sensor_msgs/Image", "sensor_msgs/CompressedImage")
+
+
+def stamp_ns(msg: Any) -> int:
+    """``header.stamp`` in nanoseconds (0 when the publisher never set it)."""
+    stamp = msg.header.stamp
+    sec = getattr(stamp, "sec", None)
+    if sec is None:  # ROS 1 naming in some generators
+        sec, nsec = stamp.secs, stamp.nsecs
+    else:
+        nsec = stamp.nanosec
+    return int(sec) * 1_000_000_000 + int(nsec)
+
+
+def message_to_rgb(msg: Any, type_name: str, *, what: str) -> np.ndarray:
+    """Pixels of one Image or CompressedImage message; DecodeError when they do not decode."""
+    if type_name.replace("/msg/", "/") == "sensor_msgs/CompressedImage":
+        return decode_encoded_image(_as_bytes(msg.data), what=what)
+    return raw_image_to_rgb(msg.height, msg.width, msg.encoding, msg.step, msg.data, what=what)
+
+
+def raw_image_to_rgb(height: int, width: int, encoding: str, step: int, data: Any, *, what: str) -> np.ndarray:
+    """Decode a raw ``sensor_msgs/Image`` payload, honouring row padding (``step``)."""
+    if encoding not in RAW_ENCODINGS:
+        # Not a per-frame accident: every frame of this topic would fail the same way.
+        raise ValueError(
+            f"{what}: image encoding {encoding!r} is not supported; supported: {', '.join(RAW_ENCODINGS)}"
+        )
+    channels, order = RAW_ENCODINGS[encoding]
+    buf = np.frombuffer(_as_bytes(data), np.uint8)
+    row = width * channels
+    if height <= 0 or width <= 0 or step < row or buf.size < step * (height - 1) + row:
+        raise DecodeError(
+            f"{what}: {buf.size} bytes do not hold a {width}x{height} {encoding} image with step {step}"
+        )
+    if buf.size < step * height:  # the last row may legally omit its padding
+        buf = np.concatenate([buf, np.zeros(step * height - buf.size, np.uint8)])
+    image = buf[: step * height].reshape(height, step)[:, :row].reshape(height, width, channels)
+    if order == "mono":
+        return as_rgb_frame(image[:, :, 0], what=what)
+    if channels == 4:
+        image = image[:, :, :3]
+    if order == "bgr":
+        image = image[:, :, ::-1]
+    return as_rgb_frame(image, what=what)
+
+
+def _as_bytes(data: Any) -> bytes | np.ndarray:
+    if isinstance(data, np.ndarray):
+        return data.astype(np.uint8, copy=False).reshape(-1)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    return bytes(bytearray(data))  # list of ints from some decoders
