@@ -34,7 +34,14 @@ from pruning.granularity import (
     normalise,
     unstructured_mask,
 )
-from pruning.groups import PRUNABLE_TYPES, ChannelGroup, build_coupling, find_following_bn, run_forward
+from pruning.groups import (
+    PRUNABLE_TYPES,
+    ChannelGroup,
+    Coupling,
+    build_coupling,
+    find_following_bn,
+    run_forward,
+)
 from pruning.importance import CRITERIA, build_criterion, importance_summary
 from pruning.masks import WeightMask, add_mask, get_mask
 from pruning.nm import check_nm, nm_skip_reason
@@ -74,6 +81,7 @@ class Pruner:
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         predict_latency: Callable[[dict[str, int]], float] | None = None,
         straight_through: bool = True,
+        coupling: Coupling | None = None,
     ) -> None:
         CRITERIA.get(importance)  # unknown names fail before any tracing
         check_granularity(granularity)
@@ -107,7 +115,8 @@ class Pruner:
         if granularity == "channel":
             if example_inputs is None:
                 raise ValueError("channel granularity needs example_inputs to trace channel coupling (Torch-Pruning)")
-            coupling = build_coupling(model, example_inputs, self.layer_filter, forward_fn)
+            # A precomputed coupling (same architecture and filter) skips re-tracing, e.g. in sensitivity scans.
+            coupling = coupling or build_coupling(model, example_inputs, self.layer_filter, forward_fn)
             self.groups, self.skipped = coupling.groups, dict(coupling.skipped)
             if not self.groups:
                 raise ValueError(f"no prunable channel group among the selected layers; skipped: {self.skipped}")

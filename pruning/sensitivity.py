@@ -18,6 +18,7 @@ from torch import nn
 
 from pruning.controllers import FixedController
 from pruning.granularity import check_sparsity
+from pruning.groups import Coupling
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,15 @@ def sensitivity_scan(
     **pruner_kwargs: Any,
 ) -> dict[str, list[tuple[float, float]]]:
     """:func:`scan_layer` for every prunable unit (or ``layers``), sequentially."""
-    if layers is None:
-        from pruning.pruner import Pruner
+    from pruning.pruner import Pruner
 
-        probe = Pruner(copy.deepcopy(model), importance="magnitude", granularity=granularity,
-                       controller=FixedController(0.0), **pruner_kwargs)
+    probe = Pruner(copy.deepcopy(model), importance="magnitude", granularity=granularity,
+                   controller=FixedController(0.0), **pruner_kwargs)
+    if layers is None:
         layers = list(probe.units)
+    if granularity == "channel" and "coupling" not in pruner_kwargs:
+        # Trace the dependency graph once, not once per layer.
+        pruner_kwargs["coupling"] = Coupling(groups=probe.groups, skipped=probe.skipped)
     profile = {}
     for name in layers:
         profile[name] = scan_layer(model, name, evaluate_fn, sparsities, importance=importance,

@@ -1,0 +1,265 @@
+"""Pruner on small conv nets: every criterion x granularity, coupling, finalize, errors, resume."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pruning import CRITERIA, GRANULARITIES, Pruner, build_controller, write_report
+from pruning.filters import followed_by_batchnorm
+from pruning.masks import stored
+
+
+class SE(nn.Module):
+    """Squeeze-excitation as in MobileNetV3 (hardsigmoid gate)."""
+
+    def __init__(self, c: int, r: int = 4) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // r, 1), nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+def cbr(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act())
+
+
+class SmallNet(nn.Module):
+    """Residual add, depthwise conv, SE block, BatchNorm and a linear head: every coupling kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 32, s=2)
+        self.expand = cbr(32, 64, k=1)
+        self.dw = cbr(64, 64, groups=64, act=nn.Hardswish)
+        self.se = SE(64)
+        self.project = nn.Sequential(nn.Conv2d(64, 32, 1, bias=False), nn.BatchNorm2d(32))
+        self.tail = cbr(32, 48)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.se(self.dw(self.expand(x))))  # residual: stem and project coupled
+        x = self.tail(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = SmallNet()
+    with torch.no_grad():  # non-trivial BN statistics so eval-mode equality is a real check
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.2, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return net.eval()
+
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def make_pruner(model: nn.Module, importance: str, granularity: str, sparsity: float = 0.5, **kw) -> Pruner:
+    """A pruner ready to update: taylor gets a backward pass, activation calibration data."""
+    if importance == "bn_scale":
+        kw.setdefault("layer_filter", followed_by_batchnorm(model, X))
+    pruner = Pruner(model, importance=importance, granularity=granularity,
+                    controller=build_controller("fixed", sparsity=sparsity), example_inputs=X, **kw)
+    if importance == "activation":
+        pruner.observe_activations([X])
+    return pruner
+
+
+def one_training_step(model: nn.Module, pruner: Pruner, opt: torch.optim.Optimizer | None = None) -> None:
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt.zero_grad()
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+    opt.step()
+    pruner.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES.names())
+@pytest.mark.parametrize("importance", CRITERIA.names())
+def test_every_criterion_and_granularity_on_small_net(importance: str, granularity: str) -> None:
+    model = small_net()
+    pruner = make_pruner(model, importance, granularity)
+    one_training_step(model, pruner)
+    rec = pruner.history[-1]
+    assert set(rec.layers) == set(pruner.units)
+    for unit, lr in rec.layers.items():
+        assert lr.target == 0.5
+        assert lr.importance["min"] <= lr.importance["median"] <= lr.importance["max"], unit
+        assert lr.sparsity == pytest.approx(0.5, abs=0.26), unit  # rounding to 8 channels / N:M quanta
+    assert 0.2 < pruner.masked_fraction() < 0.8
+    for (mod, tname), wm in pruner.masks.items():  # masked entries are zero in forward
+        assert torch.all(getattr(pruner.modules[mod], tname)[wm.mask == 0] == 0)
+    with torch.no_grad():
+        assert torch.isfinite(model(X)).all()
+
+
+def out_keep(mask: torch.Tensor) -> torch.Tensor:
+    """Which output channels a weight mask keeps (any entry kept)."""
+    return (mask.flatten(1).amax(1) > 0).float()
+
+
+def test_channel_masks_cover_every_coupled_tensor() -> None:
+    model = small_net()
+    pruner = make_pruner(model, "magnitude", "channel")
+    pruner.update()
+    stem_keep = out_keep(pruner.mask_of("stem.0"))
+    pruned = torch.nonzero(stem_keep == 0).flatten()
+    assert len(pruned) == 16
+    # Residual partner, both BNs, and every consumer's input slice drop the same channels.
+    assert torch.equal(out_keep(pruner.mask_of("project.0")), stem_keep)
+    for bn in ("stem.1", "project.1"):
+        assert torch.all(pruner.mask_of(bn, "weight")[pruned] == 0) and torch.all(pruner.mask_of(bn, "bias")[pruned] == 0)
+    assert torch.all(pruner.mask_of("expand.0")[:, pruned] == 0)
+    assert torch.all(pruner.mask_of("tail.0")[:, pruned] == 0)
+    # Depthwise conv and SE fc2 outputs follow the expand group.
+    exp_keep = out_keep(pruner.mask_of("expand.0"))
+    assert exp_keep.sum() == 32
+    assert torch.equal(out_keep(pruner.mask_of("dw.0")), exp_keep)
+    assert torch.equal(out_keep(pruner.mask_of("se.fc2")), exp_keep)
+    assert torch.equal(out_keep(pruner.mask_of("se.fc1").transpose(0, 1)), exp_keep)
+    assert torch.equal(out_keep(pruner.mask_of("project.0").transpose(0, 1)), exp_keep)
+    # The classifier's outputs are the model's outputs: never a channel unit.
+    assert "fc" not in pruner.units and "fc" in pruner.skipped
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_channel_finalize_equals_masked_model(round_to: int) -> None:
+    model = small_net()
+    pruner = make_pruner(model, "magnitude", "channel", sparsity=0.6, round_to=round_to)
+    one_training_step(model, pruner)
+    with torch.no_grad():
+        y_masked = model(X)
+    n_before = sum(p.numel() for p in model.parameters())
+    config = pruner.channel_config()
+    plain = pruner.finalize()
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    with torch.no_grad():
+        y_final = plain(X)
+    torch.testing.assert_close(y_final, y_masked, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in plain.parameters()) < n_before
+    for name, mod in plain.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            assert mod.out_channels == config[name]
+            assert mod.out_channels % round_to == 0, (name, mod.out_channels)
+    assert plain.fc.out_features == 10
+    # The result is an ordinary model: it trains and round-trips through a state_dict.
+    plain.train()
+    plain(X).sum().backward()
+    twin = copy.deepcopy(plain)
+    twin.load_state_dict(plain.state_dict())
+
+
+def test_sparsity_zero_keeps_everything_and_finalize_is_identity() -> None:
+    model = small_net()
+    ref = copy.deepcopy(model)
+    pruner = make_pruner(model, "magnitude", "channel", sparsity=0.0)
+    pruner.step()
+    assert pruner.masked_fraction() == 0.0
+    plain = pruner.finalize()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(X), ref(X))
+
+
+def test_invalid_arguments_name_value_and_valid_range() -> None:
+    model = small_net()
+    fixed = build_controller("fixed", sparsity=0.5)
+    with pytest.raises(ValueError, match="unknown importance criterion 'l3'; valid names: magnitude, taylor"):
+        Pruner(model, importance="l3", controller=fixed, example_inputs=X)
+    with pytest.raises(ValueError, match="unknown granularity 'block'; valid names: unstructured, channel, nm"):
+        Pruner(model, granularity="block", controller=fixed, example_inputs=X)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\); got 1.0"):
+        build_controller("fixed", sparsity=1.0)
+    with pytest.raises(ValueError, match="N=5, M=4"):
+        Pruner(model, granularity="nm", nm=(5, 4), controller=fixed)
+    with pytest.raises(ValueError, match="layer_filter selected no Conv/Linear layer"):
+        Pruner(model, controller=fixed, example_inputs=X, layer_filter=lambda n, m: n.startswith("nope"))
+    with pytest.raises(ValueError, match="bn_scale importance needs a BatchNorm right after .*se.fc1"):
+        Pruner(small_net(), importance="bn_scale", granularity="unstructured", controller=fixed, example_inputs=X)
+    p = Pruner(small_net(), importance="activation", granularity="channel", controller=fixed, example_inputs=X)
+    with pytest.raises(ValueError, match="observe_activations"):
+        p.update()
+    with pytest.raises(ValueError, match="no calibration batches"):
+        p.observe_activations([])
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        Pruner(small_net(), granularity="channel", controller=fixed)
+    with pytest.raises(ValueError, match="update_every must be an int >= 1; got 0"):
+        Pruner(small_net(), granularity="unstructured", controller=fixed, update_every=0)
+    with pytest.raises(TypeError, match="controller must be"):
+        Pruner(small_net(), granularity="unstructured", controller="cubic")
+
+
+@pytest.mark.parametrize("granularity", ["channel", "unstructured"])
+def test_state_dict_round_trip_resumes_identically(granularity: str) -> None:
+    def setup() -> tuple[nn.Module, Pruner, torch.optim.Optimizer]:
+        model = small_net()
+        pruner = Pruner(model, importance="taylor", granularity=granularity, example_inputs=X, update_every=2,
+                        controller=build_controller("cubic", final_sparsity=0.6, end_step=8))
+        return model, pruner, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def steps(model: nn.Module, pruner: Pruner, opt: torch.optim.Optimizer, seeds: range) -> None:
+        for s in seeds:
+            torch.manual_seed(s)
+            one_training_step(model, pruner, opt)
+
+    model, pruner, opt = setup()
+    steps(model, pruner, opt, range(3))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), pruner.state_dict()))
+    steps(model, pruner, opt, range(3, 7))
+
+    model2, pruner2, opt2 = setup()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    pruner2.load_state_dict(saved[2])
+    steps(model2, pruner2, opt2, range(3, 7))
+    assert pruner2.step_count == pruner.step_count == 7
+    assert [r.to_dict() for r in pruner2.history] == [r.to_dict() for r in pruner.history]
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+def test_hook_protocol_update_every_and_report(tmp_path) -> None:
+    model = small_net()
+    pruner = Pruner(model, granularity="channel", example_inputs=X, update_every=3,
+                    controller=build_controller("cubic", final_sparsity=0.5, end_step=9),
+                    predict_latency=lambda cfg: float(sum(cfg.values())))
+    for step in range(1, 10):
+        pruner(SimpleNamespace(step=step, model=model))
+    assert [r.step for r in pruner.history] == [3, 6, 9]
+    lats = [r.predicted_latency_ms for r in pruner.history]
+    assert lats[0] > lats[-1]  # fewer channels predicted faster
+    unit = next(g.root for g in pruner.groups if "expand.0" in g.out_layers)
+    spars = [r.layers[unit].sparsity for r in pruner.history]
+    assert spars == sorted(spars) and spars[-1] == 0.5
+    cfg = pruner.channel_config()
+    assert cfg["expand.0"] == 32 and cfg["fc"] == 10
+    assert pruner.layer_channels()["tail.0"][0] == cfg["stem.0"]
+    paths = write_report(pruner.history, tmp_path, sensitivity={"expand.0": [(0.0, 1.0), (0.5, 0.9)]})
+    for kind in ("json", "thresholds", "sparsity", "final_sparsity", "sensitivity"):
+        assert paths[kind].is_file() and paths[kind].stat().st_size > 0
+    assert paths["thresholds"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pruned_channel_regrows_when_importance_rises() -> None:
+    model = small_net()
+    pruner = make_pruner(model, "magnitude", "unstructured")
+    pruner.update()
+    mask = pruner.mask_of("tail.0")
+    idx = tuple(torch.nonzero(mask == 0)[0].tolist())
+    with torch.no_grad():
+        stored(model.tail[0])[idx] = 100.0
+    pruner.update()
+    assert pruner.mask_of("tail.0")[idx] == 1
