@@ -1,0 +1,231 @@
+"""Export + ONNX Runtime parity for SSDlite320 and Faster R-CNN MobileNet 320, both graph forms.
+
+mAP parity between two untrained models is vacuous (both ~0), so the fixtures build a tiny COCO
+set whose ground truth is the PyTorch model's own confident detections: PyTorch scores mAP ~1
+there, and any export that computes something else (e.g. outputs wired by position) drops.
+The heads are re-initialised with a wider spread so scores are distinct (no NMS ties).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deploy.export import ExportResult, export_onnx, read_onnx_meta
+from deploy.verify import ExportMismatchError, verify_export
+from perception.models import build_detector
+
+SSD = "ssdlite320_mobilenet_v3_large"
+FRCNN = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+# ----------------------------------------------------------------------------- helpers (shared)
+
+
+def make_frames(n: int, *, seed: int = 0, hw: tuple[int, int] = (240, 320)) -> list[np.ndarray]:
+    """Smooth random RGB frames with a few flat rectangles (structure for the backbone)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        low = rng.integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
+        img = cv2.resize(low, (hw[1], hw[0]), interpolation=cv2.INTER_CUBIC)
+        for _ in range(3):
+            y, x = rng.integers(0, hw[0] - 40), rng.integers(0, hw[1] - 40)
+            img[y : y + rng.integers(20, 40), x : x + rng.integers(20, 40)] = rng.integers(0, 256, 3)
+        frames.append(img)
+    return frames
+
+
+def spread_model(name: str, *, seed: int = 0) -> torch.nn.Module:
+    """An untrained detector with live features and spread-out heads, so its scores differ.
+
+    Untrained BatchNorm statistics (mean 0, var 1) leave SSDlite's deep features ~0 and every
+    score tied; one cumulative pass over random frames in train mode sets usable statistics.
+    """
+    torch.manual_seed(seed)
+    model = build_detector(name)
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None  # cumulative average: one pass gives the batch's statistics
+    model.backbone.train()
+    with torch.no_grad():
+        model.backbone(torch.randn(4, 3, *model.avprune_meta["image_size"]))
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+    heads = model.roi_heads.box_predictor if hasattr(model, "roi_heads") else model.head
+    with torch.no_grad():
+        for m in heads.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+                m.weight.normal_(0, 0.05)
+                if m.bias is not None:
+                    m.bias.normal_(0, 0.5)
+    return model
+
+
+def write_pseudo_coco(model: torch.nn.Module, frames: list[np.ndarray], root: Path, *, top: int = 4):
+    """A COCO split whose ground truth is ``model``'s top detections; returns the data set."""
+    import cv2
+
+    from deploy.runtimes.pytorch import PyTorchRuntime
+    from perception.classes import DRIVE_CLASSES
+    from perception.data import CocoDetectionDataset
+
+    (root / "val").mkdir(parents=True, exist_ok=True)
+    dets = PyTorchRuntime(model).infer(frames)
+    images, anns = [], []
+    for i, (f, d) in enumerate(zip(frames, dets, strict=True)):
+        cv2.imwrite(str(root / "val" / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        images.append({"id": i + 1, "file_name": f"{i:04d}.png", "height": f.shape[0], "width": f.shape[1]})
+        for j in np.argsort(-d.scores)[:top]:
+            x1, y1, x2, y2 = (float(v) for v in d.boxes[j])
+            if x2 - x1 < 2 or y2 - y1 < 2:
+                continue
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(d.labels[j]),
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    cats = [{"id": k + 1, "name": n} for k, n in enumerate(DRIVE_CLASSES)]
+    ann_file = root / "annotations" / "instances_val.json"
+    ann_file.parent.mkdir(parents=True, exist_ok=True)
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return CocoDetectionDataset(root / "val", ann_file)
+
+
+def swap_outputs(src: Path, dest: Path, a: str, b: str) -> None:
+    """Rename graph tensors ``a`` <-> ``b`` (what a position-based output mapping amounts to)."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    ren = {a: b, b: a}
+    for node in proto.graph.node:
+        node.output[:] = [ren.get(o, o) for o in node.output]
+        node.input[:] = [ren.get(i, i) for i in node.input]
+    for out in proto.graph.output:
+        out.name = ren.get(out.name, out.name)
+    onnx.save(proto, str(dest))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def ssd_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ssd")
+    model = spread_model(SSD)
+    frames = make_frames(4)
+    ds = write_pseudo_coco(model, frames, root / "coco")
+    core = export_onnx(model, root / "core.onnx", form="core", exporter="auto")
+    full = export_onnx(model, root / "full.onnx", form="full")
+    return model, ds, core, full
+
+
+@pytest.fixture(scope="module")
+def frcnn_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frcnn")
+    model = spread_model(FRCNN, seed=1)
+    frames = make_frames(4, seed=1)
+    ds = write_pseudo_coco(model, frames, root / "coco")
+    core = export_onnx(model, root / "core.onnx", form="core", exporter="legacy")
+    full = export_onnx(model, root / "full.onnx", form="full")
+    return model, ds, core, full
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_export_result_and_metadata(ssd_case, frcnn_case):
+    _, _, core, full = ssd_case
+    assert isinstance(core, ExportResult) and core.exporter_used in ("dynamo", "legacy")
+    assert core.output_names == ("bbox_regression", "cls_logits") and core.dynamic_batch
+    assert full.output_names == ("boxes", "scores", "labels") and full.exporter_used == "legacy"
+    doc = read_onnx_meta(core.path)
+    assert doc["meta"]["family"] == "ssd" and doc["form"] == "core" and doc["meta"]["image_size"] == [320, 320]
+    _, _, fcore, ffull = frcnn_case
+    assert fcore.stage2_path is not None and fcore.stage2_path.is_file()
+    assert fcore.output_names[:2] == ("rpn_objectness", "rpn_bbox_deltas")
+    # Faster R-CNN's own output order is boxes, labels, scores: ours is by name, always the same
+    assert ffull.output_names == ("boxes", "scores", "labels")
+
+
+@pytest.mark.parametrize("form", ["core", "full"])
+def test_ssd_export_verifies(ssd_case, form):
+    model, ds, core, full = ssd_case
+    rep = verify_export(model, (core if form == "core" else full).path, ds, frames=4)
+    assert rep.passed and rep.matched_fraction >= 0.98
+    assert rep.map_pytorch > 0.3, "pseudo ground truth should make the reference mAP high"
+    assert abs(rep.map_delta) <= 0.002
+    if form == "core":
+        assert set(rep.max_abs_diff) == {"bbox_regression", "cls_logits"}
+
+
+@pytest.mark.parametrize("form", ["core", "full"])
+def test_frcnn_export_verifies(frcnn_case, form):
+    model, ds, core, full = frcnn_case
+    rep = verify_export(model, (core if form == "core" else full).path, ds, frames=2)
+    assert rep.passed and rep.map_pytorch > 0.3 and abs(rep.map_delta) <= 0.002
+
+
+def test_swapped_full_outputs_fail_loudly(ssd_case, tmp_path):
+    """scores <-> labels (same shape [n]): the graph runs, detections look plausible, mAP is ~0."""
+    model, ds, _, full = ssd_case
+    bad = tmp_path / "swapped.onnx"
+    swap_outputs(full.path, bad, "scores", "labels")
+    with pytest.raises(ExportMismatchError, match="mapped by position") as err:
+        verify_export(model, bad, ds, frames=2)
+    assert err.value.report.map_onnx < 0.05 < err.value.report.map_pytorch
+
+
+def test_swapped_core_features_fail(frcnn_case, tmp_path):
+    """Two FPN levels of identical shape swapped: only the value checks can see it."""
+    model, ds, core, _ = frcnn_case
+    bad = tmp_path / "core_swapped.onnx"
+    swap_outputs(core.path, bad, "features_0", "features_1")
+    (tmp_path / core.stage2_path.name).write_bytes(core.stage2_path.read_bytes())
+    with pytest.raises(ExportMismatchError, match="features_0"):
+        verify_export(model, bad, ds, frames=2)
+
+
+def test_pytorch_runtime_reproduces_torchvision(ssd_case, frcnn_case):
+    """Our pre/post-processing equals torchvision's own forward on a frame of the input size."""
+    from deploy.runtimes import open_runtime
+
+    frame = make_frames(1, seed=5, hw=(320, 320))[0]
+    for model in (ssd_case[0], frcnn_case[0]):
+        with torch.no_grad():
+            ref = model([torch.from_numpy(frame).permute(2, 0, 1).float() / 255])[0]
+        with open_runtime(model) as rt:
+            got = rt.infer([frame])[0]
+        np.testing.assert_allclose(got.boxes, ref["boxes"].numpy(), atol=1e-3)
+        np.testing.assert_allclose(got.scores, ref["scores"].numpy(), atol=1e-5)
+        np.testing.assert_array_equal(got.labels, ref["labels"].numpy())
+
+
+def test_dynamic_batch(ssd_case):
+    from deploy.runtimes import open_runtime
+
+    _, _, core, _ = ssd_case
+    frames = make_frames(3, seed=7)
+    with open_runtime(core.path) as rt:
+        together = rt.infer(frames)
+        alone = [rt.infer([f])[0] for f in frames]
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_export_bad_inputs(tmp_path):
+    plain = torch.nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match="avprune_meta"):
+        export_onnx(plain, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="form"):
+        export_onnx(plain, tmp_path / "x.onnx", form="half")
+    with pytest.raises(FileNotFoundError):
+        export_onnx(tmp_path / "missing.pt", tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        read_onnx_meta(tmp_path / "junk.onnx")
