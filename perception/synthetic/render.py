@@ -28,7 +28,7 @@ class BoxRules:
 
     min_side: int = 6
     min_area: int = 48
-    min_visible: float = 0.15
+    min_visible: float = 0.3  # KITTI "moderate" keeps partly occluded objects, not mostly hidden ones
 
     def __post_init__(self) -> None:
         if self.min_side < 1 or self.min_area < 1:

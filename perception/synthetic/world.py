@@ -24,14 +24,14 @@ from perception.synthetic.scene import SIDEWALK_W, Building, Road, Tree, sample_
 # Depth window (m) in which each class is placed at t = 0 for a still image.
 _DEPTH: dict[str, tuple[float, float]] = {
     "vehicle": (4.0, 45.0),
-    "pedestrian": (4.0, 15.0),
+    "pedestrian": (4.0, 13.0),
     "cyclist": (4.0, 22.0),
-    "traffic_light": (7.0, 17.0),
-    "traffic_sign": (4.0, 17.0),
+    "traffic_light": (7.0, 15.0),
+    "traffic_sign": (4.0, 14.0),
 }
 # Still images thin out vehicles beyond this depth (keep probability exp(-(z - Z)/scale)), so that
 # distant traffic does not dominate the box count; drives keep every vehicle.
-_THIN_FROM_M, _THIN_SCALE_M = 14.0, 10.0
+_THIN_FROM_M, _THIN_SCALE_M = 16.0, 10.0
 VIEW_FAR_M = 60.0  # actors beyond this are not drawn (they would be < ~10 px)
 
 _CAR_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -84,7 +84,7 @@ def _vehicles(rng, road: Road, ego_v: float, duration: float, next_id) -> list[A
         z_from, z_to = _span(lo + (4.0 if is_ego else 0.0), hi, v - ego_v, duration)
         z = z_from + float(rng.uniform(0, 15))
         while z < z_to:
-            cls = str(rng.choice(["car", "truck", "bus"], p=[0.55, 0.25, 0.2]))
+            cls = str(rng.choice(["car", "truck", "bus"], p=[0.5, 0.27, 0.23]))
             w, h, length = DIMENSIONS[cls]
             if cls == "car":
                 color = color2 = _c(rng, _CAR_COLORS)
@@ -107,7 +107,7 @@ def _people(rng, road: Road, ego_v: float, duration: float, density: float, next
     out: list[Actor] = []
     for cls in ("pedestrian", "cyclist"):
         lo, hi = _DEPTH[cls]
-        n_mean = density * (1.0 if cls == "pedestrian" else 0.45)
+        n_mean = density * (1.0 if cls == "pedestrian" else 0.65)
         for side, edge in ((1, road.right_edge), (-1, road.left_edge)):
             for _ in range(int(rng.poisson(n_mean * (1.0 + ego_v * duration / (hi - lo))))):
                 if cls == "pedestrian":
@@ -132,7 +132,7 @@ def _people(rng, road: Road, ego_v: float, duration: float, density: float, next
 def _street_furniture(rng, road: Road, ego_v: float, duration: float, density: float, next_id) -> list[Actor]:
     """Traffic lights (on an overhead arm or a roadside post) and signs at the road edges."""
     out: list[Actor] = []
-    for cls, n_mean in (("traffic_light", 0.5), ("traffic_sign", 0.6)):
+    for cls, n_mean in (("traffic_light", 0.7), ("traffic_sign", 0.85)):
         lo, hi = _DEPTH[cls]
         z_from, z_to = _span(lo, hi, -ego_v, duration)
         for _ in range(int(rng.poisson(density * n_mean * (z_to - z_from) / (hi - lo)))):
