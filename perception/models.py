@@ -110,6 +110,7 @@ def build_detector(
     num_classes: int = DEFAULT_NUM_CLASSES,
     image_size: int | tuple[int, int] | None = None,
     sampling: FasterRCNNSampling | None = None,
+    ssd_anchor_scales: tuple[float, float] | None = None,
     checkpoint: str | Path | None = None,
     **kwargs: Any,
 ) -> nn.Module:
@@ -118,6 +119,9 @@ def build_detector(
     num_classes counts background (7 drive classes + background = 8). image_size is the
     model-input (height, width): SSD resizes to exactly that; the others keep aspect with
     min_size/max_size from it. ``sampling`` sets Faster R-CNN's training sampling.
+    ``ssd_anchor_scales=(min, max)`` sets SSD's default-box scales as fractions of the input
+    (torchvision's SSDlite uses (0.2, 0.95): its smallest boxes are 64 px at 320, too coarse for
+    distant objects; the box count per location, hence the head, is unchanged).
     """
     spec = detector_spec(name)
     if num_classes < 2:
@@ -131,14 +135,30 @@ def build_detector(
         kwargs.setdefault("min_size", min(h, w))
         kwargs.setdefault("max_size", max(h, w))
     model = spec.builder(num_classes=num_classes, **kwargs)
+    meta: dict[str, Any] = {"name": name, "num_classes": num_classes, "image_size": [h, w]}
     if spec.family == "ssd":
         model.transform.fixed_size = (h, w)
         model.transform.min_size = (min(h, w),)
         model.transform.max_size = max(h, w)
-    model.avprune_meta = {"name": name, "num_classes": num_classes, "image_size": [h, w]}  # type: ignore[attr-defined]
+        if ssd_anchor_scales is not None:
+            _set_ssd_anchor_scales(model, ssd_anchor_scales)
+            meta["ssd_anchor_scales"] = [float(v) for v in ssd_anchor_scales]
+    elif ssd_anchor_scales is not None:
+        raise ValueError(f"ssd_anchor_scales applies to SSD detectors only, not {name!r}")
+    model.avprune_meta = meta  # type: ignore[attr-defined]
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def _set_ssd_anchor_scales(model: nn.Module, scales: tuple[float, float]) -> None:
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+
+    lo, hi = (float(v) for v in scales)
+    if not 0.0 < lo < hi <= 1.0:
+        raise ValueError(f"ssd_anchor_scales must be (min, max) with 0 < min < max <= 1; got {scales!r}")
+    old = model.anchor_generator
+    model.anchor_generator = DefaultBoxGenerator(old.aspect_ratios, min_ratio=lo, max_ratio=hi)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -203,6 +223,7 @@ def load_detector(path: str | Path, **overrides: Any) -> nn.Module:
     kwargs: dict[str, Any] = {
         "num_classes": int(meta.get("num_classes", DEFAULT_NUM_CLASSES)),
         "image_size": tuple(meta["image_size"]) if meta.get("image_size") else None,
+        "ssd_anchor_scales": tuple(meta["ssd_anchor_scales"]) if meta.get("ssd_anchor_scales") else None,
         **overrides,  # e.g. a different image_size or Faster R-CNN sampling for fine-tuning
     }
     model = build_detector(meta["name"], **kwargs)

@@ -219,6 +219,7 @@ def train(
     eval_every: int | None = None,
     eval_every_s: float | None = None,
     time_limit_s: float | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` (a :class:`~perception.data.CocoDetectionDataset`).
 
@@ -228,6 +229,8 @@ def train(
     ``eval_every_s`` seconds of training (its time is not counted as training time) and its dict
     goes into the history. ``time_limit_s`` stops this call after that much training time and
     checkpoints. A NaN/inf loss raises :class:`NonFiniteLossError` and leaves ``last.pt`` as it was.
+    ``device`` moves the model and batches (CUDA RNG state is not checkpointed: resume is exact
+    on CPU only).
     """
     from tqdm import tqdm
 
@@ -245,7 +248,7 @@ def train(
             log.info("resuming %s at step %d", last_path, state["step"])
         else:
             log.warning("%s exists; starting over (resume=False) and overwriting it", last_path)
-    model.train()
+    model.train().to(device)
     optimizer = build_optimizer(model, settings)  # after a resize: it must see the resized parameters
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -284,6 +287,9 @@ def train(
                 break
             t0 = time.perf_counter()
             images, targets = next(batches)
+            if str(device) != "cpu":
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             lr = lr_at(step, base_lr=settings.lr, total_steps=settings.steps,
                        warmup_steps=settings.warmup_steps, min_lr_ratio=settings.min_lr_ratio)
             for group in optimizer.param_groups:
