@@ -37,6 +37,7 @@ class Criterion:
     """Base: stateless magnitude-like scoring; subclasses add state (EMA, hooks)."""
 
     name = "base"
+    needs_bn = False  # whether attach() needs the conv -> following-BatchNorm map
 
     def attach(self, layers: Mapping[str, nn.Module], bn_after: Mapping[str, tuple[str, nn.Module]]) -> None:
         """Called once with the scored layers and, per layer, the ``(name, BatchNorm)`` right after it."""
@@ -175,6 +176,7 @@ class Activation(Criterion):
     """
 
     name = "activation"
+    needs_bn = True
 
     def __init__(self, mode: str = "mean", momentum: float = 0.1, during_training: bool = True) -> None:
         if mode not in ("mean", "apoz"):
@@ -265,6 +267,7 @@ class BNScale(Criterion):
     """|γ| of the BatchNorm after each conv (Network Slimming)."""
 
     name = "bn_scale"
+    needs_bn = True
 
     def attach(self, layers: Mapping[str, nn.Module], bn_after: Mapping[str, tuple[str, nn.Module]]) -> None:
         missing = sorted(n for n in layers if n not in bn_after)

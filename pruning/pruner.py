@@ -135,8 +135,10 @@ class Pruner:
             log.info("%s pruning skips %d units: %s", granularity, len(self.skipped), self.skipped)
 
         self._add_masks(straight_through)
-        bn_after = find_following_bn(model, list(self.layers), example_inputs, forward_fn)
         self.criterion = build_criterion(importance, **dict(importance_kwargs or {}))
+        # Only BN-aware criteria need the conv -> BatchNorm map (it costs one forward pass).
+        needs_bn = self.criterion.needs_bn or (importance == "taylor" and granularity == "channel")
+        bn_after = find_following_bn(model, list(self.layers), example_inputs, forward_fn) if needs_bn else {}
         self.criterion.attach(self.layers, bn_after)
         self.controller.bind(self.units, self.config_at)
 
