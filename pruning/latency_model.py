@@ -259,8 +259,14 @@ def _trace_layers(
     if layer_names is not None:
         mods = {n: mods[n] for n in layer_names}
     shapes: dict[str, tuple[int, ...]] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: shapes.setdefault(n, tuple(a[0].shape)))
-               for n, m in mods.items()]
+
+    def record(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:  # returns None: inputs untouched
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in mods.items()]
     was_training = model.training
     model.eval()
     try:

@@ -1,0 +1,116 @@
+"""HALP-style latency table: interpolation, channel-config resolution, persistence, sensitivity scans."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pruning import LatencyTable, Pruner, build_controller, metric_drops, scan_layer, sensitivity_scan
+from pruning.latency_model import torch_measure_fn
+from tests.test_pruning_pruner import X, small_net
+
+
+def flops_ms(module: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """A deterministic 'runtime': latency proportional to MACs (bilinear in in/out channels)."""
+    if isinstance(module, nn.Linear):
+        return 1e-6 * input_shape[0] * module.in_features * module.out_features + 0.01
+    with torch.no_grad():
+        h, w = module(torch.zeros(input_shape)).shape[-2:]
+    k = module.kernel_size[0] * module.kernel_size[1]
+    return 1e-6 * input_shape[0] * module.in_channels // module.groups * module.out_channels * k * h * w + 0.01
+
+
+def _measure_plain(model: nn.Module) -> float:
+    """Sum of per-layer 'latencies' of a (physically pruned) model at its real shapes."""
+    shapes = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(X)
+    for h in hooks:
+        h.remove()
+    return sum(flops_ms(model.get_submodule(n), s) for n, s in shapes.items())
+
+
+def test_prediction_matches_physically_pruned_model() -> None:
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="cpu-test")
+    full = _measure_plain(model)
+    assert table.calibrate(full + 2.0) == pytest.approx(2.0)  # overhead = measured - sum of layers
+    assert table.predict({}) == pytest.approx(full + 2.0)
+    pruner = Pruner(model, granularity="channel", example_inputs=X, controller=build_controller("fixed", sparsity=0.6))
+    pruner.step()
+    config = pruner.channel_config()
+    predicted = table.predict(config)
+    # The same prediction from explicit (in, out) pairs: input channels were inferred correctly.
+    assert table.predict(pruner.layer_channels()) == pytest.approx(predicted)
+    plain = pruner.finalize()
+    assert predicted == pytest.approx(_measure_plain(plain) + 2.0, rel=1e-6)
+    assert predicted - 2.0 < 0.8 * full  # the pruned layers are predicted cheaper
+
+
+def test_bilinear_interpolation_between_grid_points() -> None:
+    conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
+    table = LatencyTable.measure(conv, torch.randn(1, 16, 8, 8), flops_ms, runtime="synthetic", device="cpu-test",
+                                 fractions=(0.5, 1.0))
+    spec = table.layers["0"]
+    assert spec.grid_in == (8, 16) and spec.grid_out == (16, 32)
+    assert len(table.entries) == 4  # only grid points were measured
+    for cin, cout in [(12, 24), (10, 20), (16, 16)]:
+        exact = flops_ms(nn.Conv2d(cin, cout, 3, padding=1), (1, cin, 8, 8))
+        assert table.layer_latency("0", cin, cout) == pytest.approx(exact, rel=1e-6)
+
+
+def test_save_load_round_trip_and_tags(tmp_path) -> None:
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="onnxruntime-cpu", device="test-box",
+                                 model_latency_ms=5.0)
+    path = table.save(tmp_path / "table.json")
+    assert json.loads(path.read_text())["runtime"] == "onnxruntime-cpu"
+    loaded = LatencyTable.load(path, runtime="onnxruntime-cpu", device="test-box")
+    cfg = {"stem.0": 16, "expand.0": 32}
+    assert loaded.predict(cfg) == pytest.approx(table.predict(cfg))
+    assert loaded.layers == table.layers
+    with pytest.raises(ValueError, match="measured on runtime='onnxruntime-cpu', not 'tensorrt'"):
+        LatencyTable.load(path, runtime="tensorrt")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an avprune latency table"):
+        LatencyTable.load(tmp_path / "bad.json")
+
+
+def test_torch_measure_fn_times_a_layer() -> None:
+    ms = torch_measure_fn(repeats=3, warmup=1)(nn.Conv2d(8, 8, 3), (1, 8, 16, 16))
+    assert ms > 0
+
+
+def test_sensitivity_scan_one_layer_and_all_layers_leave_model_untouched() -> None:
+    model = small_net()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        y_ref = model(X)
+
+    def evaluate(m: nn.Module) -> float:  # higher is better: agreement with the dense model
+        with torch.no_grad():
+            return -float((m(X) - y_ref).pow(2).mean())
+
+    curve = scan_layer(model, "tail.0", evaluate, (0.0, 0.5, 0.75), granularity="channel", example_inputs=X)
+    assert [s for s, _ in curve] == [0.0, 0.5, 0.75]
+    assert curve[0][1] == pytest.approx(0.0, abs=1e-10)
+    assert curve[1][1] < 0 and curve[2][1] <= curve[1][1]
+    profile = sensitivity_scan(model, evaluate, (0.0, 0.5), granularity="channel", example_inputs=X)
+    assert len(profile) >= 3 and all(len(c) == 2 for c in profile.values())
+    drops = metric_drops(profile)
+    assert all(d[0] == (0.0, 0.0) and d[1][1] >= 0 for d in drops.values())
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
