@@ -70,7 +70,8 @@ def ray_session(
     else:
         cpus = num_cpus or len(os.sched_getaffinity(0))
         log.info("starting a local Ray instance with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, object_store_memory=object_store_memory, **kwargs)
+        # address="local": always a fresh instance, never a cluster another process left running.
+        ray.init(address="local", num_cpus=cpus, object_store_memory=object_store_memory, **kwargs)
     try:
         yield _info(started_here=True)
     finally:

@@ -7,7 +7,12 @@ checkpoint: they test plumbing (Ray, Tune, fault tolerance, artifacts), not accu
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,21 +62,6 @@ def _write_coco(root: Path, n_train: int = 16, n_val: int = 8, seed: int = 0) ->
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory) -> dict[str, Path]:
-    """The COCO folder and an untrained dense SSDlite checkpoint at 128x128, shared by the module."""
-    from perception.models import build_detector, save_checkpoint
-
-    base = tmp_path_factory.mktemp("assets")
-    coco = _write_coco(base / "coco")
-    ckpt = base / "dense.pt"
-    import torch
-
-    torch.manual_seed(0)
-    save_checkpoint(ckpt, build_detector("ssdlite320_mobilenet_v3_large", image_size=128))
-    return {"coco": coco, "ckpt": ckpt, "base": base}
-
-
 def tiny_job(assets: dict[str, Path], out: Path, **changes) -> dict:
     """The tiny example job pointed at the module's assets, with dotted-key changes."""
     data = yaml.safe_load((ROOT / "avprune/config/examples/prune_tiny.yaml").read_text())
@@ -79,6 +69,10 @@ def tiny_job(assets: dict[str, Path], out: Path, **changes) -> dict:
     data["data"] = {"source": "coco", "root": str(assets["coco"]), "val_images": 6}
     data["output_dir"] = str(out)
     data["cache_dir"] = str(assets["base"] / "cache")
+    # A loose budget and the cubic ramp: every candidate prunes and is feasible whatever the
+    # (noisy, shared-machine) latency; the infeasible test below drives the budget controller.
+    data["budget"].update({"speedup": None, "latency_ms": 1000.0})
+    data["pruning"]["controller"] = "cubic"
     for dotted, value in changes.items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -162,3 +156,207 @@ def test_choose_infeasible_reports_best_tradeoff_and_nearest_budget():
 def test_pareto_front_drops_dominated_points():
     pts = [Point(5, 0.4), Point(3, 0.2), Point(4, 0.5), Point(6, 0.45), Point(2, 0.1)]
     assert [(p.latency_ms, p.map) for p in pareto_front(pts)] == [(2, 0.1), (3, 0.2), (4, 0.5)]
+
+
+# ----------------------------------------------------------------------------- real tiny jobs
+
+
+def _quiet_head(model) -> None:
+    """Bias SSD's class logits towards background: an untrained head then emits few boxes,
+    which keeps NMS (and so every evaluation and latency measurement) cheap in these tests."""
+    import torch
+
+    for conv in model.head.classification_head.module_list:
+        last = [m for m in conv.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.bias.view(-1, 8)[:, 0] = 8.0
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    import torch
+
+    from perception.models import build_detector, save_checkpoint
+
+    base = tmp_path_factory.mktemp("assets")
+    coco = _write_coco(base / "coco")
+    torch.manual_seed(0)
+    model = build_detector("ssdlite320_mobilenet_v3_large", image_size=128)
+    _quiet_head(model)
+    save_checkpoint(base / "dense.pt", model)
+    return {"coco": coco, "ckpt": base / "dense.pt", "base": base}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from pruning.distributed import ray_session
+
+    with ray_session(None, num_cpus=2, object_store_memory=128 * 1024**2) as info:
+        yield info
+
+
+def _kill_first_trial_worker(out: Path, killed: list[int], stop: list[bool]) -> None:
+    """Background thread: SIGKILL the first trial worker once it has started fine-tuning."""
+    from avprune.prune_job.search import pid_files
+
+    deadline = time.monotonic() + 240
+    while not stop and time.monotonic() < deadline:
+        pids = pid_files(out)
+        if "c0" in pids and (out / "search" / "trials" / "c0" / "train" / "last.pt").exists():
+            os.kill(pids["c0"], signal.SIGKILL)
+            killed.append(pids["c0"])
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, ray_local, tmp_path_factory) -> dict:
+    """The tiny job run in-process on the module's local Ray, with one trial worker SIGKILLed
+    mid fine-tune; later tests compare their selection with this uninterrupted run's."""
+    import threading
+
+    from avprune.prune_job import run_prune_job
+
+    out = tmp_path_factory.mktemp("reference") / "job"
+    cfg = PruneJobConfig.model_validate(tiny_job(assets, out))
+    killed: list[int] = []
+    stop: list[bool] = []
+    killer = threading.Thread(target=_kill_first_trial_worker, args=(out, killed, stop), daemon=True)
+    killer.start()
+    try:
+        result = run_prune_job(cfg, out_dir=out, progress=False)
+    finally:
+        stop.append(True)
+        killer.join()
+    return {"result": result, "out": out, "killed": killed}
+
+
+def test_tiny_job_local_ray_survives_a_killed_trial_worker(reference):
+    result, out = reference["result"], reference["out"]
+    assert reference["killed"], "the trial worker was never killed (the retry was not exercised)"
+    assert result.candidate_id in {"c0", "c1"}
+    for path in (result.checkpoint, result.onnx, result.report_json, result.report_html, out / "latency_table.json"):
+        assert path.is_file(), path
+    assert StageStore(out).finished() == ["baseline", "latency_table", "sensitivity", "search", "select", "finalize"]
+    report = json.loads(result.report_json.read_text())
+    c0 = next(c for c in report["candidates"] if c["candidate_id"] == "c0")
+    assert c0["status"] == "done" and c0["history"], c0  # retried after the kill, and finished
+    assert {c["importance"] for c in report["candidates"]} == {"magnitude", "bn_scale"}
+    assert report["layers"] and report["sensitivity"]["layers"]
+    html = result.report_html.read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "<script src" not in html and "Pareto" in html
+    assert result.pruned.params < result.dense.params  # the finalized model is physically smaller
+    assert result.pruned.gmacs < result.dense.gmacs
+    from perception.models import load_detector
+
+    pruned = load_detector(result.checkpoint)
+    assert sum(p.numel() for p in pruned.parameters()) == result.pruned.params
+
+
+def _cli(job: Path, *args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "avprune", "prune", str(job), "--no-progress", *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **kw)
+
+
+def test_driver_killed_then_resume_selects_the_same_candidate(assets, reference, tmp_path):
+    """SIGKILL the whole driver (and its local Ray) once sensitivity is recorded; --resume finishes."""
+    out = tmp_path / "job"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_job(assets, out)))
+    proc = _cli(job)
+    deadline = time.monotonic() + 240
+    while not (out / "stages" / "sensitivity.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "sensitivity stage never finished"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = StageStore(out).finished()
+    assert "search" not in done_before and "baseline" in done_before
+    mtimes = {n: (out / "stages" / f"{n}.json").stat().st_mtime for n in done_before}
+
+    again = _cli(job, "--resume")
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert {n: (out / "stages" / f"{n}.json").stat().st_mtime for n in done_before} == mtimes  # not redone
+    selected = json.loads((out / "stages" / "select.json").read_text())["result"]["candidate_id"]
+    assert f"candidate {selected}" in stdout
+    # Same config (the output folder is not part of it): the uninterrupted job's choice.
+    assert selected == reference["result"].candidate_id
+
+    # Resuming a finished job redoes nothing and reports the same candidate.
+    third = _cli(job, "--resume")
+    stdout3, _ = third.communicate(timeout=120)
+    assert third.returncode == 0 and f"candidate {selected}" in stdout3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+    """A real `ray start --head` on 127.0.0.1 (auth off for this throwaway cluster), stopped after.
+
+    Its own short RAY_TMPDIR (Unix socket paths are capped at 107 bytes) keeps it apart from
+    any other Ray on the machine. It is stopped by the pids of its own processes (those that
+    carry that RAY_TMPDIR), not with `ray stop`, which would end every Ray of this user.
+    """
+    import shutil
+    import tempfile
+
+    ray_bin = Path(PY).with_name("ray")
+    port = _free_port()
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmp}
+    start = subprocess.run(
+        [str(ray_bin), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+         "--include-dashboard=false", "--object-store-memory", str(128 * 1024**2), "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert start.returncode == 0, start.stderr
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        _stop_cluster(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop_cluster(ray_tmpdir: str) -> None:
+    """Terminate (then kill) the processes of the cluster that uses ``ray_tmpdir``."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            mine = ray_tmpdir in " ".join(p.info["cmdline"] or []) or (p.info["environ"] or {}).get("RAY_TMPDIR") == ray_tmpdir
+        except (psutil.Error, TypeError):
+            continue
+        if mine and p.pid != os.getpid():
+            procs.append(p)
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
+
+
+def test_address_runs_on_an_existing_cluster_and_infeasible_budget_exits_2(assets, tmp_path, ray_cluster):
+    """`--address` connects to a running cluster; an impossible budget ends with exit code 2."""
+    address, env = ray_cluster
+    out = tmp_path / "job"
+    job = tmp_path / "job.yaml"
+    data = tiny_job(assets, out, **{"budget.latency_ms": 0.01, "pruning.controller": "budget", "search.candidates": 1})
+    job.write_text(yaml.safe_dump(data))
+    proc = _cli(job, "--address", address, env=env)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    assert "infeasible budget" in stderr and "best trade-off reached" in stderr and "nearest feasible budget" in stderr
+    assert "latency_ms >=" in stderr  # the fastest point that keeps the floor
+    assert StageStore(out).finished()[-1] == "search"  # stopped at selection, nothing finalized
+    assert not (out / "pruned.pt").exists()
+    # The job ran on the cluster: Tune's trial worker was one of the cluster's processes.
+    assert (out / "search" / "trials" / "c0" / "pruned.pt").is_file()

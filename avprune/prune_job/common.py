@@ -97,11 +97,37 @@ def load_dense(config: PruneJobConfig) -> Any:
     return load_detector(config.model.checkpoint, image_size=tuple(config.budget.input_size))
 
 
+def build_architecture(config: PruneJobConfig) -> Any:
+    """An untrained dense detector of the job's architecture (weights come from a state dict)."""
+    from perception.models import build_detector
+
+    return build_detector(config.model.name, num_classes=config.model.num_classes,
+                          image_size=tuple(config.budget.input_size))
+
+
 def load_model(path: str | Path, config: PruneJobConfig) -> Any:
     """A (possibly channel-pruned) detector checkpoint at the budget's input size."""
     from perception.models import load_detector
 
     return load_detector(path, image_size=tuple(config.budget.input_size))
+
+
+def layer_filter(model: Any, importance: str, config: PruneJobConfig) -> Any:
+    """Which layers a candidate prunes: the detector default (never the class/box output convs);
+    for ``bn_scale`` only layers a BatchNorm follows (its score is that BatchNorm's |gamma|, so
+    SSDlite's squeeze-excitation convs, which have none, stay out)."""
+    import torch
+
+    from pruning.filters import detector_core_forward, detector_default_filter
+    from pruning.groups import find_following_bn
+
+    default = detector_default_filter(model)
+    if importance != "bn_scale":
+        return default
+    h, w = config.budget.input_size
+    layers = [n for n, m in model.named_modules() if default(n, m)]
+    with_bn = set(find_following_bn(model, layers, torch.zeros(1, 3, h, w), detector_core_forward))
+    return lambda name, module: default(name, module) and name in with_bn
 
 
 def evaluate_map(model: Any, val: Any, *, max_images: int | None = None) -> dict[str, float]:
@@ -135,8 +161,6 @@ def size_of(model: Any, config: PruneJobConfig) -> dict[str, float]:
 
 def measure_latency(model: Any, config: PruneJobConfig, frames: list[Any], work_dir: Path) -> Latency:
     """End-to-end latency of ``model`` on the budget's runtime, device and thread count."""
-    from deploy.timing import measure_latency as measure
-
     from deploy.runtimes import open_runtime
 
     b = config.budget
@@ -145,9 +169,39 @@ def measure_latency(model: Any, config: PruneJobConfig, frames: list[Any], work_
         target: Any = model
     else:
         target = export_core(model, work_dir / "latency_probe.onnx")
-    with open_runtime(target, backend=b.runtime, device=b.device, threads=b.threads) as rt:
-        s = measure(rt, frames, warmup=3, iters=b.measure_iters)
+    import torch
+
+    # Pre/post-processing run in torch: give them the budget's threads too, as deployed.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(b.threads)
+    try:
+        with open_runtime(target, backend=b.runtime, device=b.device, threads=b.threads) as rt:
+            try:
+                from deploy.timing import measure_latency as measure
+            except ImportError:  # deploy.timing not available yet: time rt.infer the same way
+                measure = _time_infer
+            s = measure(rt, frames, warmup=3, iters=b.measure_iters)
+    finally:
+        torch.set_num_threads(torch_threads)
     return Latency(p50_ms=float(s.p50_ms), p99_ms=float(s.p99_ms), mean_ms=float(s.mean_ms), n=int(s.n))
+
+
+def _time_infer(rt: Any, frames: list[Any], *, warmup: int, iters: int) -> Latency:
+    """End-to-end ``rt.infer`` wall time per call, warm-up excluded, nearest-rank percentiles."""
+    import time
+
+    import numpy as np
+
+    for _ in range(warmup):
+        rt.infer(frames)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        rt.infer(frames)
+        times.append((time.perf_counter() - t0) * 1e3)
+    ts = np.sort(np.asarray(times))
+    rank = lambda q: float(ts[max(0, int(np.ceil(q / 100 * len(ts))) - 1)])  # noqa: E731
+    return Latency(p50_ms=rank(50), p99_ms=rank(99), mean_ms=float(ts.mean()), n=len(ts))
 
 
 def export_core(model: Any, path: Path) -> Path:

@@ -86,6 +86,11 @@ class JobProgress:
             self._progress.update(self._tasks[f"trial:{trial_id}"], completed=completed)
 
 
+def _f(v: Any, spec: str = ".3f") -> str:
+    """Format a reported metric that may be missing (None) or NaN."""
+    return "-" if v is None else format(v, spec)
+
+
 def tune_callback(progress: JobProgress, total_steps: int) -> Any:
     """A Ray Tune callback that mirrors each trial's reports onto its live line (driver side)."""
     from ray.tune import Callback
@@ -95,10 +100,10 @@ def tune_callback(progress: JobProgress, total_steps: int) -> Any:
             name = str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
             progress.trial(
                 name,
-                f"step {result.get('step', 0):>4}  mAP {result.get('map', float('nan')):.3f}  "
-                f"pred {result.get('latency_pred_ms', float('nan')):.2f} ms  "
-                f"meas {result.get('latency_ms', float('nan')):.2f} ms  sparsity {result.get('sparsity', 0.0):.2f}",
-                completed=result.get("step", 0),
+                f"step {_f(result.get('step'), '>4')}  mAP {_f(result.get('map'))}  "
+                f"pred {_f(result.get('latency_pred_ms'), '.2f')} ms  "
+                f"meas {_f(result.get('latency_ms'), '.2f')} ms  sparsity {_f(result.get('sparsity'), '.2f')}",
+                completed=result.get("step") or 0,
                 total=total_steps,
             )
 
@@ -109,12 +114,12 @@ def tune_callback(progress: JobProgress, total_steps: int) -> Any:
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
             name = str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
             last = trial.last_result or {}
-            stopped = last.get("step", total_steps) < total_steps
+            stopped = not last.get("done")
             progress.trial(
                 name,
                 f"[{'yellow' if stopped else 'green'}]{'stopped early (ASHA)' if stopped else 'done'}[/]  "
-                f"mAP {last.get('map', float('nan')):.3f}  meas {last.get('latency_ms', float('nan')):.2f} ms",
-                completed=last.get("step", 0),
+                f"mAP {_f(last.get('map'))}  meas {_f(last.get('latency_ms'), '.2f')} ms",
+                completed=last.get("step") or 0,
                 total=total_steps,
             )
 
