@@ -66,12 +66,24 @@ def _open_engine(path: Path, *, backend: str | None, device: str, threads: int |
     if backend is not None and backend != doc["backend"]:
         raise ValueError(f"{path} is a {doc['backend']} engine, not {backend}")
     if doc["backend"] == "tensorrt":
+        from deploy.engine.tensorrt_builder import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            dev = doc["device"]
+            raise ValueError(
+                f"{path} is a TensorRT engine built for {dev.get('name')} (compute capability "
+                f"{dev.get('compute_capability')}); it cannot run here: {why}. Open the source ONNX with "
+                "ONNX Runtime, or rebuild the engine on this machine with avprune build-engine"
+            )
         from deploy.runtimes.tensorrt import TensorRTRuntime
 
         return TensorRTRuntime(path, doc=doc)
     from deploy.runtimes.ort import OrtRuntime
 
-    if doc["device"]["kind"] == "cpu":
-        check_device(doc, cpu_device(), path)
+    # the ORT engine was optimised for a provider: an engine built for CUDA is refused on CPU and back
+    here = cpu_device() if device == "cpu" else {"kind": "cuda", "name": device, "compute_capability": None}
+    if doc["device"]["kind"] != here["kind"]:
+        check_device(doc, here, path)
     onnx_doc = {"meta": doc["model_meta"], "form": doc["export"]["form"], **({"stage2": doc["stage2"]} if doc.get("stage2") else {})}
     return OrtRuntime(path, device=device, threads=threads, doc=onnx_doc, precision=doc["precision"])
