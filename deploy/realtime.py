@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -344,7 +344,3 @@ def _run_realtime_drop(arrivals: _Arrivals, worker: _Worker, emit) -> None:
                              arrival_ns=stale.arrival_ns - arrivals.t0, status=DROPPED))
         chosen = waiting[-1]
         emit(worker.process(chosen.packet, chosen.arrival_ns, arrivals.t0))
-
-
-def frames_in(records: Iterable[FrameRecord], status: str) -> int:
-    return sum(1 for r in records if r.status == status)

@@ -66,9 +66,9 @@ class FailRule:
     def violation(self, stats: LatencyStats) -> str | None:
         """Why ``stats`` break this rule, or None when they hold."""
         if self.metric == "miss-rate":
-            assert self.threshold is not None
-            if stats.miss_ratio > self.threshold:
-                return f"miss rate {stats.miss_ratio:.2%} > {self.threshold:.2%}"
+            limit = self.threshold or 0.0
+            if stats.miss_ratio > limit:
+                return f"miss rate {stats.miss_ratio:.2%} > {limit:.2%}"
             return None
         value = stats.value(self.metric)
         if value is None:
@@ -155,7 +155,7 @@ class SampleFrame:
     detections: tuple[Detections, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
     """Everything a run produced: the JSON report, sample frames, and the raw runs per model/stream."""
 

@@ -50,7 +50,9 @@ def register(sub) -> None:
                         "or repeated (default p99)")
     p.add_argument("--report", metavar="DIR", help="write DIR/report.json and DIR/report.html")
     p.add_argument("--video-out", metavar="FILE.mp4", help="write the stream(s) with detections drawn")
-    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the runtime")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="intra-op threads of the runtime; set it as on the target (a large idle thread pool can "
+                        "stall on wake-up between frames in realtime mode)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--max-frames", type=int, metavar="N", help="read at most N frames per stream (warm-up included)")
     p.add_argument("--fps", type=float, metavar="F", help="frame rate of plain image folders (no timestamps.txt)")
@@ -126,8 +128,8 @@ def _print_table(report: dict, out) -> None:
     cfg = report["config"]
     table = Table(title=f"budget {cfg['budget_ms']:g} ms · {cfg['mode']} · {cfg['drop_policy']} · "
                         f"fail on {', '.join(cfg['fail_on'])}")
-    for col in ("model", "stream"):
-        table.add_column(col, overflow="fold")
+    table.add_column("model", overflow="fold")
+    table.add_column("stream", no_wrap=True)
     for col in ("frames", "dropped", "late", "miss %", "p50 ms", "p99 ms", "max ms", "FPS"):
         table.add_column(col, justify="right")
     table.add_column("verdict")
@@ -152,10 +154,15 @@ def _print_table(report: dict, out) -> None:
         out.print(f"[red bold]FAIL[/red bold] {report['models'][0]['label']}: " + "; ".join(v["reasons"]))
 
 
-def _stream_label(report: dict, si: int, width: int = 40) -> str:
+def _stream_label(report: dict, si: int, width: int = 36) -> str:
+    """``#1 drive.mcap:/camera/front/image/compressed``, shortened inside the topic when too long."""
     s = report["streams"][si]
-    name = Path(s["path"]).name + (f":{s['topic']}" if s.get("topic") else "")
-    return f"#{si} " + (name if len(name) <= width else "…" + name[-(width - 1):])
+    name, topic = Path(s["path"]).name, s.get("topic") or ""
+    label = f"{name}:{topic}" if topic else name
+    if len(label) > width and topic:
+        keep = max(width - len(name) - 2, 8)
+        label = f"{name}:…{topic[-keep:]}"
+    return f"#{si} {label}"
 
 
 def _write_videos(args: argparse.Namespace, outcome, config) -> None:
