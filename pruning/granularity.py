@@ -56,14 +56,23 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _rank_cut(norm: torch.Tensor, n_prune: int) -> tuple[torch.Tensor, float]:
-    """Mask the ``n_prune`` lowest entries (rank-exact); return (keep mask, threshold)."""
+    """Mask exactly the ``n_prune`` lowest entries; return (keep mask, threshold).
+
+    ``kthvalue`` finds the cut in O(n) (a full sort or a large top-k is much slower on the
+    million-weight layers of a detector); entries tied at the cut are kept in index order until
+    exactly ``n_prune`` are masked, so all-zero weights still give the requested sparsity.
+    """
     flat = norm.reshape(-1)
     keep = torch.ones_like(flat)
     if n_prune <= 0:
         return keep.view_as(norm), 0.0
-    idx = torch.topk(flat, n_prune, largest=False, sorted=False).indices
-    keep[idx] = 0.0
-    return keep.view_as(norm), float(flat[idx].max())
+    thr = flat.kthvalue(n_prune).values
+    keep = (flat > thr).to(flat.dtype)
+    surplus = int((keep == 0).sum()) - n_prune  # > 0 when several entries tie at the cut
+    if surplus > 0:
+        tied = torch.nonzero(flat == thr).flatten()
+        keep[tied[:surplus]] = 1.0
+    return keep.view_as(norm), float(thr)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> MaskResult:

@@ -161,6 +161,8 @@ class Pruner:
     # ------------------------------------------------------------------ training-loop hooks
     def step(self) -> None:
         """Call after ``optimizer.step()``: advance the controller, update masks every ``update_every`` steps."""
+        if getattr(self, "finalized", False):
+            raise ValueError("this pruner was finalized: its model has no masks left to update")
         self.step_count += 1
         self.controller.step()
         self.criterion.observe()

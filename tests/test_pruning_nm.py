@@ -93,3 +93,13 @@ def test_pruner_nm_skips_and_reports_ineligible_layers_then_finalize_squashes() 
     with torch.no_grad():
         assert torch.allclose(plain(x), y_masked, atol=1e-6)
 
+
+
+def test_unstructured_cut_is_exact_with_ties() -> None:
+    from pruning.granularity import unstructured_mask
+
+    scores = torch.zeros(10, 10)
+    scores[0, :5] = 1.0  # 95 tied zeros
+    res = unstructured_mask(scores, 0.5)
+    assert int((res.mask == 0).sum()) == 50 and res.sparsity == 0.5
+    assert torch.all(res.mask[0, :5] == 1)
