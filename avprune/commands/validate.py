@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    logging.getLogger("matplotlib").setLevel(max(logging.WARNING, logging.getLogger().level))  # font-cache chatter
     out, err = Console(), Console(stderr=True)
     if not out.is_terminal:  # CI logs: rich would wrap the table at 80 columns
         out = Console(width=140)
