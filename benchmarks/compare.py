@@ -52,23 +52,24 @@ class CompareConfig:
 
     detector: str = "ssdlite320_mobilenet_v3_large"
     image_size: int = 320
-    images: int = 600  # synthetic images (80% train)
+    images: int = 400  # synthetic images (80% train, 20% val)
     frame_size: tuple[int, int] = (640, 384)  # synthetic frames (W, H), resized to the model input
-    pretrain_steps: int = 500  # dense steps before the shared starting checkpoint
-    steps: int = 150  # fine-tuning steps every method spends
+    pretrain_steps: int = 250  # dense steps before the shared starting checkpoint (unless --checkpoint)
+    steps: int = 80  # fine-tuning steps every method spends
     batch_size: int = 8
     lr: float = 1e-3
     seeds: tuple[int, ...] = (0, 1)
-    speedup: float = 2.0  # latency target = dense p50 / speedup
+    speedup: float = 2.0  # latency target = dense p50 / speedup (clamped to what ratio 0.8 reaches)
     map_drop_floor: float = 0.02  # mAP floor of the feedback controller = base mAP - this
-    probe_images: int = 48  # val subset for trajectory points and controller feedback
-    probe_every: int = 50
-    measure_every: int = 30  # avprune's budget controller: steps between measured latency + mAP
+    probe_images: int = 32  # val subset for trajectory points; train subset for controller feedback
+    probe_every: int = 40
+    measure_every: int = 20  # avprune's budget controller: steps between measured latency + mAP
     val_images: int | None = None  # final rows: None = the full validation split
-    quick_iters: int = 20  # latency iterations of a trajectory / bisection measurement
-    bisect_iters: int = 6  # bisection steps on the global channel ratio (setup and slimming)
+    quick_iters: int = 15  # latency iterations of a trajectory / bisection measurement
+    bisect_iters: int = 5  # bisection steps on the global channel ratio (setup and slimming)
     final_rounds: int = 10  # final pass: rounds of round-robin over all models
     final_iters: int = 10  # frames per model per round
+    checkpoint: str | None = None  # a trained dense checkpoint to start from instead of pretraining
     methods: tuple[str, ...] = ()
 
     def fingerprint(self) -> dict[str, Any]:
@@ -169,7 +170,9 @@ def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
         return setup
     base = work / "base.pt"
     t0 = time.perf_counter()
-    if not base.is_file():
+    if cfg.checkpoint is not None:
+        save_checkpoint(base, load_detector(cfg.checkpoint))  # our own copy: the work dir is self-contained
+    elif not base.is_file():
         torch.manual_seed(0)
         model = build_detector(cfg.detector, image_size=cfg.image_size)
         settings = TrainSettings(steps=cfg.pretrain_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=0)
@@ -352,6 +355,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, Path, bool
     p.add_argument("--steps", type=int, help="fine-tuning steps per method")
     p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(list_methods())}")
     p.add_argument("--resume", action="store_true", help="keep finished cells of a previous run (default: start over)")
+    p.add_argument("--checkpoint", help="trained dense checkpoint to start every method from (skips pretraining)")
     p.add_argument("--work", type=Path, help="work dir (default runs/compare or runs/compare-quick)")
     a = p.parse_args(argv)
     cfg = QUICK if a.quick else CompareConfig()
@@ -361,6 +365,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, Path, bool
     if a.steps is not None:
         kw["steps"] = a.steps
         kw["probe_every"] = max(1, min(cfg.probe_every, a.steps))
+    if a.checkpoint:
+        kw["checkpoint"] = str(Path(a.checkpoint).resolve())
     if a.methods:
         kw["methods"] = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     work = a.work or Path("runs/compare-quick" if a.quick else "runs/compare")

@@ -30,6 +30,7 @@ from benchmarks.compare_methods import (
     finetune,
     load_base,
     register,
+    start_point,
 )
 
 log = logging.getLogger(__name__)
@@ -47,28 +48,65 @@ def _table(ctx: MethodContext) -> Any:
     return LatencyTable.load(ctx.latency_table)
 
 
+def bn_followed_filter(model: nn.Module, example_inputs: Any) -> Any:
+    """The detector default filter restricted to layers a BatchNorm follows directly.
+
+    ``bn_scale`` (network slimming's criterion) refuses layers without a BatchNorm after them
+    (MobileNetV3's squeeze-excitation convs, the head's plain convs); they stay unpruned, which
+    also freezes every channel group they belong to. That cost is part of what the row measures.
+    """
+    from pruning.filters import detector_core_forward, detector_default_filter
+    from pruning.groups import find_following_bn
+
+    base = detector_default_filter(model)
+    names = [n for n, m in model.named_modules() if base(n, m)]
+    with_bn = set(find_following_bn(model, names, example_inputs, detector_core_forward))
+    return lambda name, module: base(name, module) and name in with_bn
+
+
 def _pruner(model: nn.Module, ctx: MethodContext, importance: str, controller: Any, table: Any) -> Any:
     from pruning import Pruner
 
+    layer_filter = bn_followed_filter(model, ctx.example_inputs) if importance == "bn_scale" else None
     return Pruner(
         model,
         importance=importance,
         granularity="channel",
         controller=controller,
         example_inputs=ctx.example_inputs,
+        layer_filter=layer_filter,
         update_every=UPDATE_EVERY,
         round_to=8,
         predict_latency=table.predict,
     )
 
 
+def _own_parametrized_classes(model: nn.Module) -> None:
+    """Give every parametrized module of a deep copy its own class.
+
+    ``torch.nn.utils.parametrize`` puts each parametrized tensor as a property on a per-module
+    class (``ParametrizedConv2d``); ``deepcopy`` shares that class between original and copy,
+    and ``remove_parametrizations`` deletes the property from the class, so finalizing a copy
+    would strip ``weight`` from the original still in training.
+    """
+    from torch.nn.utils import parametrize
+
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            cls = type(m)
+            body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
 def finalized_copy(pruner: Any) -> nn.Module:
     """The pruner's current masked model made physically small, leaving the pruner training on."""
-    return copy.deepcopy(pruner).finalize().eval()
+    clone = copy.deepcopy(pruner)
+    _own_parametrized_classes(clone.model)
+    return clone.finalize().eval()
 
 
 def _run(ctx: MethodContext, pruner: Any, model: nn.Module, extra: dict[str, Any]) -> MethodOutput:
-    traj: list[TrajectoryPoint] = [ctx.probe(finalized_copy(pruner), 0)]
+    traj: list[TrajectoryPoint] = start_point(ctx, lambda: finalized_copy(pruner))
     traj += finetune(model, ctx, steps=ctx.steps, snapshot=lambda: finalized_copy(pruner), hooks=(pruner,))
     history = [
         {"step": r.step, "predicted_ms": r.predicted_latency_ms,
@@ -131,6 +169,7 @@ def cubic_final_sparsity(pruner: Any, table: Any, target_ms: float, measure_ms: 
 
     first = solve(1.0)
     probe = copy.deepcopy(pruner)
+    _own_parametrized_classes(probe.model)
     probe.controller = build_controller("fixed", sparsity=first)
     probe.controller.bind(probe.units, probe.config_at)
     probe.update()

@@ -55,7 +55,7 @@ class MethodContext:
     channel_ratio: float  # Torch-Pruning global ratio measured to hit the target (setup bisection)
     measure_ms: Callable[[nn.Module], float]  # quick latency of a plain model on the target runtime
     probe: Callable[[nn.Module, int], TrajectoryPoint]  # latency + mAP on the probe subset
-    probe_every: int  # steps between trajectory points
+    probe_every: int  # steps between trajectory points (0: no probes at all, for tests)
     map_of: Callable[[nn.Module], float]  # mAP on a train subset (feedback controllers; never val)
     map_floor: float  # absolute mAP floor a feedback controller defends
     example_inputs: torch.Tensor  # [1, 3, H, W] at the model's input size
@@ -215,7 +215,7 @@ def finetune(
 
     def probe_hook(sc: Any) -> None:
         done = step_offset + sc.step + 1  # steps completed so far, counted over the whole method
-        if done % ctx.probe_every == 0 and done < ctx.steps:
+        if ctx.probe_every and done % ctx.probe_every == 0 and done < ctx.steps:
             points.append(ctx.probe(snapshot(), done))
 
     settings = TrainSettings(
@@ -231,6 +231,11 @@ def finetune(
     return points
 
 
+def start_point(ctx: MethodContext, snapshot: Callable[[], nn.Module], step: int = 0) -> list[TrajectoryPoint]:
+    """A probe outside the training loop (after a one-shot prune, say); none when probes are off."""
+    return [ctx.probe(snapshot(), step)] if ctx.probe_every else []
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A detached deep copy in eval mode, safe to export while training goes on."""
     return copy.deepcopy(model).eval()
@@ -242,7 +247,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
 def run_dense(ctx: MethodContext) -> MethodOutput:
     """The unpruned detector trained for the same number of steps as every pruning method."""
     model = load_base(ctx)
-    traj = [ctx.probe(plain_copy(model), 0)]
+    traj = start_point(ctx, lambda: plain_copy(model))
     traj += finetune(model, ctx, steps=ctx.steps, snapshot=lambda: plain_copy(model))
     return MethodOutput(model.eval(), traj)
 
@@ -255,7 +260,7 @@ def run_tp_magnitude(ctx: MethodContext) -> MethodOutput:
     """
     model = load_base(ctx)
     tp_channel_prune(model, ctx.channel_ratio, ctx.example_inputs)
-    traj = [ctx.probe(plain_copy(model), 0)]
+    traj = start_point(ctx, lambda: plain_copy(model))
     traj += finetune(model, ctx, steps=ctx.steps, snapshot=lambda: plain_copy(model))
     return MethodOutput(model.eval(), traj, {"ratio": ctx.channel_ratio})
 
@@ -299,7 +304,7 @@ def run_slimming(ctx: MethodContext) -> MethodOutput:
 
     model = load_base(ctx)
     penalty_steps = int(round(SLIM_PENALTY_FRACTION * ctx.steps))
-    traj = [ctx.probe(plain_copy(model), 0)]
+    traj = start_point(ctx, lambda: plain_copy(model))
     hook = slimming_hook(model, SLIM_LAMBDA, skip=set())
     traj += finetune(model, ctx, steps=penalty_steps, snapshot=lambda: plain_copy(model), hooks=(hook,))
 
@@ -309,7 +314,7 @@ def run_slimming(ctx: MethodContext) -> MethodOutput:
     ratio, _ = bisect_ratio(pruned_copy, ctx.measure_ms, ctx.latency_target_ms, iters=ctx.bisect_iters)
     zeroed = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     tp_channel_prune(model, ratio, ctx.example_inputs, tp.importance.BNScaleImportance())
-    traj.append(ctx.probe(plain_copy(model), penalty_steps))
+    traj += start_point(ctx, lambda: plain_copy(model), penalty_steps)
     traj += finetune(
         model, ctx, steps=ctx.steps - penalty_steps, snapshot=lambda: plain_copy(model), step_offset=penalty_steps
     )
@@ -347,7 +352,7 @@ def run_unstructured(ctx: MethodContext) -> MethodOutput:
         snap.load_state_dict(state)
         return snap.eval()
 
-    traj = [ctx.probe(snapshot(), 0)]
+    traj = start_point(ctx, snapshot)
     traj += finetune(model, ctx, steps=ctx.steps, snapshot=snapshot)
     for m in convs:
         prune.remove(m, "weight")
