@@ -89,6 +89,9 @@ class BudgetSpec(StrictModel):
     map_floor: float | None = Field(None, ge=0, le=1, description="absolute COCO mAP@[.5:.95]")
     max_map_drop: float | None = Field(None, ge=0, le=1, description="alternative: dense mAP - floor")
     measure_iters: int = Field(30, ge=5)
+    end_to_end: bool = Field(
+        True, description="time pre-processing + model + decoding/NMS per batch (False: the model graph only)"
+    )
 
     @field_validator("input_size")
     @classmethod

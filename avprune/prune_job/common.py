@@ -178,29 +178,35 @@ def measure_latency(model: Any, config: PruneJobConfig, frames: list[Any], work_
         with open_runtime(target, backend=b.runtime, device=b.device, threads=b.threads) as rt:
             try:
                 from deploy.timing import measure_latency as measure
-            except ImportError:  # deploy.timing not available yet: time rt.infer the same way
-                measure = _time_infer
-            s = measure(rt, frames, warmup=3, iters=b.measure_iters)
+            except ImportError:  # deploy.timing not available yet: time the runtime the same way
+                measure = _time_runtime
+            s = measure(rt, frames, warmup=3, iters=b.measure_iters, end_to_end=b.end_to_end)
     finally:
         torch.set_num_threads(torch_threads)
     return Latency(p50_ms=float(s.p50_ms), p99_ms=float(s.p99_ms), mean_ms=float(s.mean_ms), n=int(s.n))
 
 
-def _time_infer(rt: Any, frames: list[Any], *, warmup: int, iters: int) -> Latency:
-    """End-to-end ``rt.infer`` wall time per call, warm-up excluded, nearest-rank percentiles."""
+def _time_runtime(rt: Any, frames: list[Any], *, warmup: int, iters: int, end_to_end: bool = True) -> Latency:
+    """Wall time per call of ``rt.infer`` (or of ``rt.run`` alone on a prepared batch when not
+    ``end_to_end``), warm-up excluded, nearest-rank percentiles."""
     import time
 
     import numpy as np
 
+    prepared = rt.preprocess(frames)
+    call = (lambda: rt.infer(frames)) if end_to_end else (lambda: rt.run(prepared))
     for _ in range(warmup):
-        rt.infer(frames)
+        call()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        rt.infer(frames)
+        call()
         times.append((time.perf_counter() - t0) * 1e3)
     ts = np.sort(np.asarray(times))
-    rank = lambda q: float(ts[max(0, int(np.ceil(q / 100 * len(ts))) - 1)])  # noqa: E731
+
+    def rank(q: float) -> float:
+        return float(ts[max(0, int(np.ceil(q / 100 * len(ts))) - 1)])
+
     return Latency(p50_ms=rank(50), p99_ms=rank(99), mean_ms=float(ts.mean()), n=len(ts))
 
 

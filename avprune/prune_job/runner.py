@@ -9,6 +9,7 @@ without a record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -108,6 +109,7 @@ class PruneJobResult:
     report_json: Path
     report_html: Path
     stage_wall_s: dict[str, float]
+    peak_rss_mb: float = float("nan")  # driver + local Ray processes together, this run
 
 
 def run_prune_job(
@@ -124,16 +126,19 @@ def run_prune_job(
     Raises :class:`~avprune.prune_job.errors.InfeasibleBudgetError` when no candidate meets both
     the latency budget and the mAP floor. ``stages`` replaces the default stages (tests).
     """
+    from avprune.prune_job.memory import PeakRSS
     from pruning.distributed import ray_session
 
     out = Path(out_dir) if out_dir is not None else config.output_dir
     store = StageStore(out)
     store.open(fingerprint=config.fingerprint(), config=config.model_dump(mode="json"), resume=resume)
     stage_list = list(stages) if stages is not None else default_stages()
-    with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
-        log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
-        results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog)
-    return summarize(out, results, {name: store.wall_s(name) for name, _ in stage_list})
+    with PeakRSS() as mem:
+        with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
+            log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
+            results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog)
+    result = summarize(out, results, {name: store.wall_s(name) for name, _ in stage_list})
+    return dataclasses.replace(result, peak_rss_mb=mem.peak_bytes / 2**20)
 
 
 def _worker_env(config: PruneJobConfig) -> dict[str, Any]:

@@ -42,24 +42,24 @@ def largest_units(cfg: Any, max_layers: int) -> list[str]:
 def scan_layer_task(job: dict[str, Any], layer: str, sparsities: Sequence[float], importance: str,
                     dense_map: float) -> dict[str, Any]:
     """Ray task: the sensitivity curve of one unit (dicts in and out)."""
+    import torch
+
     from avprune.config.prune import PruneJobConfig
     from perception.data import subset
-    from pruning.controllers import build_controller
+    from pruning.sensitivity import scan_layer
 
     cfg = PruneJobConfig.model_validate(job)
     common.set_worker_threads(cfg)
     _, val = common.datasets(cfg)
     val = subset(val, cfg.sensitivity.eval_images, seed=cfg.seed)
     model = common.load_dense(cfg)
-    controller = build_controller("fixed", sparsity={layer: 0.0}, default=0.0)
-    pruner = _pruner(model, cfg, importance, controller)
-    curve = []
-    for s in sparsities:
-        controller.per_unit[layer] = float(s)  # only this unit is pruned; the rest stay dense
-        rec = pruner.update()
-        m = common.evaluate_map(model, val)["map"]
-        curve.append({"sparsity": float(s), "applied": rec.layers[layer].sparsity, "map": m, "drop": dense_map - m})
-    return {"layer": layer, "curve": curve}
+    h, w = cfg.budget.input_size
+    curve = scan_layer(
+        model, layer, lambda m: common.evaluate_map(m, val)["map"], list(sparsities),
+        importance=importance, granularity=cfg.pruning.granularity, example_inputs=torch.zeros(1, 3, h, w),
+        round_to=cfg.pruning.round_to, layer_filter=common.layer_filter(model, importance, cfg),
+    )
+    return {"layer": layer, "curve": [{"sparsity": s, "map": m, "drop": dense_map - m} for s, m in curve]}
 
 
 def scan(cfg: Any, layers: Sequence[str], dense_map: float, *, on_result: Any = None) -> dict[str, Any]:

@@ -1,0 +1,228 @@
+"""Benchmark: the prune job on the default detector, against a dense model trained as long.
+
+    python -m benchmarks.prune_job            # the real run (a quiet 2-core machine, ~15 minutes)
+    python -m benchmarks.prune_job --quick    # a smoke run of the plumbing (a few minutes)
+
+1. The dense SSDlite320 checkpoint of ``benchmarks.train_default`` (``_work/train_default/model.pt``,
+   or ``_work/train_default_quick`` with ``--quick``), trained here when missing.
+2. The prune job (``avprune/config/examples/prune_default.yaml`` pointed at that checkpoint and the
+   same synthetic data, ``speedup`` raised to the target) through a local Ray instance; peak RSS of
+   the driver and all Ray processes together is sampled.
+3. A *dense-long* baseline: the dense checkpoint fine-tuned for the same number of steps as a
+   candidate, without pruning (an under-trained dense model flatters pruning).
+4. Side by side in one run: ONNX Runtime (CPU, 2 threads) end-to-end latency per frame of dense
+   and pruned, interleaved rounds, and their mAP on the same val images.
+5. The sensitivity stage with 1 vs 2 Ray workers (same layers, same scan).
+
+Targets: pruned >= 2.5x faster than dense at <= 0.5 mAP-point drop vs dense-long; sensitivity
+with 2 workers >= 1.7x faster than with 1. Results go to RESULTS.md (section ``prune_job``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks._results import ASSETS, machine_line, write_section
+from perception.io import atomic_write_json
+
+log = logging.getLogger("benchmarks.prune_job")
+
+WORK = Path(__file__).with_name("_work")
+EXAMPLE = Path(__file__).resolve().parents[1] / "avprune" / "config" / "examples" / "prune_default.yaml"
+TARGET_SPEEDUP, MAX_DROP_POINTS, TARGET_SENS_SPEEDUP = 2.5, 0.5, 1.7
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _data(quick: bool, seed: int) -> Path:
+    """The synthetic COCO folder the train benchmark used (synthesised when missing)."""
+    out = WORK / ("synth_quick" if quick else "synth")
+    if (out / "coco" / "annotations" / "instances_val.json").is_file():
+        return out / "coco"
+    from perception.synthetic.generate import generate_dataset
+
+    generate_dataset(out, images=120 if quick else 600, drives=0, seed=seed)
+    return out / "coco"
+
+
+def _dense_checkpoint(quick: bool, coco: Path, seed: int) -> Path:
+    """The train benchmark's checkpoint, or a fresh one trained with the default recipe."""
+    path = WORK / ("train_default_quick" if quick else "train_default") / "model.pt"
+    if path.is_file():
+        return path
+    from perception.data import load_split
+    from perception.models import build_detector
+    from perception.train import default_train_settings, train
+
+    log.info("no dense checkpoint at %s: training one", path)
+    settings = default_train_settings(1.0 if quick else 8.0, seed=seed, num_threads=2)
+    train(build_detector("ssdlite320_mobilenet_v3_large"), load_split(coco, "train"), settings,
+          out_dir=path.parent, progress=True)
+    return path
+
+
+def _job(quick: bool, ckpt: Path, coco: Path, out: Path, cache: Path) -> Any:
+    from avprune.config.prune import PruneJobConfig
+
+    d = yaml.safe_load(EXAMPLE.read_text())
+    d["model"]["checkpoint"] = str(ckpt)
+    d["data"] = {"source": "coco", "root": str(coco), "val_images": 24 if quick else 96}
+    d["budget"]["speedup"] = TARGET_SPEEDUP
+    d["budget"]["max_map_drop"] = MAX_DROP_POINTS / 100
+    d["output_dir"], d["cache_dir"] = str(out), str(cache)
+    if quick:
+        d["finetune"].update(steps=12, measure_every=6, batch_size=4)
+        d["sensitivity"].update(max_layers=2, sparsities=[0.5], eval_images=8)
+        d["budget"]["measure_iters"] = 10
+    else:
+        d["finetune"].update(steps=400, measure_every=50)
+    return PruneJobConfig.model_validate(d)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _dense_long(cfg: Any, out: Path) -> Path:
+    """The dense checkpoint fine-tuned for as many steps as a candidate, without pruning."""
+    from avprune.prune_job import common
+    from perception.train import TrainSettings, train
+
+    ft = cfg.finetune
+    train_ds, _ = common.datasets(cfg)
+    settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
+                             warmup_steps=0, checkpoint_every=max(ft.steps, 1), seed=cfg.seed, num_threads=2)
+    res = train(common.load_dense(cfg), train_ds, settings, out_dir=out, progress=False)
+    return Path(res.model_path)
+
+
+def _side_by_side(cfg: Any, models: dict[str, Path], work: Path, rounds: int) -> dict[str, dict[str, float]]:
+    """mAP on the job's val images and ORT end-to-end latency, rounds interleaved across models."""
+    from avprune.prune_job import common
+    from deploy.runtimes import open_runtime
+
+    _, val = common.datasets(cfg)
+    frames = [val.load_image(i) for i in range(min(8, len(val)))]
+    out: dict[str, dict[str, Any]] = {}
+    runtimes = {}
+    for name, ckpt in models.items():
+        model = common.load_model(ckpt, cfg)
+        out[name] = {**common.evaluate_map(model, val), **common.size_of(model, cfg), "samples": []}
+        runtimes[name] = open_runtime(common.export_core(model, work / f"{name}.onnx"), threads=cfg.budget.threads)
+    import torch
+
+    torch.set_num_threads(cfg.budget.threads)
+    try:
+        for rt in runtimes.values():
+            for f in frames[:3]:
+                rt.infer([f])  # warm-up
+        for _ in range(rounds):  # interleaved: drift on a shared machine hits every model alike
+            for name, rt in runtimes.items():
+                for f in frames:
+                    t0 = time.perf_counter()
+                    rt.infer([f])
+                    out[name]["samples"].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        for rt in runtimes.values():
+            rt.__exit__(None, None, None)
+    for rec in out.values():
+        s = sorted(rec.pop("samples"))
+        rec["p50_ms"], rec["p99_ms"] = statistics.median(s), s[min(len(s) - 1, int(0.99 * len(s)))]
+    return out
+
+
+def _sensitivity_scaling(cfg: Any) -> dict[str, float]:
+    """Wall time of the same sensitivity scan with 1 and 2 Ray workers (a fresh instance each)."""
+    from avprune.prune_job import sensitivity
+    from pruning.distributed import ray_session
+
+    layers = sensitivity.largest_units(cfg, max(2, cfg.sensitivity.max_layers))
+    dense = sensitivity.dense_map_on_subset(cfg)
+    times = {}
+    for workers in (1, 2):
+        with ray_session(None, num_cpus=workers, runtime_env={"env_vars": {"AVPRUNE_TORCH_THREADS": "1",
+                                                                          "OMP_NUM_THREADS": "1"}}):
+            t0 = time.perf_counter()
+            sensitivity.scan(cfg, layers, dense)
+            times[workers] = time.perf_counter() - t0
+    return {"layers": len(layers), "one_worker_s": times[1], "two_workers_s": times[2], "speedup": times[1] / times[2]}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny fine-tune, 2 sensitivity layers")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from avprune.prune_job import InfeasibleBudgetError, run_prune_job
+
+    tag = "prune_job_quick" if args.quick else "prune_job"
+    work = WORK / tag
+    coco = _data(args.quick, args.seed)
+    ckpt = _dense_checkpoint(args.quick, coco, args.seed)
+    cfg = _job(args.quick, ckpt, coco, work / "job", WORK / "cache")
+    t0 = time.perf_counter()
+    infeasible = None
+    try:
+        result = run_prune_job(cfg, out_dir=work / "job", resume=True, progress=True)
+    except InfeasibleBudgetError as e:  # still a result worth reporting
+        result, infeasible = None, str(e)
+    job_s = time.perf_counter() - t0
+    sens = _sensitivity_scaling(cfg)
+    table: dict[str, Any] = {}
+    if result is not None:
+        dense_long = _dense_long(cfg, work / "dense_long")
+        table = _side_by_side(cfg, {"dense": ckpt, "dense_long": dense_long, "pruned": result.checkpoint},
+                              work, rounds=3 if args.quick else 10)
+    md = _markdown(args.quick, cfg, result, infeasible, job_s, table, sens)
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(ASSETS / f"{tag}.json", {
+        "quick": args.quick, "job_wall_s": job_s, "stage_wall_s": result.stage_wall_s if result else None,
+        "peak_rss_mb": result.peak_rss_mb if result else None, "side_by_side": table, "sensitivity": sens,
+        "infeasible": infeasible, "config": cfg.model_dump(mode="json"),
+    })
+    write_section("prune_job", md)
+    print(md)
+    return 0
+
+
+def _markdown(quick: bool, cfg: Any, result: Any, infeasible: str | None, job_s: float,
+              table: dict[str, Any], sens: dict[str, float]) -> str:
+    lines = [f"## prune_job{' (--quick smoke run: not a measurement)' if quick else ''}", "", machine_line(), ""]
+    lines.append(f"Prune job on SSDlite320 ({cfg.budget.input_size[0]}x{cfg.budget.input_size[1]}), budget "
+                 f"{TARGET_SPEEDUP}x lower ONNX Runtime latency (CPU, {cfg.budget.threads} threads) at <= "
+                 f"{MAX_DROP_POINTS} mAP-point drop; {cfg.search.candidates} candidates x {cfg.finetune.steps} "
+                 f"fine-tune steps. Job wall time {job_s:.0f} s.")
+    if infeasible:
+        lines += ["", f"**Infeasible**: {infeasible}"]
+    if result is not None:
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_wall_s.items())
+        lines += ["", f"Stages: {stages}. Peak RSS, driver + all Ray processes: **{result.peak_rss_mb / 1024:.2f} GiB**.",
+                  f"Selected candidate: {result.candidate_id}.", "",
+                  "| model | mAP | AP50 | p50 ms/frame | p99 ms/frame | params (M) | GMACs |", "|---|---|---|---|---|---|---|"]
+        for name, r in table.items():
+            lines.append(f"| {name} | {r['map']:.3f} | {r['map50']:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                         f"{r['params'] / 1e6:.2f} | {r['gmacs']:.3f} |")
+        speedup = table["dense"]["p50_ms"] / table["pruned"]["p50_ms"]
+        drop = 100 * (table["dense_long"]["map"] - table["pruned"]["map"])
+        ok = speedup >= TARGET_SPEEDUP and drop <= MAX_DROP_POINTS
+        lines += ["", f"End-to-end speed-up (p50, side by side): **{speedup:.2f}x** (target >= {TARGET_SPEEDUP}x); "
+                      f"mAP drop vs dense trained as long: **{drop:.2f} points** (target <= {MAX_DROP_POINTS}): "
+                      f"{'met' if ok else 'NOT met'}."]
+    lines += ["", f"Sensitivity stage ({sens['layers']} layers): 1 Ray worker {sens['one_worker_s']:.1f} s, "
+                  f"2 workers {sens['two_workers_s']:.1f} s: **{sens['speedup']:.2f}x** (target >= {TARGET_SENS_SPEEDUP}x)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
