@@ -109,34 +109,35 @@ def run(n_configs: int, fractions: tuple[float, ...], layer_repeats: int, model_
                 m.running_var.uniform_(0.5, 2.0)
     shape = (1, 3, SIZE, SIZE)
     x = torch.randn(shape)
-    dense_sess = _session(Core(det), shape, threads)
-    dense_ms = time_round_robin([dense_sess], model_rounds)[0]
     t0 = time.perf_counter()
     table = LatencyTable.measure(Core(det), x, ort_measure_fn(threads, layer_repeats), runtime="onnxruntime-cpu",
-                                 device=machine_line(), fractions=fractions, model_latency_ms=dense_ms)
+                                 device=machine_line(), fractions=fractions)
     table_s = time.perf_counter() - t0
-    log.info("table: %d layers, %d entries, %.0f s; overhead %.2f ms of dense %.2f ms",
-             len(table.layers), len(table.entries), table_s, table.overhead_ms, dense_ms)
+    log.info("table: %d layers, %d entries, %.0f s", len(table.layers), len(table.entries), table_s)
 
     probe = Pruner(copy.deepcopy(det), granularity="channel", example_inputs=x, controller=FixedController(0.0))
     coupling = Coupling(groups=probe.groups, skipped=probe.skipped)
     rng = random.Random(seed)
-    configs, sessions = [], []
+    configs, channel_configs, sessions = [], [], [_session(Core(det), shape, threads)]
     for i in range(n_configs):
         model = copy.deepcopy(det)
         ctrl = FixedController({u: rng.uniform(0.0, 0.75) for u in probe.units})
         pruner = Pruner(model, granularity="channel", example_inputs=x, controller=ctrl, coupling=coupling)
         pruner.update()
-        # Core-prefixed names: the table was measured on Core(det), whose modules are backbone.* / head.*.
-        predicted = table.predict(pruner.channel_config())
+        # Core(det) keeps the detector's module names (backbone.*, head.*), so configs line up.
+        channel_configs.append(pruner.channel_config())
         plain = pruner.finalize()
         sessions.append(_session(Core(plain), shape, threads))
         params = sum(p.numel() for p in Core(plain).parameters())
-        configs.append({"config": i, "masked_fraction": pruner.masked_fraction(), "params_m": params / 1e6,
-                        "predicted_ms": predicted})
-        log.info("config %d: predicted %.2f ms", i, predicted)
+        configs.append({"config": i, "masked_fraction": pruner.masked_fraction(), "params_m": params / 1e6})
+    # Dense and pruned cores are timed in the same round robin; the dense time calibrates the
+    # constant overhead, so calibration and ground truth share one load window.
     measured = time_round_robin(sessions, model_rounds)
-    for c, m in zip(configs, measured, strict=True):
+    dense_ms = measured[0]
+    table.calibrate(dense_ms)
+    log.info("overhead %.2f ms of dense %.2f ms", table.overhead_ms, dense_ms)
+    for c, cfg, m in zip(configs, channel_configs, measured[1:], strict=True):
+        c["predicted_ms"] = table.predict(cfg)
         c["measured_ms"] = m
         c["error_pct"] = 100.0 * (c["predicted_ms"] - m) / m
     mae = statistics.fmean(abs(c["error_pct"]) for c in configs)

@@ -114,3 +114,19 @@ def test_sensitivity_scan_one_layer_and_all_layers_leave_model_untouched() -> No
     assert all(d[0] == (0.0, 0.0) and d[1][1] >= 0 for d in drops.values())
     for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
+
+
+def test_budget_controller_drives_pruner_to_predicted_latency_budget() -> None:
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="cpu-test")
+    dense = table.predict({})
+    budget = 0.6 * dense
+    ctrl = build_controller("budget", latency_budget_ms=budget, map_floor=0.0, predict_latency=table.predict,
+                            measure=None, measure_every=10, max_rate=0.05)
+    pruner = Pruner(model, granularity="channel", example_inputs=X, controller=ctrl, round_to=1)
+    for _ in range(60):
+        pruner.step()
+    achieved = table.predict(pruner.channel_config())
+    assert abs(achieved - budget) / budget <= 0.05
+    assert pruner.history[-1].predicted_latency_ms == pytest.approx(achieved)
+    assert not ctrl.infeasible and 0.0 < ctrl.u < 0.9
