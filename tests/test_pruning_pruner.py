@@ -263,3 +263,17 @@ def test_pruned_channel_regrows_when_importance_rises() -> None:
         stored(model.tail[0])[idx] = 100.0
     pruner.update()
     assert pruner.mask_of("tail.0")[idx] == 1
+
+
+def test_activation_apoz_mode_scores_fraction_of_positive_activations() -> None:
+    model = small_net()
+    pruner = Pruner(model, importance="activation", granularity="channel", example_inputs=X,
+                    importance_kwargs={"mode": "apoz"}, controller=build_controller("fixed", sparsity=0.5))
+    assert pruner.observe_activations([X, torch.randn(2, 3, 32, 32)]) == 2
+    stats = pruner.criterion.out_stats["expand.0"]  # measured after expand's BatchNorm
+    assert stats.shape == (64,) and torch.all((stats >= 0) & (stats <= 1))
+    pruner.update()
+    assert pruner.masked_fraction() > 0.2
+    with pytest.raises(ValueError, match="activation mode must be 'mean' or 'apoz'"):
+        Pruner(small_net(), importance="activation", granularity="unstructured",
+               importance_kwargs={"mode": "max"}, controller=build_controller("fixed", sparsity=0.5))
