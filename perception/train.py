@@ -343,13 +343,26 @@ def train(
 # ----------------------------------------------------------------------------- recipe
 
 
-#: Measured for the default detector (SSDlite320, 8 classes, batch 8) on 2 CPU cores.
-NOMINAL_SECONDS_PER_STEP = 0.8
+#: The default detector of the recipe (``build_detector(**DEFAULT_DETECTOR)``): SSDlite320 with
+#: smaller default boxes, because most synthetic objects are under 32x32 px at the model input.
+DEFAULT_DETECTOR: dict[str, Any] = {
+    "name": "ssdlite320_mobilenet_v3_large",
+    "num_classes": 8,
+    "image_size": (320, 320),
+    "ssd_anchor_scales": (0.06, 0.9),
+}
+
+#: Measured for the default detector (SSDlite320, 8 classes, batch 8) on 2 idle CPU cores.
+NOMINAL_SECONDS_PER_STEP = 0.84
 
 
 def default_train_settings(minutes: float, *, seconds_per_step: float | None = None, **overrides: Any) -> TrainSettings:
     """The default from-scratch recipe for SSDlite320 sized to ``minutes`` of training.
 
+    Chosen by a step-matched search (570 steps = 8 min at 0.84 s/step on 2 cores; synthetic
+    data, 1600 train / 400 val images): AdamW 2e-3 without augmentation reached val mAP 0.52 /
+    AP50 0.83; with flip + photometric jitter 0.43 / 0.72 (augmentation pays off only in longer
+    runs), SGD 0.03 0.19 / 0.37, AdamW 4e-3 0.41 / 0.70, torchvision's anchor scales 0.37 / 0.62.
     The cosine schedule needs the step count up front, so the minutes are turned into steps
     with ``seconds_per_step`` (measure it with :func:`measure_seconds_per_step` on the machine
     at hand; the nominal figure is for 2 CPU cores). Pair it with ``time_limit_s`` as a guard.
@@ -368,7 +381,7 @@ def default_train_settings(minutes: float, *, seconds_per_step: float | None = N
         "min_lr_ratio": 0.02,
         "checkpoint_every": max(50, steps // 10),
         "max_grad_norm": 10.0,
-        "augment": True,
+        "augment": False,  # see above: minutes-long runs converge faster on the raw frames
     }
     return TrainSettings(**{**base, **overrides})
 

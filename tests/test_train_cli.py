@@ -30,10 +30,11 @@ def _config(tmp_path: Path, **edits) -> Path:
 
 
 def test_example_config_is_valid_and_matches_library_defaults() -> None:
-    from perception.train import default_train_settings
+    from perception.train import DEFAULT_DETECTOR, default_train_settings
 
     cfg = load_config(EXAMPLE, TrainConfig)
-    assert cfg.model.name == "ssdlite320_mobilenet_v3_large" and cfg.model.num_classes == 8
+    for key, value in DEFAULT_DETECTOR.items():
+        assert getattr(cfg.model, key) == value, key
     recipe = default_train_settings(8)
     for field in ("batch_size", "optimizer", "lr", "weight_decay", "min_lr_ratio", "augment"):
         assert getattr(cfg.settings(), field) == getattr(recipe, field), field
