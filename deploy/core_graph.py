@@ -80,6 +80,8 @@ class ModelMeta:
     feature_sizes: tuple[tuple[int, int], ...]  # (h, w) of each backbone level at image_size
     feature_keys: tuple[str, ...]
     post_params: dict[str, Any] = field(default_factory=dict)
+    # the detector's avprune_meta minus its name: rebuilds the same anchors/coders (e.g. ssd_anchor_scales)
+    build_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def core_output_names(self) -> tuple[str, ...]:
         if self.family == "faster_rcnn":
@@ -150,6 +152,7 @@ def model_meta(model: nn.Module) -> ModelMeta:
         feature_sizes=tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feats.values()),
         feature_keys=tuple(str(k) for k in feats),
         post_params=post,
+        build_kwargs={k: v for k, v in meta.items() if k != "name"},
     )
 
 
@@ -270,7 +273,9 @@ class Postprocessor:
     def from_meta(meta: ModelMeta) -> Postprocessor:
         from perception.models import build_detector
 
-        skeleton = build_detector(meta.name, num_classes=meta.num_classes, image_size=meta.image_size).eval()
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.build_kwargs.items()}
+        kwargs.update(num_classes=meta.num_classes, image_size=meta.image_size)
+        skeleton = build_detector(meta.name, **kwargs).eval()
         return Postprocessor(skeleton, meta)
 
     def anchors(self, n: int) -> list[Tensor]:

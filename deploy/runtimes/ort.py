@@ -24,6 +24,9 @@ def make_session(path: str | Path, *, device: str = "cpu", threads: int | None =
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    # ORT's worker threads spin after each run by default; our post-processing (torch) runs right
+    # after the session and would then fight those spinning threads for the same cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
