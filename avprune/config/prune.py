@@ -1,7 +1,9 @@
 """The prune job file (`avprune prune JOB.yaml`), validated once at the edge.
 
 Every path is checked here, before anything is written: a job that cannot start leaves no
-output folder behind. Paths are taken relative to the current directory.
+output folder behind. Relative paths are resolved against the current directory once, here, so
+Ray workers (which run elsewhere) see the same files; on a multi-node cluster they must be on a
+shared file system, as Ray Tune's storage already requires.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class ModelSpec(StrictModel):
     def _exists(cls, v: Path) -> Path:
         if not v.is_file():
             raise ValueError(f"checkpoint file not found: {v} (train one with `avprune train`)")
-        return v
+        return v.resolve()
 
 
 class DataSpec(StrictModel):
@@ -52,6 +54,11 @@ class DataSpec(StrictModel):
     seed: int = 0
     train_images: int | None = Field(None, ge=2, description="fine-tune subset size (None: all)")
     val_images: int = Field(32, ge=1, description="images scored at every mAP evaluation")
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()
 
     @model_validator(mode="after")
     def _root(self) -> DataSpec:
@@ -196,6 +203,11 @@ class PruneJobConfig(StrictModel):
     output_dir: Path = Path("runs/prune")
     cache_dir: Path = Field(Path.home() / ".cache" / "avprune", description="latency tables, per runtime+device")
     seed: int = 0
+
+    @field_validator("output_dir", "cache_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
 
     @model_validator(mode="after")
     def _cross(self) -> PruneJobConfig:

@@ -15,9 +15,11 @@ killed and the job resumed) continues from its last training checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,21 @@ def _controller(cfg: Any, cand: dict[str, Any], base: dict[str, Any], table: Any
     profile = {layer: [(c["sparsity"], c["drop"]) for c in rec["curve"]] for layer, rec in base["sensitivity"].items()}
     return build_controller("layer_adaptive", profile=profile, max_drop=max(0.0, base["dense_map"] - base["map_floor"]),
                             end_step=ramp_steps, max_sparsity=p.max_sparsity)
+
+
+@contextlib.contextmanager
+def _measure_lock(path: Path) -> Iterator[None]:
+    """One latency measurement at a time across trials (on one node): trials that measured
+    concurrently would each time the other's load. Training elsewhere still competes, which is
+    why selection re-measures every finished candidate alone."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def finalized_copy(pruner: Any, fresh_model: Any) -> Any:
@@ -140,7 +157,8 @@ def trial(params: dict[str, Any]) -> None:
     def measure() -> tuple[float, float]:
         pruner = holder["pruner"]
         small = finalized_copy(pruner, common.build_architecture(cfg))
-        lat = common.measure_latency(small, cfg, frames, work)
+        with _measure_lock(work.parent / "measure.lock"):
+            lat = common.measure_latency(small, cfg, frames, work)
         metrics = common.evaluate_map(pruner.model, val)
         last.update(step=pruner.step_count, latency=lat, metrics=metrics)
         return lat.p50_ms, metrics["map"]
@@ -167,7 +185,8 @@ def trial(params: dict[str, Any]) -> None:
     small = pruner.finalize()
     save_checkpoint(work / "pruned.pt", small, extra={"candidate": cand})
     atomic_write_json(work / "pruning.json", records)
-    lat = common.measure_latency(small, cfg, frames, work)
+    with _measure_lock(work.parent / "measure.lock"):
+        lat = common.measure_latency(small, cfg, frames, work)
     metrics = common.evaluate_map(small, val)
     last.update(step=ft.steps, latency=lat, metrics=metrics)
     from ray import tune
