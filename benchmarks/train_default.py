@@ -74,6 +74,13 @@ def _curve_png(points: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _rel(path: Path | None) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except (TypeError, ValueError):
+        return str(path)
+
+
 def _f(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if "eval" in h:
             points.append({"minutes": h["time_s"] / 60, "step": h["step"], "map": h["eval"]["map"],
                            "map50": h["eval"]["map50"]})
+    if points[-1]["step"] == result.steps_done:  # evaluated at the last step already: keep the final one
+        points.pop()
     points.append({"minutes": result.train_time_s / 60, "step": result.steps_done, "map": final.map,
                    "map50": final.map50})
 
@@ -189,7 +198,7 @@ Val set statistics:
 {stats_md}
 {f'{chr(10)}Sample val frames with their boxes: [contact sheet](results/{Path(sheet).name})' if sheet else ''}
 
-Raw numbers: [results/{name}.json](results/{name}.json). Checkpoint: `{result.model_path}`.
+Raw numbers: [results/{name}.json](results/{name}.json). Checkpoint: `{_rel(result.model_path)}`.
 """
     write_section("train_default", md)  # a --quick run marks itself in the heading
     log.info("AP50 %.3f mAP %.3f after %.1f min (%s)", final.map50, final.map, result.train_time_s / 60,

@@ -123,6 +123,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     ``target`` holds ``boxes`` (float[N,4] xyxy pixels), ``labels`` (int64[N], COCO category
     ids) and ``image_id``. ``train=True`` adds the training augmentation of
     :mod:`perception.transforms`. Crowd annotations are kept for evaluation but not trained on.
+    ``validate=False`` skips the per-image file check (slow on network file systems); the
+    record checks of :func:`read_coco_json` always run.
     """
 
     def __init__(
@@ -132,22 +134,18 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         *,
         train: bool = False,
         validate: bool = True,
-        _data: dict[str, Any] | None = None,
-        _image_ids: Sequence[int] | None = None,
     ) -> None:
         self.images_dir = Path(images_dir)
         self.ann_file = Path(ann_file)
         if not self.images_dir.is_dir():
             raise NotADirectoryError(f"images folder not found: {self.images_dir}")
-        if _data is None:
-            _data = read_coco_json(self.ann_file, self.images_dir if validate else None)
-        self._data = _data
-        self.coco = _silent_coco(_data)
+        # validate=False still checks the records, only not that every image file exists
+        self.coco = _silent_coco(read_coco_json(self.ann_file, self.images_dir if validate else None))
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
         self.category_ids: list[int] = [c["id"] for c in cats]
         self.categories: list[str] = [c["name"] for c in cats]
         self.category_names: dict[int, str] = {c["id"]: c["name"] for c in cats}
-        self.image_ids: list[int] = list(_image_ids) if _image_ids is not None else sorted(self.coco.getImgIds())
+        self.image_ids: list[int] = sorted(self.coco.getImgIds())
         self.train = train
         self._transform: Callable | None = None
 
