@@ -18,13 +18,11 @@ One command, one model, one data set, one budget. Stages, each resumable from ``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,30 +123,6 @@ def _data(cfg: CompareConfig, work: Path) -> Data:
     return Data(load_split(root / "coco", "train"), feedback, subset(val, cfg.probe_images, seed=0), val)
 
 
-@contextlib.contextmanager
-def _pre_hooks_return_none() -> Iterator[None]:
-    """Make forward pre-hooks registered inside the block return None.
-
-    Workaround: ``pruning.latency_model._trace_layers`` records input shapes with a pre-hook that
-    returns ``dict.setdefault(...)``'s value, which PyTorch then takes as the layer's new input
-    (``Conv2d.forward() takes 2 positional arguments but 5 were given``). Reported to the pruning
-    owner; remove this once the hook returns None.
-    """
-    original = torch.nn.Module.register_forward_pre_hook
-
-    def register(self: torch.nn.Module, hook: Any, *args: Any, **kwargs: Any) -> Any:
-        def wrapped(mod: torch.nn.Module, inputs: Any) -> None:
-            hook(mod, inputs)
-
-        return original(self, wrapped, *args, **kwargs)
-
-    torch.nn.Module.register_forward_pre_hook = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_forward_pre_hook = original  # type: ignore[method-assign]
-
-
 def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
     """The shared starting checkpoint, latency target, Torch-Pruning ratio and latency table (cached).
 
@@ -180,11 +154,11 @@ def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
         save_checkpoint(base, model)
     model = load_detector(base).eval()
     example = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
-    quick = measure.quick_latency(measure.sample_frames(data.probe, 1), cfg.quick_iters)
-    dense_ms = quick(model)
+    latency = measure.quick_latency(measure.sample_frames(data.probe, 1), cfg.quick_iters)
+    dense_ms = latency(model)
     target = dense_ms / cfg.speedup
     ratio, ratio_ms = bisect_ratio(
-        lambda r: tp_channel_prune(plain_copy(model), r, example), quick, target, iters=cfg.bisect_iters
+        lambda r: tp_channel_prune(plain_copy(model), r, example), latency, target, iters=cfg.bisect_iters
     )
     clamped = ratio_ms > target
     if clamped:
@@ -192,11 +166,10 @@ def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
         # reach, every method aims at what the largest ratio reaches instead, and the report says so.
         log.warning("target %.2f ms out of reach; using %.2f ms (ratio %.2f)", target, ratio_ms, ratio)
         target = ratio_ms
-    with _pre_hooks_return_none():
-        table = LatencyTable.measure(
-            model, example, torch_measure_fn(repeats=5, warmup=1), runtime="pytorch-per-layer", device="cpu",
-            fractions=(0.25, 0.5, 1.0), model_latency_ms=dense_ms,
-        )
+    table = LatencyTable.measure(
+        model, example, torch_measure_fn(repeats=5, warmup=1), runtime="pytorch-per-layer", device="cpu",
+        fractions=(0.25, 0.5, 1.0), model_latency_ms=dense_ms,
+    )
     table.save(work / "latency_table.json")
     base_map = measure.probe_map(model, data.feedback)
     setup = {
@@ -263,6 +236,7 @@ def _run_cell(
         ctx_kw["param_sparsity"] = _sparsity_for(work, cfg, count_parameters(dense))
     ctx = MethodContext(seed=seed, probe=timed_probe, **ctx_kw)
     out, wall = timed(spec, ctx)
+    t_book = time.perf_counter()
     name = cell_name(method, seed)
     save_checkpoint(work / "models" / f"{name}.pt", out.model, name=cfg.detector)
     record = {
@@ -272,6 +246,7 @@ def _run_cell(
         "probe_s": probe_s[0],
         "params": count_parameters(out.model),
         "probe_map": measure.probe_map(out.model, probe_set),
+        "bookkeeping_s": time.perf_counter() - t_book,
         "trajectory": [dataclasses.asdict(p) for p in out.trajectory],
         "extra": out.extra,
     }
@@ -300,7 +275,7 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
             f.unlink()
     data = _data(cfg, work)
     setup = _setup(cfg, work, data)
-    quick = measure.quick_latency(measure.sample_frames(data.probe, 1), cfg.quick_iters)
+    latency = measure.quick_latency(measure.sample_frames(data.probe, 1), cfg.quick_iters)
     ctx_base = {
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
@@ -308,8 +283,9 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
         "base_checkpoint": work / "base.pt",
         "train_set": data.train,
         "latency_target_ms": setup["latency_target_ms"],
+        "dense_ms": setup["dense_ms"],
         "channel_ratio": setup["channel_ratio"],
-        "measure_ms": quick,
+        "measure_ms": latency,
         "probe_every": cfg.probe_every,
         "bisect_iters": cfg.bisect_iters,
         "measure_every": cfg.measure_every,
@@ -324,11 +300,12 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="compare", unit="cell", file=sys.stderr)
     for method, seed in todo:
         bar.set_postfix_str(cell_name(method, seed))
-        probe = measure.prober(quick, data.probe)
+        probe = measure.prober(latency, data.probe)
         _run_cell(cfg, work, method, seed, {**ctx_base, "probe": probe}, data.probe)
         bar.update(1)
     bar.close()
     records = [json.loads((work / "cells" / f"{cell_name(m, s)}.json").read_text()) for m, s in cells]
+    t_final = time.perf_counter()
     finals = measure.final_pass(
         [work / "models" / f"{cell_name(m, s)}.pt" for m, s in cells],
         data.val,
@@ -339,7 +316,13 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
     )
     for rec, fin in zip(records, finals, strict=True):
         rec["final"] = fin
-    data = {"config": dataclasses.asdict(cfg), "setup": setup, "cells": records, "run_s": time.perf_counter() - t_start}
+    final_s = time.perf_counter() - t_final
+    # Stage time summed over resumed invocations: what one uninterrupted run costs (data generation aside).
+    total_s = setup["setup_s"] + sum(r["wall_s"] + r["probe_s"] + r.get("bookkeeping_s", 0.0) for r in records) + final_s
+    data = {
+        "config": dataclasses.asdict(cfg), "setup": setup, "cells": records,
+        "run_s": time.perf_counter() - t_start, "total_s": total_s, "final_s": final_s,
+    }
     from perception.io import atomic_write_json
 
     atomic_write_json(work / "report.json", data)
@@ -348,7 +331,7 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
     return data
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, Path, bool]:
+def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, Path, bool, bool]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny settings for smoke runs and tests")
     p.add_argument("--seeds", type=int, default=2, help="seeds per method (>= 2 for a spread)")
@@ -370,18 +353,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, Path, bool
     if a.methods:
         kw["methods"] = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     work = a.work or Path("runs/compare-quick" if a.quick else "runs/compare")
-    return dataclasses.replace(cfg, **kw), work, a.resume
+    return dataclasses.replace(cfg, **kw), work, a.resume, a.quick
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg, work, resume = parse_args(argv)
+    cfg, work, resume, quick = parse_args(argv)
     try:
-        data = run(cfg, work, resume=resume)
+        data = run(cfg, work, resume=resume, quick=quick)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"compare: {len(data['cells'])} cells in {data['run_s']:.0f} s; see benchmarks/RESULTS.md", file=sys.stderr)
+    where = work / "compare.md" if quick else "benchmarks/RESULTS.md"
+    print(f"compare: {len(data['cells'])} cells, {data['run_s']:.0f} s this run; report: {where}", file=sys.stderr)
     return 0
 
 

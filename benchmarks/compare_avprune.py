@@ -148,34 +148,42 @@ def run_budget(ctx: MethodContext, importance: str) -> MethodOutput:
     return out
 
 
-def cubic_final_sparsity(pruner: Any, table: Any, target_ms: float, measure_ms: Any, *, iters: int = 12) -> float:
-    """Uniform sparsity whose latency is the target: bisection on the table, then one measured correction.
+def cubic_final_sparsity(
+    pruner: Any, table: Any, target_ms: float, measure_ms: Any, dense_ms: float, *, iters: int = 12
+) -> float:
+    """Uniform sparsity whose latency is the target: table bisection, then one measured correction.
 
-    The table was measured on another runtime (eager PyTorch, per layer) and calibrated on the
-    dense model only, so its slope can be off; one finalized copy at the first answer is measured
-    and the prediction rescaled by measured / predicted (as the budget controller's bias does).
+    The table's layers were timed in eager PyTorch and its constant (pre/post-processing, runtime
+    overhead) calibrated on the dense model only, so its slope can be off. One finalized copy at
+    the first answer is measured; with the dense measurement that gives two points of an affine
+    model ``latency = overhead + scale * layers(u)``, solved for the final answer. (A purely
+    multiplicative correction would also rescale the constant, which dominates end to end.)
     """
     from pruning.controllers import build_controller
 
-    def solve(scale: float) -> float:
+    def layers(u: float) -> float:
+        return table.predict(pruner.config_at(u)) - table.overhead_ms
+
+    def solve(overhead: float, scale: float) -> float:
         lo, hi = 0.0, MAX_RATIO
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
-            if table.predict(pruner.config_at(mid)) * scale > target_ms:
-                lo = mid
-            else:
-                hi = mid
+            lo, hi = (mid, hi) if overhead + scale * layers(mid) > target_ms else (lo, mid)
         return hi
 
-    first = solve(1.0)
+    first = solve(table.overhead_ms, 1.0)
     probe = copy.deepcopy(pruner)
     _own_parametrized_classes(probe.model)
     probe.controller = build_controller("fixed", sparsity=first)
     probe.controller.bind(probe.units, probe.config_at)
     probe.update()
     measured = measure_ms(probe.finalize().eval())
-    predicted = table.predict(pruner.config_at(first))
-    return solve(measured / predicted if predicted > 0 else 1.0)
+    saved = layers(0.0) - layers(first)
+    scale = (dense_ms - measured) / saved if saved > 0 else 0.0
+    if scale <= 0:  # measurement noise larger than the predicted saving: keep the table's answer
+        log.warning("cubic: measured %.2f ms at sparsity %.3f is no faster than dense; keeping it", measured, first)
+        return first
+    return solve(dense_ms - scale * layers(0.0), scale)
 
 
 def run_cubic(ctx: MethodContext) -> MethodOutput:
@@ -186,7 +194,7 @@ def run_cubic(ctx: MethodContext) -> MethodOutput:
     table = _table(ctx)
     ramp = max(1, int(RAMP_END * ctx.steps))
     pruner = _pruner(model, ctx, "magnitude", build_controller("fixed", sparsity=0.0), table)
-    final = cubic_final_sparsity(pruner, table, ctx.latency_target_ms, ctx.measure_ms)
+    final = cubic_final_sparsity(pruner, table, ctx.latency_target_ms, ctx.measure_ms, ctx.dense_ms)
     # The controller needs the pruner's units to bind to, so it is swapped in once they exist.
     pruner.controller = build_controller("cubic", final_sparsity=final, end_step=ramp)
     pruner.controller.bind(pruner.units, pruner.config_at)

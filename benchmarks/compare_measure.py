@@ -123,7 +123,7 @@ def _accuracy(path: Path, rt: Any, val_set: Any, max_images: int | None, cache: 
         d = json.loads(cached.read_text())
         if d.get("key") == key:
             return d
-    m = evaluate(rt.infer, val_set, batch_size=8, max_images=max_images)
+    m = evaluate(rt.infer, val_set, batch_size=1, max_images=max_images)  # the export is batch 1, per frame
     d = {"key": key, "map": m.map, "map50": m.map50, "map_small": m.map_small, "num_images": m.num_images}
     atomic_write_json(cached, d)
     return d

@@ -52,6 +52,7 @@ class MethodContext:
     base_checkpoint: Path  # the shared starting point (dense, trained)
     train_set: Any  # perception.data.CocoDetectionDataset (augmented)
     latency_target_ms: float  # on the comparison's runtime, from compare.py's setup
+    dense_ms: float  # the starting checkpoint's measured latency on that runtime
     channel_ratio: float  # Torch-Pruning global ratio measured to hit the target (setup bisection)
     measure_ms: Callable[[nn.Module], float]  # quick latency of a plain model on the target runtime
     probe: Callable[[nn.Module, int], TrajectoryPoint]  # latency + mAP on the probe subset
