@@ -11,7 +11,8 @@ graph forms (MODEL.pt is exported with --form; an .onnx keeps the form it was ex
   core  backbone + heads only, raw box regressions and class logits (Faster R-CNN: backbone +
         FPN + RPN head, plus a small box-head graph). TensorRT prefers it: static shapes and
         no data-dependent loops, so every layer can be fused and tuned; decoding and one
-        batched NMS run in avprune's post-processing (or TensorRT's EfficientNMS plugin).
+        batched NMS per image run in avprune's post-processing (an in-vehicle stack can put
+        TensorRT's EfficientNMS plugin there instead).
   full  torchvision's decoding and NMS traced into the graph (batch 1). Its per-class loops
         unroll into hundreds of small ops: SSDlite's 91-class full graph runs ~3x slower in
         ONNX Runtime than eager PyTorch, and its data-dependent output shapes are awkward

@@ -78,7 +78,7 @@ def build_engine(
     threads: int | None = None,
 ) -> EngineResult:
     """Build an engine for ``onnx_path`` at ``engine_path`` with its ``ENGINE.json`` sidecar."""
-    from deploy.engine.sidecar import cpu_device, sidecar_path, write_sidecar
+    from deploy.engine.sidecar import sidecar_path, write_sidecar
     from deploy.engine.sparsity_check import sparsity_report, summarize
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -110,22 +110,17 @@ def build_engine(
         log.warning("--sparsity enable: no TensorRT-eligible layer holds the 2:4 pattern; the engine will be dense")
     t0 = time.perf_counter()
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    if backend == "tensorrt":
-        from deploy.engine.tensorrt_builder import build_tensorrt_engine
-
-        part = build_tensorrt_engine(
-            onnx_path, engine_path, precision=precision, sparsity=sparsity, profile=profile,
-            workspace_mb=workspace_mb, timing_cache=timing_cache, calib_frames=frames,
-        )
-    else:
-        from deploy.engine.ort_builder import build_ort_engine
-
-        part = build_ort_engine(onnx_path, engine_path, precision=precision, calib_frames=frames, threads=threads)
-        part["device"] = cpu_device()
-        if sparsity:
-            part["notes"].append("ONNX Runtime has no 2:4 sparse kernels: sparsity recorded per layer only")
-        if timing_cache:
-            part["notes"].append("--timing-cache applies to TensorRT only: ignored")
+    # files a build writes besides the engine: removed again if the build fails part-way
+    side_files = [engine_path.with_name(engine_path.name + s) for s in ("", ".stage2", ".qdq.onnx")]
+    existed = {p for p in side_files if p.exists()}
+    try:
+        part = _build(backend, onnx_path, engine_path, precision=precision, sparsity=sparsity, profile=profile,
+                      workspace_mb=workspace_mb, timing_cache=timing_cache, frames=frames, threads=threads)
+    except BaseException:
+        for p in side_files:
+            if p not in existed:
+                p.unlink(missing_ok=True)
+        raise
     sidecar = {
         **part,
         "precision": precision,
@@ -147,3 +142,28 @@ def build_engine(
         engine_path.unlink(missing_ok=True)  # an engine without its sidecar cannot be loaded safely
         raise
     return EngineResult(engine_path, sidecar_path(engine_path), backend, reason, sidecar)
+
+
+def _build(
+    backend: str, onnx_path: Path, engine_path: Path, *, precision: str, sparsity: bool, profile: ShapeProfile,
+    workspace_mb: int, timing_cache: str | Path | None, frames: list | None, threads: int | None,
+) -> dict[str, Any]:
+    """Run the chosen backend's builder; returns its part of the sidecar."""
+    from deploy.engine.sidecar import cpu_device
+
+    if backend == "tensorrt":
+        from deploy.engine.tensorrt_builder import build_tensorrt_engine
+
+        return build_tensorrt_engine(
+            onnx_path, engine_path, precision=precision, sparsity=sparsity, profile=profile,
+            workspace_mb=workspace_mb, timing_cache=timing_cache, calib_frames=frames,
+        )
+    from deploy.engine.ort_builder import build_ort_engine
+
+    part = build_ort_engine(onnx_path, engine_path, precision=precision, calib_frames=frames, threads=threads)
+    part["device"] = cpu_device()
+    if sparsity:
+        part["notes"].append("ONNX Runtime has no 2:4 sparse kernels: sparsity recorded per layer only")
+    if timing_cache:
+        part["notes"].append("--timing-cache applies to TensorRT only: ignored")
+    return part
