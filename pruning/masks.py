@@ -94,9 +94,26 @@ def iter_masks(model: nn.Module) -> Iterator[tuple[str, str, WeightMask]]:
                     yield mod_name, tname, m
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a private copy of its injected class.
+
+    ``copy.deepcopy`` of a parametrized model shares torch's injected ``Parametrized<Cls>``
+    classes between original and copy, and ``remove_parametrizations`` deletes the property from
+    that class, which would strip ``weight`` from the *other* model too. Removing from a private
+    copy keeps both models intact.
+    """
+    cls = type(module)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
 def remove_masks(model: nn.Module, *, apply: bool = True) -> nn.Module:
     """Remove every mask parametrization; ``apply=True`` bakes ``stored * mask`` into the weight."""
+    done: set[int] = set()
     for mod_name, tname, _ in list(iter_masks(model)):
         mod = model.get_submodule(mod_name) if mod_name else model
+        if id(mod) not in done:
+            _own_class(mod)
+            done.add(id(mod))
         parametrize.remove_parametrizations(mod, tname, leave_parametrized=apply)
     return model

@@ -94,3 +94,17 @@ def test_add_mask_keeps_parameter_identity_and_remove_bakes_mask() -> None:
     remove_masks(lin)
     assert type(lin) is nn.Linear and get_mask(lin) is None
     assert torch.all(lin.weight[1] == 0) and isinstance(lin.weight, nn.Parameter)
+
+
+def test_finalizing_a_deep_copy_leaves_the_original_masked_model_intact() -> None:
+    import copy
+
+    model = _mlp()
+    pruner = Pruner(model, granularity="unstructured", controller=build_controller("fixed", sparsity=0.5))
+    pruner.step()
+    twin = copy.deepcopy(model)
+    remove_masks(twin)
+    assert type(twin[0]) is nn.Linear
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), twin(x))  # the original still has its masked weight
+    assert get_mask(model[0]) is not None and torch.all(model[0].weight[pruner.mask_of("0") == 0] == 0)
