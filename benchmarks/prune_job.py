@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmarks._results import ASSETS, machine_line, write_section
 from perception.io import atomic_write_json
 
@@ -70,21 +68,21 @@ def _dense_checkpoint(quick: bool, coco: Path, seed: int) -> Path:
 
 
 def _job(quick: bool, ckpt: Path, coco: Path, out: Path, cache: Path) -> Any:
-    from avprune.config.prune import PruneJobConfig
+    """The example job pointed at the benchmark's checkpoint and data, budget at the targets."""
+    from avprune.config.prune import load_prune_config
 
-    d = yaml.safe_load(EXAMPLE.read_text())
-    d["model"]["checkpoint"] = str(ckpt)
-    d["data"] = {"source": "coco", "root": str(coco), "val_images": 24 if quick else 96}
-    d["budget"]["speedup"] = TARGET_SPEEDUP
-    d["budget"]["max_map_drop"] = MAX_DROP_POINTS / 100
-    d["output_dir"], d["cache_dir"] = str(out), str(cache)
+    overrides: dict[str, Any] = {
+        "model.checkpoint": str(ckpt), "data": {"source": "coco", "root": str(coco), "val_images": 24 if quick else 96},
+        "budget.speedup": TARGET_SPEEDUP, "budget.max_map_drop": MAX_DROP_POINTS / 100,
+        "output_dir": str(out), "cache_dir": str(cache),
+    }
     if quick:
-        d["finetune"].update(steps=12, measure_every=6, batch_size=4)
-        d["sensitivity"].update(max_layers=2, sparsities=[0.5], eval_images=8)
-        d["budget"]["measure_iters"] = 10
+        overrides.update({"finetune.steps": 12, "finetune.measure_every": 6, "finetune.batch_size": 4,
+                          "sensitivity.max_layers": 2, "sensitivity.sparsities": [0.5], "sensitivity.eval_images": 8,
+                          "budget.measure_iters": 10})
     else:
-        d["finetune"].update(steps=400, measure_every=50)
-    return PruneJobConfig.model_validate(d)
+        overrides.update({"finetune.steps": 400, "finetune.measure_every": 50})
+    return load_prune_config(EXAMPLE, overrides)
 
 
 # ----------------------------------------------------------------------------- measurements

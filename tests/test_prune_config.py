@@ -133,3 +133,12 @@ def test_cli_bad_job_exits_1_and_writes_nothing(tmp_path, ckpt, capsys, case):
 def test_cli_missing_job_file(tmp_path, capsys):
     assert main(["prune", str(tmp_path / "nope.yaml")]) == 1
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_overrides_by_dotted_key(tmp_path, ckpt):
+    path = EXAMPLES / "prune_default.yaml"
+    cfg = load_prune_config(path, {"model.checkpoint": str(ckpt), "finetune.steps": 40, "budget.threads": 1})
+    assert cfg.finetune.steps == 40 and cfg.budget.threads == 1 and cfg.model.checkpoint == ckpt.resolve()
+    assert cfg.output_dir.is_absolute()  # resolved once here: Ray workers run elsewhere
+    with pytest.raises(ConfigError, match=r"\(with overrides\).*\n  finetune.stepz: unknown key"):
+        load_prune_config(path, {"model.checkpoint": str(ckpt), "finetune.stepz": 3})

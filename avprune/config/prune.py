@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from avprune.config.base import StrictModel, load_config
+from avprune.config.base import ConfigError, StrictModel, format_validation_error, load_config
 
 Importance = Literal["magnitude", "taylor", "activation", "bn_scale"]
 Controller = Literal["budget", "cubic", "fixed", "layer_adaptive"]
@@ -96,6 +97,11 @@ class BudgetSpec(StrictModel):
     map_floor: float | None = Field(None, ge=0, le=1, description="absolute COCO mAP@[.5:.95]")
     max_map_drop: float | None = Field(None, ge=0, le=1, description="alternative: dense mAP - floor")
     measure_iters: int = Field(30, ge=5)
+    score_thresh: float | None = Field(
+        None, gt=0, lt=1,
+        description="deployed score threshold for every model of the job (None: the checkpoint's); "
+        "decoding + NMS cost grows with the boxes above it, so it is part of the latency",
+    )
     end_to_end: bool = Field(
         True, description="time pre-processing + model + decoding/NMS per batch (False: the model graph only)"
     )
@@ -179,6 +185,7 @@ class FinetuneSpec(StrictModel):
 
 class SearchSpec(StrictModel):
     candidates: int = Field(2, ge=1)
+    early_stopping: bool = Field(True, description="ASHA stops trials in the bottom half at each rung")
     grace_period: int = Field(2, ge=1, description="ASHA: reports before a trial may be stopped")
     max_failures: int = Field(2, ge=0, description="restarts per trial after a worker dies")
 
@@ -223,6 +230,32 @@ class PruneJobConfig(StrictModel):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_prune_config(path: str | Path) -> PruneJobConfig:
-    """Read and validate a prune job file; raises ConfigError naming every bad field."""
-    return load_config(path, PruneJobConfig)
+def load_prune_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PruneJobConfig:
+    """Read and validate a prune job file; raises ConfigError naming every bad field.
+
+    ``overrides`` replaces values by dotted key before validation, e.g.
+    ``{"model.checkpoint": "runs/demo/train/model.pt", "finetune.steps": 40}`` (the demo and
+    benchmarks start from the example files this way).
+    """
+    if not overrides:
+        return load_config(path, PruneJobConfig)
+    path = Path(path)
+    data = load_config(path, _Raw).model_dump()
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node[leaf] = value
+    try:
+        return PruneJobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(f"{path} (with overrides)", e)) from None
+
+
+class _Raw(BaseModel):
+    """Any mapping: the file's YAML before overrides are applied."""
+
+    model_config = ConfigDict(extra="allow")

@@ -94,7 +94,7 @@ def load_dense(config: PruneJobConfig) -> Any:
     """The dense detector at the budget's input size."""
     from perception.models import load_detector
 
-    return load_detector(config.model.checkpoint, image_size=tuple(config.budget.input_size))
+    return deployed(load_detector(config.model.checkpoint, image_size=tuple(config.budget.input_size)), config)
 
 
 def build_architecture(config: PruneJobConfig) -> Any:
@@ -109,7 +109,20 @@ def load_model(path: str | Path, config: PruneJobConfig) -> Any:
     """A (possibly channel-pruned) detector checkpoint at the budget's input size."""
     from perception.models import load_detector
 
-    return load_detector(path, image_size=tuple(config.budget.input_size))
+    return deployed(load_detector(path, image_size=tuple(config.budget.input_size)), config)
+
+
+def deployed(model: Any, config: PruneJobConfig) -> Any:
+    """Apply the budget's deployment post-processing settings (score threshold) to a detector.
+
+    Dense and pruned models get the same setting, and deploy's export copies it into the ONNX
+    metadata, so mAP and latency are both measured as the model will run.
+    """
+    thresh = config.budget.score_thresh
+    if thresh is not None:
+        target = model.roi_heads if hasattr(model, "roi_heads") else model
+        target.score_thresh = float(thresh)
+    return model
 
 
 def layer_filter(model: Any, importance: str, config: PruneJobConfig) -> Any:

@@ -219,7 +219,8 @@ def run(ctx: Any) -> dict[str, Any]:
     ctx.progress.stage_start("search", total=len(cands), note=f"{len(cands)} candidates as Ray Tune trials")
     res = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
     results = run_trials(
-        trial, params, resources_per_trial=res, metric="score", mode="max", scheduler="asha",
+        trial, params, resources_per_trial=res, metric="score", mode="max",
+        scheduler="asha" if cfg.search.early_stopping else None,
         max_t=reports, grace_period=min(cfg.search.grace_period, reports), max_failures=cfg.search.max_failures,
         storage_path=out / "search", name="tune", resume=True,
         callbacks=[tune_callback(ctx.progress, ft.steps)],
