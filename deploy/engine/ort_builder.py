@@ -72,9 +72,13 @@ def build_ort_engine(
 
         qdq_path = engine_path.with_name(engine_path.name + ".qdq.onnx")
         with atomic_path(qdq_path) as tmp:
-            quantize_qdq(onnx_path, tmp, calib_frames or [])
+            # uint8 activations: ORT's x86 kernels run U8S8 QDQ ~2x faster than TensorRT's S8S8 form
+            quantize_qdq(onnx_path, tmp, calib_frames or [], symmetric=False)
         src = qdq_path
-        notes.append(f"INT8 static QDQ (symmetric, per-channel) calibrated on {len(calib_frames or [])} frames")
+        notes.append(
+            f"INT8 static QDQ (uint8 activations, per-channel int8 weights) calibrated on {len(calib_frames or [])} "
+            "frames; the TensorRT backend quantizes the same way with symmetric int8 activations"
+        )
     optimize_to(src, engine_path, threads=threads)
     stage2 = None
     if "stage2" in doc:

@@ -1,8 +1,9 @@
 """INT8 post-training quantization: ONNX Runtime static QDQ, calibrated on real frames.
 
-The output is an explicit Q/DQ graph with symmetric signed-int8 activations and per-channel
-weights: ONNX Runtime runs it, and it is exactly the input TensorRT wants for INT8 (11.x has no
-other way; 10.x deprecated calibrators in 10.1).
+The output is an explicit Q/DQ graph with per-channel signed-int8 weights. For TensorRT
+(``symmetric=True``) activations are symmetric signed int8, the only form TensorRT accepts (11.x
+has no other INT8 path; 10.x deprecated calibrators in 10.1). For ONNX Runtime on x86 CPUs the
+default is unsigned asymmetric activations (U8S8), which its kernels run faster than S8S8.
 
 Calibration frames come from ``--calib DATA``: a COCO root (``annotations/instances_*.json``,
 e.g. ``avprune data synth``'s ``coco`` folder), or any recorded stream ``deploy.streams`` reads
@@ -65,9 +66,13 @@ class _FrameReader:
 
 
 def quantize_qdq(
-    onnx_path: str | Path, out_path: str | Path, frames: list[np.ndarray], *, input_name: str = "images"
+    onnx_path: str | Path, out_path: str | Path, frames: list[np.ndarray], *, input_name: str = "images",
+    symmetric: bool = True,
 ) -> Path:
-    """Write a static-QDQ INT8 copy of ``onnx_path`` calibrated on ``frames`` (MinMax, symmetric)."""
+    """Write a static-QDQ INT8 copy of ``onnx_path`` calibrated on ``frames`` (MinMax).
+
+    ``symmetric=True``: signed symmetric activations (TensorRT); False: uint8 asymmetric (ORT CPU).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from deploy.core_graph import preprocess_frames
@@ -81,9 +86,10 @@ def quantize_qdq(
     quantize_static(
         str(onnx_path), str(out_path), _FrameReader(batches, input_name),
         quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,  # TensorRT wants symmetric int8
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
     )
-    log.info("quantized %s to INT8 QDQ on %d frames", Path(onnx_path).name, len(frames))
+    log.info("quantized %s to INT8 QDQ (%s activations) on %d frames", Path(onnx_path).name,
+             "symmetric int8" if symmetric else "uint8", len(frames))
     return out_path
