@@ -137,7 +137,7 @@ def build_detector(
     model = spec.builder(num_classes=num_classes, **kwargs)
     meta: dict[str, Any] = {"name": name, "num_classes": num_classes, "image_size": [h, w]}
     if spec.family == "ssd":
-        model.transform.fixed_size = (h, w)
+        model.transform.fixed_size = (w, h)  # torchvision reads fixed_size as (width, height)
         model.transform.min_size = (min(h, w),)
         model.transform.max_size = max(h, w)
         if ssd_anchor_scales is not None:
