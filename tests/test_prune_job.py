@@ -360,3 +360,15 @@ def test_address_runs_on_an_existing_cluster_and_infeasible_budget_exits_2(asset
     assert not (out / "pruned.pt").exists()
     # The job ran on the cluster: Tune's trial worker was one of the cluster's processes.
     assert (out / "search" / "trials" / "c0" / "pruned.pt").is_file()
+
+
+def test_live_progress_callback_survives_tunes_pickling():
+    """Tune pickles callbacks into the experiment state; the live display must not go with them."""
+    from ray import cloudpickle
+
+    from avprune.prune_job.progress import tune_callback
+
+    with JobProgress(True) as progress:
+        cb = tune_callback(progress, total_steps=10)
+        restored = cloudpickle.loads(cloudpickle.dumps(cb))
+    assert restored.total_steps == 10 and not restored.progress.enabled

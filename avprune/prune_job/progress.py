@@ -95,32 +95,55 @@ def tune_callback(progress: JobProgress, total_steps: int) -> Any:
     """A Ray Tune callback that mirrors each trial's reports onto its live line (driver side)."""
     from ray.tune import Callback
 
-    class _ProgressCallback(Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-            name = str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
-            progress.trial(
-                name,
-                f"step {_f(result.get('step'), '>4')}  mAP {_f(result.get('map'))}  "
-                f"pred {_f(result.get('latency_pred_ms'), '.2f')} ms  "
-                f"meas {_f(result.get('latency_ms'), '.2f')} ms  sparsity {_f(result.get('sparsity'), '.2f')}",
-                completed=result.get("step") or 0,
-                total=total_steps,
-            )
+    class ProgressCallback(_ProgressCallbackMixin, Callback):
+        pass
 
-        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-            name = str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
-            progress.trial(name, "[red]worker failed, retrying from its checkpoint[/]")
+    return ProgressCallback(progress, total_steps)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-            name = str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
-            last = trial.last_result or {}
-            stopped = not last.get("done")
-            progress.trial(
-                name,
-                f"[{'yellow' if stopped else 'green'}]{'stopped early (ASHA)' if stopped else 'done'}[/]  "
-                f"mAP {_f(last.get('map'))}  meas {_f(last.get('latency_ms'), '.2f')} ms",
-                completed=last.get("step") or 0,
-                total=total_steps,
-            )
 
-    return _ProgressCallback()
+def _name(trial: Any) -> str:
+    return str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
+
+
+class _ProgressCallbackMixin:
+    """Trial lines from Tune's driver-side callback hooks.
+
+    Tune pickles its run config (callbacks included) into the experiment folder for restores;
+    the live display holds locks, so it is left out and a restored copy is mute.
+    """
+
+    def __init__(self, progress: JobProgress, total_steps: int) -> None:
+        self.progress, self.total_steps = progress, total_steps
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.progress, self.total_steps = JobProgress(enabled=False), state["total_steps"]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+        self.progress.trial(
+            _name(trial),
+            f"step {_f(result.get('step'), '>4')}  mAP {_f(result.get('map'))}  "
+            f"pred {_f(result.get('latency_pred_ms'), '.2f')} ms  "
+            f"meas {_f(result.get('latency_ms'), '.2f')} ms  sparsity {_f(result.get('sparsity'), '.2f')}",
+            completed=result.get("step") or 0,
+            total=self.total_steps,
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+        self.progress.trial(_name(trial), "[red]failed[/]")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
+        self.progress.trial(_name(trial), "[red]worker failed, restarting from its training checkpoint[/]")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+        last = trial.last_result or {}
+        stopped = not last.get("done")
+        self.progress.trial(
+            _name(trial),
+            f"[{'yellow' if stopped else 'green'}]{'stopped early (ASHA)' if stopped else 'done'}[/]  "
+            f"mAP {_f(last.get('map'))}  meas {_f(last.get('latency_ms'), '.2f')} ms",
+            completed=last.get("step") or 0,
+            total=self.total_steps,
+        )

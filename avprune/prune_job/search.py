@@ -102,30 +102,28 @@ def finalized_copy(pruner: Any, fresh_model: Any) -> Any:
 class _Reporter:
     """Train hook: every ``measure_every`` steps, one Tune report (measured latency, mAP, sparsity)."""
 
-    def __init__(self, pruner: Any, controller: Any, measure: Any, last: dict[str, Any], cfg: Any, budget_ms: float):
-        self.pruner, self.controller, self.measure, self.last = pruner, controller, measure, last
-        self.every, self.budget_ms = cfg.finetune.measure_every, budget_ms
+    def __init__(self, pruner: Any, measure: Any, last: dict[str, Any], every: int, budget_ms: float) -> None:
+        self.pruner, self.measure, self.last, self.every, self.budget_ms = pruner, measure, last, every, budget_ms
 
     def __call__(self, ctx: Any) -> None:
         step = ctx.step + 1
         if step % self.every:
             return
-        if self.last.get("step") != step:  # the budget controller measured this step already otherwise
+        if self.last.get("step") != step:  # otherwise the budget controller measured this very step
             self.measure()
-        report(self.pruner, self.last, step, self.budget_ms)
+        pred = self.pruner.predict_latency(self.pruner.channel_config()) if self.pruner.predict_latency else None
+        _report(step, self.last, self.budget_ms, latency_pred_ms=pred, sparsity=self.pruner.masked_fraction())
 
 
-def report(pruner: Any, last: dict[str, Any], step: int, budget_ms: float, **extra: Any) -> None:
+def _report(step: int, last: dict[str, Any], budget_ms: float, **extra: Any) -> None:
+    """One Tune report. ASHA ranks on ``score``: mAP minus the relative latency overshoot, so a
+    model over budget is worth less than its mAP says and models within budget rank on mAP."""
     from ray import tune
 
     lat, metrics = last["latency"], last["metrics"]
-    pred = pruner.predict_latency(pruner.channel_config()) if pruner.predict_latency else None
-    # ASHA ranks on one number: mAP, minus the relative latency overshoot (a model over budget
-    # is worth less than its mAP says). Trials meeting the budget rank on mAP alone.
     score = metrics["map"] - max(0.0, lat.p50_ms / budget_ms - 1.0)
     tune.report({"step": step, "map": metrics["map"], "map50": metrics["map50"], "latency_ms": lat.p50_ms,
-                 "latency_p99_ms": lat.p99_ms, "latency_pred_ms": pred, "sparsity": pruner.masked_fraction(),
-                 "score": score, **extra})
+                 "latency_p99_ms": lat.p99_ms, "score": score, **extra})
 
 
 def trial(params: dict[str, Any]) -> None:
@@ -174,27 +172,22 @@ def trial(params: dict[str, Any]) -> None:
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                              warmup_steps=0, checkpoint_every=ft.measure_every, seed=cand["seed"],
                              num_threads=cfg.resources.torch_threads)
-    reporter = _Reporter(pruner, controller, measure, last, cfg, base["latency_budget_ms"])
+    budget_ms = base["latency_budget_ms"]
+    reporter = _Reporter(pruner, measure, last, ft.measure_every, budget_ms)
     train(model, train_ds, settings, out_dir=work / "train", hooks=[pruner, reporter], resume=True, progress=False)
 
-    records = {"layers": {}, "history": [r.to_dict() for r in pruner.history[-50:]]}
+    # The finished candidate: per-layer records, the physically smaller model, its own numbers.
     final_rec = pruner.history[-1].to_dict()["layers"] if pruner.history else {}
-    for name, sp in pruner.layer_sparsity().items():
-        records["layers"][name] = {"sparsity": sp, **{k: final_rec.get(name, {}).get(k) for k in ("threshold", "target")}}
+    layers = {name: {"sparsity": sp, **{k: final_rec.get(name, {}).get(k) for k in ("threshold", "target")}}
+              for name, sp in pruner.layer_sparsity().items()}
     infeasible = bool(getattr(controller, "infeasible", False))
     small = pruner.finalize()
     save_checkpoint(work / "pruned.pt", small, extra={"candidate": cand})
-    atomic_write_json(work / "pruning.json", records)
+    atomic_write_json(work / "pruning.json", {"layers": layers, "history": [r.to_dict() for r in pruner.history[-50:]]})
     with _measure_lock(work.parent / "measure.lock"):
         lat = common.measure_latency(small, cfg, frames, work)
-    metrics = common.evaluate_map(small, val)
-    last.update(step=ft.steps, latency=lat, metrics=metrics)
-    from ray import tune
-
-    tune.report({"step": ft.steps, "map": metrics["map"], "map50": metrics["map50"], "latency_ms": lat.p50_ms,
-                 "latency_p99_ms": lat.p99_ms, "latency_pred_ms": None, "sparsity": None,
-                 "score": metrics["map"] - max(0.0, lat.p50_ms / base["latency_budget_ms"] - 1.0),
-                 "done": True, "infeasible": infeasible})
+    last.update(step=ft.steps, latency=lat, metrics=common.evaluate_map(small, val))
+    _report(ft.steps, last, budget_ms, done=True, infeasible=infeasible)
 
 
 # ----------------------------------------------------------------------------- the stage
