@@ -52,7 +52,7 @@ class CompareConfig:
     image_size: int = 320
     images: int = 400  # synthetic images (80% train, 20% val)
     frame_size: tuple[int, int] = (640, 384)  # synthetic frames (W, H), resized to the model input
-    pretrain_steps: int = 250  # dense steps before the shared starting checkpoint (unless --checkpoint)
+    pretrain_steps: int = 200  # dense steps before the shared starting checkpoint (unless --checkpoint)
     steps: int = 80  # fine-tuning steps every method spends
     batch_size: int = 8
     lr: float = 1e-3
@@ -217,8 +217,9 @@ def _run_cell(
     cfg: CompareConfig, work: Path, method: str, seed: int, ctx_kw: dict[str, Any], probe_set: Any
 ) -> dict[str, Any]:
     """Run one (method, seed), save its final model and its record; return the record."""
+    from benchmarks.compare_methods import load_checkpoint_like_base
     from perception.io import atomic_write_json
-    from perception.models import count_parameters, load_detector, save_checkpoint
+    from perception.models import count_parameters, save_checkpoint
 
     spec = get_method(method)
     probe_s = [0.0]
@@ -232,7 +233,7 @@ def _run_cell(
             probe_s[0] += time.perf_counter() - t
 
     if spec.needs_sparsity:
-        dense = load_detector(work / "base.pt")
+        dense = load_checkpoint_like_base(work / "base.pt", work / "base.pt")
         ctx_kw["param_sparsity"] = _sparsity_for(work, cfg, count_parameters(dense))
     ctx = MethodContext(seed=seed, probe=timed_probe, **ctx_kw)
     out, wall = timed(spec, ctx)
@@ -313,6 +314,7 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
         iters=cfg.final_iters,
         max_images=cfg.val_images,
         cache=work / "evals",
+        base=work / "base.pt",
     )
     for rec, fin in zip(records, finals, strict=True):
         rec["final"] = fin

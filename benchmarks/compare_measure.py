@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.compare_methods import TrajectoryPoint
+from benchmarks.compare_methods import TrajectoryPoint, load_checkpoint_like_base
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def final_pass(
     iters: int,
     max_images: int | None,
     cache: Path,
+    base: Path,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure every final model side by side: accuracy, size, and interleaved end-to-end latency.
@@ -146,14 +147,12 @@ def final_pass(
     """
     from tqdm import tqdm
 
-    from perception.models import load_detector
-
     frames = sample_frames(val_set, 8)
     stats, acc, samples = [], [], [[] for _ in paths]
     with contextlib.ExitStack() as stack:
         runtimes = []
         for p in tqdm(paths, desc="final: export + accuracy", unit="model", disable=not progress):
-            model = load_detector(p).eval()
+            model = load_checkpoint_like_base(p, base).eval()
             stats.append(model_stats(model))
             onnx_path = cache / f"{p.stem}.onnx"
             if not onnx_path.is_file() or onnx_path.stat().st_mtime < p.stat().st_mtime:

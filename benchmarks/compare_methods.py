@@ -18,6 +18,7 @@ Methods (papers cited where they are implemented):
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -79,12 +80,41 @@ class MethodOutput:
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def load_base(ctx: MethodContext) -> nn.Module:
-    """A fresh copy of the shared starting checkpoint, seeded so every method starts alike."""
+@functools.lru_cache(maxsize=2)
+def _template(path: str, mtime_ns: int) -> nn.Module:
     from perception.models import load_detector
 
+    return load_detector(path)
+
+
+def load_checkpoint_like_base(path: Path, base: Path) -> nn.Module:
+    """Load a checkpoint derived from ``base`` (pruned or not) without rebuilding the detector.
+
+    torchvision's SSDlite builder runs a dummy forward at full size to size its heads, about a
+    second each time; a deep copy of the cached base resized to the checkpoint's shapes is the
+    same model (``perception.models.load_detector`` does this resize after the build).
+    """
+    from perception.models import read_checkpoint, resize_to_state_dict
+
+    template = _template(str(base), base.stat().st_mtime_ns)
+    model = copy.deepcopy(template)
+    if path == base:
+        return model
+    ckpt = read_checkpoint(path)
+    meta, own = ckpt["model"], template.avprune_meta
+    differ = [k for k in ("name", "num_classes") if meta.get(k) != own[k]]
+    differ += ["image_size"] if list(meta.get("image_size") or []) != list(own["image_size"]) else []
+    if differ:
+        raise ValueError(f"{path}: {', '.join(differ)} differ from the base checkpoint {base}; not one of this comparison's models")
+    resize_to_state_dict(model, ckpt["state_dict"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model
+
+
+def load_base(ctx: MethodContext) -> nn.Module:
+    """A fresh copy of the shared starting checkpoint, seeded so every method starts alike."""
     torch.manual_seed(ctx.seed)
-    return load_detector(ctx.base_checkpoint)
+    return load_checkpoint_like_base(ctx.base_checkpoint, ctx.base_checkpoint)
 
 
 class DetectorCore(nn.Module):
