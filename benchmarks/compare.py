@@ -30,15 +30,14 @@ from typing import Any
 import torch
 
 from benchmarks import compare_measure as measure
+from benchmarks.compare_baselines import bisect_ratio, tp_channel_prune
 from benchmarks.compare_methods import (
     MethodContext,
     TrajectoryPoint,
-    bisect_ratio,
     get_method,
     list_methods,
     plain_copy,
     timed,
-    tp_channel_prune,
 )
 
 log = logging.getLogger("benchmarks.compare")

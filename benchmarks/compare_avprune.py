@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from benchmarks.compare_baselines import MAX_RATIO
 from benchmarks.compare_methods import (
-    MAX_RATIO,
     MethodContext,
     MethodOutput,
     MethodSpec,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import compare, compare_methods, compare_report
+from benchmarks import compare, compare_baselines, compare_methods, compare_report
 
 TINY = dataclasses.replace(
     compare.QUICK,
@@ -93,7 +93,7 @@ def test_slimming_hook_soft_thresholds_gamma() -> None:
     bn = nn.BatchNorm2d(4)
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.05, -0.05, 0.5, -0.5]))
-    hook = compare_methods.slimming_hook(nn.Sequential(bn), lam=1.0, skip=set())
+    hook = compare_baselines.slimming_hook(nn.Sequential(bn), lam=1.0, skip=set())
     hook(type("Ctx", (), {"lr": 0.1})())
     assert torch.allclose(bn.weight, torch.tensor([0.0, 0.0, 0.4, -0.4]))
 
