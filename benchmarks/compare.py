@@ -1,18 +1,24 @@
 """Dynamic thresholds side by side with the other pruning techniques (issue #7).
 
-    python -m benchmarks.compare [--quick] [--seeds 2] [--steps N] [--methods a,b] [--resume] [--work DIR]
+    python -m benchmarks.compare [--quick] [--seeds 2] [--steps N] [--methods a,b] [--resume]
+                                 [--work DIR] [--checkpoint DENSE.pt]
 
 One command, one model, one data set, one budget. Stages, each resumable from ``--work``:
 
-1. setup: synthetic data, a dense starting checkpoint trained for ``pretrain_steps`` (shared by
-   every method), the dense model's latency, the latency target (dense / ``speedup``) and the
-   Torch-Pruning global ratio that measures at the target (bisection);
+1. setup: synthetic data, a dense starting checkpoint trained for ``pretrain_steps`` (or a given
+   ``--checkpoint``), shared by every method; the dense model's latency, the latency target
+   (dense / ``speedup``), the Torch-Pruning global ratio that measures at the target (bisection)
+   and the per-layer latency table avprune's controllers predict with;
 2. cells: every (method, seed) fine-tunes from the checkpoint for the same ``steps``, sequentially
    in this process (parallel runs would contaminate each other's timings). A finished cell is a
-   JSON file plus a checkpoint, written atomically, and is skipped on the next run;
+   JSON file plus a checkpoint, written atomically; ``--resume`` skips finished cells (without
+   it they rerun; the setup is reused whenever its settings match);
 3. final pass: every cell's final model measured side by side (ONNX Runtime on CPU, 2 threads, end
    to end per frame, interleaved round-robin so drift hits every method alike) and evaluated on the
-   full validation split; then the table, plot and paragraph go to ``benchmarks/RESULTS.md``.
+   full validation split; then the table, plot and paragraph go to ``benchmarks/RESULTS.md``
+   (``--quick``: tiny settings, report in the work dir only).
+
+Defaults are sized for about 25 minutes on 2 CPU cores (0.6 s per SSDlite320 step at batch 8).
 """
 
 from __future__ import annotations
@@ -56,7 +62,11 @@ class CompareConfig:
     batch_size: int = 8
     lr: float = 1e-3
     seeds: tuple[int, ...] = (0, 1)
-    speedup: float = 2.0  # latency target = dense p50 / speedup (clamped to what ratio 0.8 reaches)
+    # Latency target = dense p50 / speedup, end to end per frame. Pre/post-processing (resize,
+    # decoding, NMS) is about half of SSDlite320's frame on 2 CPU cores and does not shrink with
+    # channels, so one-shot pruning at ratio 0.8 measured only ~1.4x here: 1.3x keeps the target
+    # reachable at moderate ratios. An unreachable target is clamped to what ratio 0.8 reaches.
+    speedup: float = 1.3
     map_drop_floor: float = 0.02  # mAP floor of the feedback controller = base mAP - this
     probe_images: int = 32  # val subset for trajectory points; train subset for controller feedback
     probe_every: int = 40
