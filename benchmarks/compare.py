@@ -203,7 +203,7 @@ def cell_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}"
 
 
-def _sparsity_for(work: Path, cfg: CompareConfig, dense_params: int) -> float:
+def _sparsity_for(work: Path, dense_params: int) -> float:
     """Parameter sparsity of the best finished channel method (highest probe-subset mAP at the end).
 
     Falls back to the Torch-Pruning cell, then to the setup ratio, so ``--methods unstructured_l1``
@@ -243,7 +243,7 @@ def _run_cell(
 
     if spec.needs_sparsity:
         dense = load_checkpoint_like_base(work / "base.pt", work / "base.pt")
-        ctx_kw["param_sparsity"] = _sparsity_for(work, cfg, count_parameters(dense))
+        ctx_kw["param_sparsity"] = _sparsity_for(work, count_parameters(dense))
     ctx = MethodContext(seed=seed, probe=timed_probe, **ctx_kw)
     out, wall = timed(spec, ctx)
     t_book = time.perf_counter()
