@@ -147,7 +147,7 @@ def verdict(rows: Sequence[Row]) -> list[str]:
         out.append(f"{where} {judge}")
         if best.wall_s.mean > ref.wall_s.mean:
             out.append(
-                f"avprune's feedback costs time: {best.wall_s.mean:.0f} s of method wall time against "
+                f"`{best.method}` costs more time: {best.wall_s.mean:.0f} s of method wall time against "
                 f"{ref.wall_s.mean:.0f} s for one-shot pruning plus the same fine-tune."
             )
     dense = by.get("dense")
