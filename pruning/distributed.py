@@ -99,17 +99,22 @@ def map_tasks(
     num_cpus_per_task: float = 1,
     num_gpus_per_task: float = 0,
     max_retries: int = 2,
+    max_calls: int = 0,
     on_result: Callable[[int, Any], None] | None = None,
 ) -> list[Any]:
     """Run ``fn(**kwargs)`` for every kwargs dict as Ray tasks; results in input order.
 
     A task whose worker process dies is retried up to ``max_retries`` times (Ray's default for
     system failures); ``retry_exceptions`` is left off so a bug in ``fn`` fails fast instead of
-    running three times. ``on_result(index, result)`` is called as each task finishes (progress).
+    running three times. ``max_calls=N`` retires a worker process after N tasks (0: never), which
+    hands back its memory (a loaded model, torch's allocator) to the trials that run next.
+    ``on_result(index, result)`` is called as each task finishes (progress).
     """
     import ray
 
-    remote = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task, max_retries=max_retries)(fn)
+    remote = ray.remote(
+        num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task, max_retries=max_retries, max_calls=max_calls
+    )(fn)
     refs = [remote.remote(**kw) for kw in kwargs_list]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)

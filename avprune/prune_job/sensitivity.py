@@ -69,8 +69,10 @@ def scan(cfg: Any, layers: Sequence[str], dense_map: float, *, on_result: Any = 
     job = cfg.model_dump(mode="json")
     kwargs = [{"job": job, "layer": layer, "sparsities": list(cfg.sensitivity.sparsities),
                "importance": cfg.pruning.importances[0], "dense_map": dense_map} for layer in layers]
+    # max_calls=1: scan workers exit when done instead of idling on a model's worth of memory
+    # while the search's trials run.
     out = map_tasks(scan_layer_task, kwargs, num_cpus_per_task=cfg.resources.cpus_per_trial, max_retries=2,
-                    on_result=on_result)
+                    max_calls=1, on_result=on_result)
     return {r["layer"]: {"curve": r["curve"]} for r in out}
 
 
