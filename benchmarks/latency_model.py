@@ -12,7 +12,7 @@ resizes independently (a block's inner width and its output width move separatel
 a one-layer graph is what ORT fuses anyway (Conv+BN are folded at export; activations fuse into
 the Conv node when ORT supports it). What a single conv does not capture (residual adds, SE
 multiplies, hardswish, concat/reshape of head outputs, session overhead) is one constant,
-calibrated as measured(dense core) - sum(layers). Ground truth: each configuration is applied
+calibrated (scale and overhead) on the dense core and one half-width core. Ground truth: each configuration is applied
 with the Pruner (random per-group sparsity in [0, 0.75], magnitude importance), physically pruned
 with ``finalize()``, exported whole, and timed in ORT; all sessions are timed round robin so load
 drift hits every configuration alike.
@@ -61,6 +61,9 @@ def _session(module: nn.Module, shape: tuple[int, ...], threads: int) -> tuple[A
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.log_severity_level = 3
+    # Spinning pool threads keep burning a core after each run; with several sessions timed
+    # round robin they starve the session being timed. deploy's runtimes turn it off too.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
     return sess, {"x": x.numpy()}
 
@@ -118,7 +121,14 @@ def run(n_configs: int, fractions: tuple[float, ...], layer_repeats: int, model_
     probe = Pruner(copy.deepcopy(det), granularity="channel", example_inputs=x, controller=FixedController(0.0))
     coupling = Coupling(groups=probe.groups, skipped=probe.skipped)
     rng = random.Random(seed)
-    configs, channel_configs, sessions = [], [], [_session(Core(det), shape, threads)]
+    # Calibration reference: every unit thinned by half. It is not one of the random test
+    # configurations, so the error below is out of sample.
+    ref = copy.deepcopy(det)
+    ref_pruner = Pruner(ref, granularity="channel", example_inputs=x, controller=FixedController(0.5), coupling=coupling)
+    ref_pruner.update()
+    ref_config = ref_pruner.channel_config()
+    configs, channel_configs = [], []
+    sessions = [_session(Core(det), shape, threads), _session(Core(ref_pruner.finalize()), shape, threads)]
     for i in range(n_configs):
         model = copy.deepcopy(det)
         ctrl = FixedController({u: rng.uniform(0.0, 0.75) for u in probe.units})
@@ -130,18 +140,19 @@ def run(n_configs: int, fractions: tuple[float, ...], layer_repeats: int, model_
         sessions.append(_session(Core(plain), shape, threads))
         params = sum(p.numel() for p in Core(plain).parameters())
         configs.append({"config": i, "masked_fraction": pruner.masked_fraction(), "params_m": params / 1e6})
-    # Dense and pruned cores are timed in the same round robin; the dense time calibrates the
-    # constant overhead, so calibration and ground truth share one load window.
+    # Dense, reference and test cores are timed in the same round robin; dense + reference fit the
+    # table's scale and constant overhead, so calibration and ground truth share one load window.
     measured = time_round_robin(sessions, model_rounds)
-    dense_ms = measured[0]
-    table.calibrate(dense_ms)
-    log.info("overhead %.2f ms of dense %.2f ms", table.overhead_ms, dense_ms)
-    for c, cfg, m in zip(configs, channel_configs, measured[1:], strict=True):
+    dense_ms, ref_ms = measured[0], measured[1]
+    table.calibrate_points([({}, dense_ms), (ref_config, ref_ms)])
+    log.info("calibration: scale %.3f, overhead %.2f ms (dense %.2f ms, half-width %.2f ms)",
+             table.scale, table.overhead_ms, dense_ms, ref_ms)
+    for c, cfg, m in zip(configs, channel_configs, measured[2:], strict=True):
         c["predicted_ms"] = table.predict(cfg)
         c["measured_ms"] = m
         c["error_pct"] = 100.0 * (c["predicted_ms"] - m) / m
     mae = statistics.fmean(abs(c["error_pct"]) for c in configs)
-    return {"dense_ms": dense_ms, "overhead_ms": table.overhead_ms, "table_s": table_s, "entries": len(table.entries),
+    return {"dense_ms": dense_ms, "ref_ms": ref_ms, "scale": table.scale, "overhead_ms": table.overhead_ms, "table_s": table_s, "entries": len(table.entries),
             "layers": len(table.layers), "configs": configs, "mae_pct": mae, "table": table}
 
 
@@ -175,7 +186,9 @@ def markdown(res: dict[str, Any], quick: bool, threads: int) -> str:
         "",
         f"{'**Smoke run (--quick)**: ' if quick else ''}onnxruntime CPU, {threads} intra-op threads, input 1x3x320x320. "
         f"Table: {res['layers']} layers, {res['entries']} measured entries ({res['table_s']:.0f} s); "
-        f"dense core {res['dense_ms']:.2f} ms, of which constant overhead {res['overhead_ms']:.2f} ms.",
+        f"dense core {res['dense_ms']:.2f} ms; calibrated on the dense core and one half-width core "
+        f"({res['ref_ms']:.2f} ms): latency = {res['scale']:.3f} x sum(layers) + {res['overhead_ms']:.2f} ms. "
+        "The 10 test configurations below are out of sample.",
         f"Machine: {machine_line()}.",
         "",
         "| config | masked fraction | params (M) | predicted (ms) | measured (ms) | error |",

@@ -60,6 +60,25 @@ def test_prediction_matches_physically_pruned_model() -> None:
     assert predicted - 2.0 < 0.8 * full  # the pruned layers are predicted cheaper
 
 
+def test_two_point_calibration_recovers_scale_and_overhead() -> None:
+    """A runtime whose whole graph is 0.6 x (sum of isolated layers) + 1.5 ms is predicted exactly."""
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="cpu-test")
+    pruner = Pruner(copy.deepcopy(model), granularity="channel", example_inputs=X,
+                    controller=build_controller("fixed", sparsity=0.5))
+    pruner.step()
+    half = pruner.channel_config()
+    runtime = lambda cfg: 0.6 * table.layer_sum(cfg) + 1.5  # noqa: E731
+    scale, overhead = table.calibrate_points([({}, runtime({})), (half, runtime(half))])
+    assert (scale, overhead) == (pytest.approx(0.6), pytest.approx(1.5))
+    other = Pruner(copy.deepcopy(model), granularity="channel", example_inputs=X,
+                   controller=build_controller("fixed", sparsity=0.3))
+    other.step()
+    assert table.predict(other.channel_config()) == pytest.approx(runtime(other.channel_config()))
+    with pytest.raises(ValueError, match="non-positive latency scale"):
+        table.calibrate_points([({}, 1.0), (half, 5.0)])  # thinner measured slower
+
+
 def test_bilinear_interpolation_between_grid_points() -> None:
     conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
     table = LatencyTable.measure(conv, torch.randn(1, 16, 8, 8), flops_ms, runtime="synthetic", device="cpu-test",
