@@ -234,7 +234,7 @@ def reference(assets, ray_local, tmp_path_factory) -> dict:
 def test_tiny_job_local_ray_survives_a_killed_trial_worker(reference):
     result, out = reference["result"], reference["out"]
     assert reference["killed"], "the trial worker was never killed (the retry was not exercised)"
-    assert result.candidate_id in {"c0", "c1"}
+    assert result.candidate_id.split("@")[0] in {"c0", "c1"}  # a final model, or a trial's best snapshot
     for path in (result.checkpoint, result.onnx, result.report_json, result.report_html, out / "latency_table.json"):
         assert path.is_file(), path
     assert StageStore(out).finished() == ["baseline", "latency_table", "sensitivity", "search", "select", "finalize"]
@@ -372,3 +372,16 @@ def test_live_progress_callback_survives_tunes_pickling():
         cb = tune_callback(progress, total_steps=10)
         restored = cloudpickle.loads(cloudpickle.dumps(cb))
     assert restored.total_steps == 10 and not restored.progress.enabled
+
+
+def test_deliverables_include_each_trials_best_snapshot_in_a_fixed_order():
+    from avprune.prune_job.select import deliverables
+
+    search = {"candidates": [
+        {"candidate_id": "c0", "index": 0, "checkpoint": "a/pruned.pt", "snapshot": "a/snapshot.pt", "snapshot_step": 60},
+        {"candidate_id": "c1", "index": 1, "checkpoint": None, "snapshot": "b/snapshot.pt", "snapshot_step": 40},
+        {"candidate_id": "c2", "index": 2, "checkpoint": "c/pruned.pt", "snapshot": None},
+    ]}
+    got = [(d["candidate_id"], d["index"], d["checkpoint"]) for d in deliverables(search)]
+    assert got == [("c0", 0, "a/pruned.pt"), ("c0@60", 1, "a/snapshot.pt"), ("c1@40", 3, "b/snapshot.pt"),
+                   ("c2", 4, "c/pruned.pt")]

@@ -23,18 +23,34 @@ from perception.io import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
+def channel_sparsity(pruned: Any, dense: Any) -> dict[str, dict[str, float]]:
+    """Fraction of output channels removed per Conv2d/Linear, read off the two architectures."""
+    from torch import nn
+
+    widths = {n: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+              for n, m in dense.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    out = {}
+    for name, m in pruned.named_modules():
+        if name in widths and isinstance(m, nn.Conv2d | nn.Linear):
+            kept = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            if kept < widths[name]:
+                out[name] = {"sparsity": 1.0 - kept / widths[name], "channels": kept}
+    return out
+
+
 def run(ctx: Any) -> dict[str, Any]:
     """Write the pruned checkpoint, ONNX, latency table copy and reports."""
     from perception.models import save_checkpoint
 
     cfg, out = ctx.config, ctx.out_dir
     base, sel, search = ctx.results["baseline"], ctx.results["select"], ctx.results["search"]
-    cand = next(c for c in search["candidates"] if c["candidate_id"] == sel["candidate_id"])
-    model = common.load_model(out / cand["checkpoint"], cfg)
+    base_id = sel["candidate_id"].split("@")[0]  # "c0@60": candidate c0's snapshot at step 60
+    cand = next(c for c in search["candidates"] if c["candidate_id"] == base_id)
+    model = common.load_model(out / sel["checkpoint"], cfg)
     row = sel["selected"]
     ctx.progress.stage_start("finalize", note="checkpoint + ONNX")
     save_checkpoint(out / "pruned.pt", model, extra={"prune_job": {
-        "candidate": {k: cand[k] for k in ("candidate_id", "importance", "controller", "ramp")},
+        "candidate": {**{k: cand[k] for k in ("importance", "controller", "ramp")}, "candidate_id": sel["candidate_id"]},
         "map": row["map"], "p50_ms": row["p50_ms"], "latency_budget_ms": base["latency_budget_ms"],
         "map_floor": base["map_floor"], "runtime": cfg.budget.runtime, "device": cfg.budget.device,
     }})
@@ -43,8 +59,11 @@ def run(ctx: Any) -> dict[str, Any]:
     table = json.loads(table_src.read_text()) if table_src.is_file() else None
     if table_src.is_file():
         atomic_write_bytes(out / "latency_table.json", table_src.read_bytes())
-    pruning_file = out / cand.get("pruning_record", "")
-    pruning = json.loads(pruning_file.read_text()) if cand.get("pruning_record") and pruning_file.is_file() else {}
+    pruning_file = out / (cand.get("pruning_record") or "")
+    final_model = "@" not in sel["candidate_id"]  # the pruner's records describe the final model only
+    pruning = json.loads(pruning_file.read_text()) if final_model and pruning_file.is_file() else {}
+    if not pruning.get("layers"):
+        pruning["layers"] = channel_sparsity(model, common.build_architecture(cfg))
     pruned = {k: row[k] for k in ("map", "map50", "p50_ms", "p99_ms", "params", "gmacs")}
     dense = base["dense"]
     doc = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -152,6 +153,10 @@ def trial(params: dict[str, Any]) -> None:
     last: dict[str, Any] = {}
     holder: dict[str, Any] = {}
 
+    budget_ms, floor = base["latency_budget_ms"], base["map_floor"]
+    snap_meta = work / "snapshot.json"
+    holder["best"] = json.loads(snap_meta.read_text())["map"] if snap_meta.is_file() else -1.0
+
     def measure() -> tuple[float, float]:
         pruner = holder["pruner"]
         small = finalized_copy(pruner, common.build_architecture(cfg))
@@ -159,6 +164,12 @@ def trial(params: dict[str, Any]) -> None:
             lat = common.measure_latency(small, cfg, frames, work)
         metrics = common.evaluate_map(pruner.model, val)
         last.update(step=pruner.step_count, latency=lat, metrics=metrics)
+        if lat.p50_ms <= budget_ms and metrics["map"] >= max(floor, holder["best"]):
+            # Keep the best point that met both targets (NetAdapt keeps its best too): the controller
+            # may give capacity back later and end over budget on a noisy measurement.
+            save_checkpoint(work / "snapshot.pt", small, extra={"candidate": cand, "step": pruner.step_count})
+            atomic_write_json(snap_meta, {"step": pruner.step_count, "map": metrics["map"], "latency_ms": lat.p50_ms})
+            holder["best"] = metrics["map"]
         return lat.p50_ms, metrics["map"]
 
     controller = _controller(cfg, cand, base, table, measure)
@@ -172,7 +183,6 @@ def trial(params: dict[str, Any]) -> None:
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                              warmup_steps=0, checkpoint_every=ft.measure_every, seed=cand["seed"],
                              num_threads=cfg.resources.torch_threads)
-    budget_ms = base["latency_budget_ms"]
     reporter = _Reporter(pruner, measure, last, ft.measure_every, budget_ms)
     train(model, train_ds, settings, out_dir=work / "train", hooks=[pruner, reporter], resume=True, progress=False)
 
@@ -224,8 +234,12 @@ def run(ctx: Any) -> dict[str, Any]:
         work = out / "search" / "trials" / cand["candidate_id"]
         done = bool(r.last.get("done")) and (work / "pruned.pt").is_file()
         status = "done" if done else ("failed" if r.error else "stopped early")
+        snap = work / "snapshot.json"
+        snapshot = json.loads(snap.read_text()) if snap.is_file() and (work / "snapshot.pt").is_file() else None
         records.append({
             **cand, "status": status, "error": r.error, "steps": r.last.get("step"),
+            "snapshot": str((work / "snapshot.pt").relative_to(out)) if snapshot else None,
+            "snapshot_step": snapshot["step"] if snapshot else None,
             "infeasible": r.last.get("infeasible"),
             "history": [{k: h.get(k) for k in ("step", "map", "map50", "latency_ms", "latency_pred_ms", "sparsity", "score")}
                         for h in r.history],
@@ -234,7 +248,7 @@ def run(ctx: Any) -> dict[str, Any]:
         })
         ctx.progress.stage_advance("search")
     n_done = sum(r["status"] == "done" for r in records)
-    if n_done == 0:
+    if n_done == 0 and not any(r["snapshot"] for r in records):
         errors = "; ".join(f"{r['candidate_id']}: {r['error'] or r['status']}" for r in records)
         raise RuntimeError(f"no candidate finished its fine-tuning ({errors})")
     return {"candidates": records, "note": f"{n_done}/{len(records)} candidates finished"}
