@@ -25,6 +25,7 @@ from torch import nn
 
 from pruning import filters as _filters
 from pruning._controller import Controller
+from pruning.bn_stats import BatchNormStatsKeeper
 from pruning.granularity import (
     MaskResult,
     channel_mask,
@@ -135,6 +136,7 @@ class Pruner:
             log.info("%s pruning skips %d units: %s", granularity, len(self.skipped), self.skipped)
 
         self._add_masks(straight_through)
+        self.bn_stats = BatchNormStatsKeeper(self.modules)
         self.criterion = build_criterion(importance, **dict(importance_kwargs or {}))
         # Only BN-aware criteria need the conv -> BatchNorm map (it costs one forward pass).
         needs_bn = self.criterion.needs_bn or (importance == "taylor" and granularity == "channel")
@@ -255,9 +257,11 @@ class Pruner:
         changed: set[tuple[str, str]] = set()
         for mem in g.members:
             vals = keep[mem.root_idxs]
-            for tname, dim in mem.tensors:
+            for i, (tname, dim) in enumerate(mem.tensors):
                 vec = self._vec_index[(mem.module, tname, dim)]
                 if not torch.equal(vec[mem.idxs], vals):
+                    if mem.role == "bn" and i == 0:
+                        self.bn_stats.transition(mem.module, mem.idxs, vec[mem.idxs].clone(), vals)
                     vec[mem.idxs] = vals
                     changed.add((mem.module, tname))
         return changed
@@ -345,6 +349,7 @@ class Pruner:
             "criterion": self.criterion.state_dict(),
             "controller": self.controller.state_dict(),
             "history": [r.to_dict() for r in self.history],
+            "bn_stats": self.bn_stats.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -364,6 +369,7 @@ class Pruner:
         self.criterion.load_state_dict(state["criterion"])
         self.controller.load_state_dict(state["controller"])
         self.history = [UpdateRecord.from_dict(r) for r in state["history"]]
+        self.bn_stats.load_state_dict(state.get("bn_stats", {}))
 
     # ------------------------------------------------------------------ finish
     def finalize(self) -> nn.Module:

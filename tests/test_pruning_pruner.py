@@ -277,3 +277,31 @@ def test_activation_apoz_mode_scores_fraction_of_positive_activations() -> None:
     with pytest.raises(ValueError, match="activation mode must be 'mean' or 'apoz'"):
         Pruner(small_net(), importance="activation", granularity="unstructured",
                importance_kwargs={"mode": "max"}, controller=build_controller("fixed", sparsity=0.5))
+
+
+def test_regrown_channel_gets_back_its_batchnorm_running_statistics() -> None:
+    """While masked, a channel's BN running stats decay toward its zero input; on regrowth the
+    stats it had when masked come back (else eval would divide it by ~sqrt(eps))."""
+    model = small_net()
+    ctrl = build_controller("fixed", sparsity=0.5)
+    pruner = Pruner(model, importance="magnitude", granularity="channel", example_inputs=X, controller=ctrl)
+    pruner.update()
+    bn_member = next(m for g in pruner.groups for m in g.members if m.role == "bn")
+    bn = pruner.modules[bn_member.module]
+    masked = bn_member.idxs[pruner.mask_of(bn_member.module)[bn_member.idxs] == 0]
+    assert len(masked) > 0
+    before = (bn.running_mean[masked].clone(), bn.running_var[masked].clone())
+    model.train()
+    with torch.no_grad():
+        for _ in range(30):  # training-mode forwards: masked channels' stats decay toward 0
+            model(torch.randn(4, 3, 32, 32))
+    assert torch.all(bn.running_var[masked] < 0.1 * before[1])
+    pruner.controller = build_controller("fixed", sparsity=0.0)
+    pruner.controller.bind(pruner.units, pruner.config_at)
+    pruner.update()  # everything regrows
+    assert torch.all(pruner.mask_of(bn_member.module) == 1)
+    assert torch.equal(bn.running_mean[masked], before[0]) and torch.equal(bn.running_var[masked], before[1])
+    restored = Pruner(small_net(), importance="magnitude", granularity="channel", example_inputs=X,
+                      controller=build_controller("fixed", sparsity=0.5))
+    restored.load_state_dict(pruner.state_dict())
+    assert set(restored.bn_stats.saved) == set(pruner.bn_stats.saved)
