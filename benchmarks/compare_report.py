@@ -226,13 +226,15 @@ def markdown(data: dict[str, Any], png_rel: str) -> str:
         f"(pre/post-processing does not shrink with channels), so the target is what that ratio measured."
         if setup.get("target_clamped") else ""
     )
+    start = (f"`{Path(cfg['checkpoint']).name}`, given with --checkpoint" if cfg.get("checkpoint")
+             else f"{cfg['pretrain_steps']} steps from scratch")
     return "\n".join(
         [
             "## Dynamic thresholds vs other pruning techniques (`python -m benchmarks.compare`)",
             "",
             f"`{cfg['detector']}` at {cfg['image_size']}×{cfg['image_size']} on the synthetic drive set "
             f"({cfg['images']} images); every method starts from the same dense checkpoint "
-            f"({cfg['pretrain_steps']} steps) and fine-tunes {cfg['steps']} steps at batch {cfg['batch_size']}; "
+            f"({start}) and fine-tunes {cfg['steps']} steps at batch {cfg['batch_size']}; "
             f"latency target {setup['latency_target_ms']:.2f} ms = dense {setup['dense_ms']:.2f} ms / "
             f"{cfg['speedup']:g}.{clamped} {seeds} seed(s) per method, mean ± sample s.d. Final rows: full validation split "
             "through the deployed ONNX Runtime model; latency measured for all models in one interleaved pass "
