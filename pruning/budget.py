@@ -7,8 +7,10 @@ latency of the channel configuration ``u`` implies with a cheap model (a HALP-st
 
 - Latency over budget (beyond a dead band) and mAP above the floor: raise ``u``.
 - Latency under budget (beyond the dead band): lower ``u``, giving capacity back.
-- Measured mAP under the floor: drop ``u`` below the last sparsity that failed (``backoff``) and
-  never exceed it again; masked weights regrow because masks are recomputed from stored weights.
+- Measured mAP under the floor: hold ``u`` (a freshly pruned model dips, then recovers with
+  fine-tuning: NetAdapt's "prune, fine-tune briefly, then judge"). If it is still under the floor
+  ``floor_patience`` measurements in a row, drop ``u`` below that sparsity (``backoff``) and never
+  exceed it again; masked weights regrow because masks are recomputed from stored weights.
 
 Control law: discrete PI in velocity form, ``Δu = kp·(e_t − e_{t−1}) + ki·e_t`` with the relative
 error ``e = (latency − budget) / budget``. In velocity form ``u`` itself is the integrator, so
@@ -66,6 +68,7 @@ class BudgetController(Controller):
         backoff: float = 0.05,
         patience: int = 3,
         warmup_steps: int = 0,
+        floor_patience: int = 2,
     ) -> None:
         super().__init__()
         if not latency_budget_ms > 0:
@@ -79,6 +82,8 @@ class BudgetController(Controller):
         if not 0.0 < max_rate <= 1.0:
             raise ValueError(f"max_rate must be in (0, 1]; got {max_rate!r}")
         check_sparsity(max_sparsity, "max_sparsity")
+        if floor_patience < 1:
+            raise ValueError(f"floor_patience must be >= 1 (measurements under the mAP floor before backing off); got {floor_patience}")
         self.budget, self.map_floor = float(latency_budget_ms), float(map_floor)
         self.predict_latency, self.measure, self.measure_every = predict_latency, measure, measure_every
         self.kp, self.ki, self.deadband, self.max_rate = kp, ki, deadband, max_rate
@@ -88,6 +93,7 @@ class BudgetController(Controller):
         self.bias = 1.0  # measured / predicted latency
         self.prev_error: float | None = None
         self.saturated_steps = 0
+        self.floor_patience, self.under_floor = floor_patience, 0
         self.infeasible = False
         self.points: list[OperatingPoint] = []
         self.last_latency_ms: float | None = None
@@ -110,6 +116,9 @@ class BudgetController(Controller):
         error = (latency - self.budget) / self.budget
         if self.measure is None:
             self._record(OperatingPoint(self.last_step, self.u, latency, None))
+        if self.under_floor and error > 0:
+            self.prev_error = error  # under the mAP floor: let fine-tuning recover before pruning more
+            return
         if abs(error) <= self.deadband:
             self.prev_error = error  # inside the band: hold u (hysteresis)
             self.saturated_steps = 0
@@ -138,11 +147,17 @@ class BudgetController(Controller):
             # Clamp: one noisy measurement must not rescale the whole model.
             self.bias = max(0.5, min(2.0, latency_ms / predicted_raw))
         self._record(OperatingPoint(self.last_step, self.u, float(latency_ms), float(map_value)))
-        if map_value < self.map_floor:
-            # Back off below the failing sparsity for good: re-trying it would oscillate.
+        if map_value >= self.map_floor:
+            self.under_floor = 0
+            return
+        self.under_floor += 1
+        if self.under_floor >= self.floor_patience:
+            # Still under after a recovery window: back off below this sparsity for good (re-trying
+            # it would oscillate).
             self.ceiling = max(0.0, min(self.ceiling, self.u - self.backoff))
             self.u = min(self.u, self.ceiling)
             self.prev_error = None
+            self.under_floor = 0
 
     def _record(self, point: OperatingPoint) -> None:
         self.points.append(point)
@@ -167,7 +182,7 @@ class BudgetController(Controller):
         return {
             **super().state_dict(),
             "u": self.u, "ceiling": self.ceiling, "bias": self.bias, "prev_error": self.prev_error,
-            "saturated_steps": self.saturated_steps, "infeasible": self.infeasible,
+            "saturated_steps": self.saturated_steps, "infeasible": self.infeasible, "under_floor": self.under_floor,
             "last_latency_ms": self.last_latency_ms,
             "points": [asdict(p) for p in self.points],
         }
@@ -177,5 +192,6 @@ class BudgetController(Controller):
         self.u, self.ceiling, self.bias = float(state["u"]), float(state["ceiling"]), float(state["bias"])
         self.prev_error = state["prev_error"]
         self.saturated_steps, self.infeasible = int(state["saturated_steps"]), bool(state["infeasible"])
+        self.under_floor = int(state.get("under_floor", 0))
         self.last_latency_ms = state["last_latency_ms"]
         self.points = [OperatingPoint(**p) for p in state["points"]]

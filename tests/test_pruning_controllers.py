@@ -171,3 +171,21 @@ def test_budget_argument_validation() -> None:
         BudgetController(10.0, 1.5, _predict)
     with pytest.raises(ValueError, match="not bound"):
         BudgetController(10.0, 0.3, _predict).step()
+
+
+def test_budget_rides_out_a_transient_map_dip_but_backs_off_a_persistent_one() -> None:
+    """One measurement under the floor (a freshly pruned model before fine-tuning recovers) holds
+    sparsity; ``floor_patience`` in a row back it off for good."""
+    readings = iter([(30.0, 0.50), (30.0, 0.30), (30.0, 0.50), (30.0, 0.30), (30.0, 0.30)])
+    ctrl = BudgetController(15.0, 0.45, _predict, lambda: next(readings), measure_every=5, floor_patience=2)
+    ctrl.bind(["net"], _config_at)
+    us = []
+    for _ in range(25):
+        ctrl.step()
+        us.append((ctrl.last_step, ctrl.u, ctrl.ceiling))
+    at = {step: (u, ceiling) for step, u, ceiling in us}
+    assert at[10][0] == at[14][0] and at[14][1] == ctrl.max_sparsity  # dip at step 10: held, no back-off
+    assert at[19][0] > at[14][0]  # recovered at 15: pruning resumed
+    assert ctrl.ceiling < at[19][0]  # two dips in a row (20, 25): backed off below that sparsity
+    with pytest.raises(ValueError, match="floor_patience"):
+        BudgetController(15.0, 0.45, _predict, floor_patience=0)
