@@ -9,8 +9,11 @@ latency of the channel configuration ``u`` implies with a cheap model (a HALP-st
 - Latency under budget (beyond the dead band): lower ``u``, giving capacity back.
 - Measured mAP under the floor: hold ``u`` (a freshly pruned model dips, then recovers with
   fine-tuning: NetAdapt's "prune, fine-tune briefly, then judge"). If it is still under the floor
-  ``floor_patience`` measurements in a row, drop ``u`` below that sparsity (``backoff``) and never
-  exceed it again; masked weights regrow because masks are recomputed from stored weights.
+  ``floor_patience`` measurements in a row, drop ``u`` below that sparsity (``backoff``) and cap it
+  there; masked weights regrow because masks are recomputed from stored weights. Fine-tuning keeps
+  improving the model, so a cap is not forever: after ``floor_patience`` measurements in a row at
+  least ``lift_margin`` above the floor, the cap rises by ``backoff`` again (the margin is the
+  hysteresis that keeps cap and floor from chattering).
 
 Control law: discrete PI in velocity form, ``Δu = kp·(e_t − e_{t−1}) + ki·e_t`` with the relative
 error ``e = (latency − budget) / budget``. In velocity form ``u`` itself is the integrator, so
@@ -69,6 +72,7 @@ class BudgetController(Controller):
         patience: int = 3,
         warmup_steps: int = 0,
         floor_patience: int = 2,
+        lift_margin: float = 0.01,
     ) -> None:
         super().__init__()
         if not latency_budget_ms > 0:
@@ -94,6 +98,7 @@ class BudgetController(Controller):
         self.prev_error: float | None = None
         self.saturated_steps = 0
         self.floor_patience, self.under_floor = floor_patience, 0
+        self.lift_margin, self.above_margin = float(lift_margin), 0
         self.infeasible = False
         self.points: list[OperatingPoint] = []
         self.last_latency_ms: float | None = None
@@ -149,7 +154,12 @@ class BudgetController(Controller):
         self._record(OperatingPoint(self.last_step, self.u, float(latency_ms), float(map_value)))
         if map_value >= self.map_floor:
             self.under_floor = 0
+            self.above_margin = self.above_margin + 1 if map_value >= self.map_floor + self.lift_margin else 0
+            if self.above_margin >= self.floor_patience and self.ceiling < self.max_sparsity:
+                self.ceiling = min(self.max_sparsity, self.ceiling + self.backoff)
+                self.above_margin = 0
             return
+        self.above_margin = 0
         self.under_floor += 1
         if self.under_floor >= self.floor_patience:
             # Still under after a recovery window: back off below this sparsity for good (re-trying
@@ -183,6 +193,7 @@ class BudgetController(Controller):
             **super().state_dict(),
             "u": self.u, "ceiling": self.ceiling, "bias": self.bias, "prev_error": self.prev_error,
             "saturated_steps": self.saturated_steps, "infeasible": self.infeasible, "under_floor": self.under_floor,
+            "above_margin": self.above_margin,
             "last_latency_ms": self.last_latency_ms,
             "points": [asdict(p) for p in self.points],
         }
@@ -193,5 +204,6 @@ class BudgetController(Controller):
         self.prev_error = state["prev_error"]
         self.saturated_steps, self.infeasible = int(state["saturated_steps"]), bool(state["infeasible"])
         self.under_floor = int(state.get("under_floor", 0))
+        self.above_margin = int(state.get("above_margin", 0))
         self.last_latency_ms = state["last_latency_ms"]
         self.points = [OperatingPoint(**p) for p in state["points"]]

@@ -189,3 +189,16 @@ def test_budget_rides_out_a_transient_map_dip_but_backs_off_a_persistent_one() -
     assert ctrl.ceiling < at[19][0]  # two dips in a row (20, 25): backed off below that sparsity
     with pytest.raises(ValueError, match="floor_patience"):
         BudgetController(15.0, 0.45, _predict, floor_patience=0)
+
+
+def test_budget_lifts_its_cap_again_once_fine_tuning_has_recovered_map() -> None:
+    readings = iter([(30.0, 0.30), (30.0, 0.30), (30.0, 0.50), (30.0, 0.50), (30.0, 0.50)])
+    ctrl = BudgetController(15.0, 0.45, _predict, lambda: next(readings), measure_every=5, floor_patience=2)
+    ctrl.bind(["net"], _config_at)
+    ceilings = {}
+    for _ in range(25):
+        ctrl.step()
+        ceilings[ctrl.last_step] = ctrl.ceiling
+    assert ceilings[10] < ctrl.max_sparsity  # two dips (5, 10): capped
+    assert ceilings[20] == pytest.approx(ceilings[10] + ctrl.backoff)  # two recoveries (15, 20): lifted
+    assert ceilings[25] == ceilings[20]  # one more good reading alone does not lift again

@@ -1,7 +1,9 @@
 """Stage 5, selection: the highest-mAP candidate whose re-measured latency meets the budget.
 
 Every finished candidate is re-measured here, one after another in the driver, on the same
-frames: the latencies trials reported were taken while other trials shared the cores. mAP is
+frames, each right after the dense model (its latency is the ratio to that dense timing, expressed
+at the baseline's dense latency): the latencies trials reported were taken while other trials
+shared the cores, and absolute timings minutes apart drift. mAP is
 re-evaluated on the same val subset. Ties break deterministically: mAP, then AP50 (both rounded
 to 4 decimals, below evaluation noise), then candidate index — never on latency, which is noisy.
 """
@@ -96,13 +98,20 @@ def run(ctx: Any) -> dict[str, Any]:
     _, val = common.datasets(cfg)
     frames = common.frames_for_timing(val, cfg)
     models = deliverables(search)
+    dense_model = common.load_model(cfg.model.checkpoint, cfg)
+    base_p50 = float(base["dense"]["p50_ms"])
     measured: list[dict[str, Any]] = []
     for item in models:
         ctx.progress.stage_start("select", total=len(models), note=f"re-measuring {item['candidate_id']}")
         model = common.load_model(ctx.out_dir / item["checkpoint"], cfg)
+        # Side by side: the dense model is timed right before each candidate and the candidate's
+        # latency is taken as a ratio to it, expressed at the baseline's dense latency. Absolute
+        # timings minutes apart on a shared machine drift by tens of percent; paired ratios do not.
+        dense_now = common.measure_latency(dense_model, cfg, frames, ctx.out_dir / "work")
         lat = common.measure_latency(model, cfg, frames, ctx.out_dir / "work")
-        row = {**item, **common.evaluate_map(model, val), "p50_ms": lat.p50_ms, "p99_ms": lat.p99_ms,
-               **common.size_of(model, cfg)}
+        scale = base_p50 / dense_now.p50_ms
+        row = {**item, **common.evaluate_map(model, val), "p50_ms": lat.p50_ms * scale, "p99_ms": lat.p99_ms * scale,
+               "raw_p50_ms": lat.p50_ms, "dense_p50_ms_beside": dense_now.p50_ms, **common.size_of(model, cfg)}
         measured.append(row)
         ctx.progress.stage_advance("select")
         log.info("candidate %s: mAP %.3f, p50 %.2f ms", row["candidate_id"], row["map"], row["p50_ms"])
