@@ -48,13 +48,14 @@ def run(ctx: Any) -> dict[str, Any]:
     cand = next(c for c in search["candidates"] if c["candidate_id"] == base_id)
     model = common.load_model(out / sel["checkpoint"], cfg)
     row = sel["selected"]
+    stem = "pruned" if sel.get("feasible", True) else "best_tradeoff"  # never call a miss "pruned"
     ctx.progress.stage_start("finalize", note="checkpoint + ONNX")
-    save_checkpoint(out / "pruned.pt", model, extra={"prune_job": {
+    save_checkpoint(out / f"{stem}.pt", model, extra={"prune_job": {
         "candidate": {**{k: cand[k] for k in ("importance", "controller", "ramp")}, "candidate_id": sel["candidate_id"]},
         "map": row["map"], "p50_ms": row["p50_ms"], "latency_budget_ms": base["latency_budget_ms"],
         "map_floor": base["map_floor"], "runtime": cfg.budget.runtime, "device": cfg.budget.device,
     }})
-    onnx_path = common.export_core(model, out / "pruned.onnx")
+    onnx_path = common.export_core(model, out / f"{stem}.onnx")
     table_src = Path(ctx.results["latency_table"]["path"])
     table = json.loads(table_src.read_text()) if table_src.is_file() else None
     if table_src.is_file():
@@ -68,6 +69,8 @@ def run(ctx: Any) -> dict[str, Any]:
     dense = base["dense"]
     doc = {
         "candidate_id": sel["candidate_id"],
+        "feasible": sel.get("feasible", True),
+        "infeasible": sel.get("infeasible"),
         "dense": dense,
         "pruned": pruned,
         "speedup": dense["p50_ms"] / pruned["p50_ms"],
@@ -82,7 +85,7 @@ def run(ctx: Any) -> dict[str, Any]:
         "sensitivity": ctx.results.get("sensitivity", {}),
         "layers": pruning.get("layers", {}),
         "pruner_history": pruning.get("history", []),
-        "artifacts": {"checkpoint": "pruned.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},
+        "artifacts": {"checkpoint": f"{stem}.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},
         "config": cfg.model_dump(mode="json"),
     }
     ctx.progress.stage_start("finalize", note="report")
@@ -90,7 +93,7 @@ def run(ctx: Any) -> dict[str, Any]:
     write_report_html(out / "report.html", doc, table)
     return {
         "pruned": pruned,
-        "checkpoint": "pruned.pt",
+        "checkpoint": f"{stem}.pt",
         "onnx": onnx_path.name,
         "report_json": "report.json",
         "report_html": "report.html",

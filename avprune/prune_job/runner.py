@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from avprune.config.prune import PruneJobConfig
+from avprune.prune_job.errors import InfeasibleBudgetError
 from avprune.prune_job.progress import JobProgress
 from avprune.prune_job.state import StageStore
 
@@ -137,6 +138,9 @@ def run_prune_job(
         with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
             log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
             results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog)
+    infeasible = results.get("select", {}).get("infeasible")
+    if infeasible:  # the best trade-off is written (best_tradeoff.*, report.*); now say so
+        raise InfeasibleBudgetError(**{k: v for k, v in infeasible.items() if k != "message"})
     result = summarize(out, results, {name: store.wall_s(name) for name, _ in stage_list})
     return dataclasses.replace(result, peak_rss_mb=mem.peak_bytes / 2**20)
 

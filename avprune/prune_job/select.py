@@ -118,8 +118,17 @@ def run(ctx: Any) -> dict[str, Any]:
     points = [Point(m["p50_ms"], m["map"], m["map50"], m["candidate_id"], m["index"]) for m in measured]
     dense = base["dense"]
     # Only models one could ship inform the infeasible message (trial reports are in the report).
-    chosen = choose(points, budget_ms=budget_ms, floor=floor,
-                    others=[Point(dense["p50_ms"], dense["map"], dense["map50"], "dense")])
+    infeasible: dict[str, Any] | None = None
+    try:
+        chosen = choose(points, budget_ms=budget_ms, floor=floor,
+                        others=[Point(dense["p50_ms"], dense["map"], dense["map50"], "dense")])
+    except InfeasibleBudgetError as e:
+        if not points:
+            raise
+        # Nothing is lost: the best trade-off among the candidates is still finalized (as
+        # best_tradeoff.*, never as pruned.*) and the job then ends with the infeasible message.
+        infeasible = {**e.to_dict(), "message": str(e)}
+        chosen = min(points, key=lambda p: max(0.0, p.latency_ms - budget_ms) / budget_ms + max(0.0, floor - p.map))
     row = next(m for m in measured if m["candidate_id"] == chosen.source)
     everything = [*points, Point(dense["p50_ms"], dense["map"], dense["map50"], "dense"), *trial_points(search)]
     return {
@@ -128,5 +137,7 @@ def run(ctx: Any) -> dict[str, Any]:
         "selected": row,
         "measured": measured,
         "pareto": [asdict(p) for p in pareto_front(everything)],
+        "feasible": infeasible is None,
+        "infeasible": infeasible,
         "note": f"{chosen.source}: mAP {row['map']:.3f}, p50 {row['p50_ms']:.2f} ms (budget {budget_ms:.2f})",
     }
