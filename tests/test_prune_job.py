@@ -361,6 +361,7 @@ def test_address_runs_on_an_existing_cluster_and_infeasible_budget_exits_2(asset
     assert not (out / "pruned.pt").exists() and (out / "best_tradeoff.pt").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["feasible"] is False and "infeasible budget" in report["infeasible"]["message"]
+    assert "Budget NOT met" in (out / "report.html").read_text()
     # The job ran on the cluster: Tune's trial worker was one of the cluster's processes.
     assert (out / "search" / "trials" / "c0" / "pruned.pt").is_file()
 

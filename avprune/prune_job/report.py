@@ -156,6 +156,7 @@ def write_report_html(path: Path, doc: Mapping[str, Any], latency_table: Mapping
         f"<p>Budget: p50 &le; <b>{doc['latency_budget_ms']:.2f} ms</b> per batch on <code>{html.escape(doc['runtime'])}</code> "
         f"({html.escape(doc['device'])}, {doc['threads']} threads), mAP &ge; <b>{doc['map_floor']:.3f}</b>. "
         f"Selected <b>{html.escape(doc['candidate_id'])}</b>: {doc['speedup']:.2f}&times; faster.</p>",
+        _infeasible_banner(doc),
         summary,
         "<h2>Candidates</h2>",
         _table(doc.get("measured", []), ["candidate_id", "map", "map50", "p50_ms", "p99_ms", "params", "gmacs"]),
@@ -186,3 +187,12 @@ def write_report_html(path: Path, doc: Mapping[str, Any], latency_table: Mapping
             parts += [f"<h2>Latency table ({len(entries)} entries)</h2>", _table(entries[:200], cols)]
     parts.append(f"<h2>Job</h2><pre>{html.escape(json.dumps(doc.get('config', {}), indent=1))}</pre></body></html>")
     atomic_write_text(path, "\n".join(parts))
+
+
+def _infeasible_banner(doc: dict[str, Any]) -> str:
+    """A budget that was not met must be the first thing a reader sees, not a footnote."""
+    if doc.get("feasible", True):
+        return ""
+    message = (doc.get("infeasible") or {}).get("message", "the budget was not met")
+    return ("<p style='background:#fdecea;border:1px solid #d93025;padding:8px'><b>Budget NOT met.</b> "
+            f"{html.escape(message)}. The model below is the best trade-off reached (best_tradeoff.*).</p>")
