@@ -108,8 +108,10 @@ def test_run_trials_asha_and_restart_after_worker_death(ray_local, tmp_path):
     assert marker.exists(), "the trial's worker should have died once"
     assert good.error is None and good.last["score"] == pytest.approx(6.0)
     assert good.last["resumed_from"] == 3  # restarted from its checkpoint, not from scratch
-    # ASHA may stop the weak trial at a rung; it never runs longer than the strong one.
-    assert len(by_name["bad"].history) <= len(good.history)
+    # ASHA may stop the weak trial at a rung (timing decides whether it does before the trial
+    # ends); either way it never runs past max_t. The restarted trial's history need not hold
+    # the reports from before its worker died, so the two histories are not comparable.
+    assert 1 <= len(by_name["bad"].history) <= 6
     assert (tmp_path / "tune" / "exp").is_dir()
 
 
