@@ -374,6 +374,8 @@ def test_live_progress_callback_survives_tunes_pickling():
 
     with JobProgress(True) as progress:
         cb = tune_callback(progress, total_steps=10)
+        # Round-trips an object this test just built (no file, no user input): exactly what Ray
+        # Tune does to the callback when it saves experiment state.
         restored = cloudpickle.loads(cloudpickle.dumps(cb))
     assert restored.total_steps == 10 and not restored.progress.enabled
 

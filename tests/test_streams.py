@@ -10,7 +10,8 @@ import pytest
 
 from deploy.streams import StreamError, list_topics, open_stream, parse_stream_spec
 from deploy.streams.image_folder import parse_kitti_timestamp
-from deploy.streams.ros_image import COMPRESSED_IMAGE_MSGDEF, IMAGE_MSGDEF, raw_image_to_rgb
+from deploy.streams.ros_image import raw_image_to_rgb
+from perception.ros_msgdefs import COMPRESSED_IMAGE_MSGDEF, IMAGE_MSGDEF
 
 pytestmark = pytest.mark.timeout(60)  # a reader that hangs on a broken file fails instead
 

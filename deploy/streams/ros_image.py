@@ -29,24 +29,6 @@ RAW_ENCODINGS: dict[str, tuple[int, str]] = {
     "8UC3": (3, "bgr"),  # OpenCV's default channel order
 }
 
-_HEADER_DEFS = """================================================================================
-MSG: std_msgs/Header
-builtin_interfaces/Time stamp
-string frame_id
-================================================================================
-MSG: builtin_interfaces/Time
-int32 sec
-uint32 nanosec
-"""
-
-#: ros2msg text (with dependencies) to register with ``mcap_ros2.writer.Writer.register_msgdef``.
-COMPRESSED_IMAGE_MSGDEF = "std_msgs/Header header\nstring format\nuint8[] data\n" + _HEADER_DEFS
-IMAGE_MSGDEF = (
-    "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\n"
-    "uint32 step\nuint8[] data\n" + _HEADER_DEFS
-)
-
-
 def is_image_type(type_name: str) -> bool:
     """True for Image/CompressedImage in ROS 2 (``sensor_msgs/msg/X``) or ROS 1 (``sensor_msgs/X``) naming."""
     return type_name.replace("/msg/", "/") in ("sensor_msgs/Image", "sensor_msgs/CompressedImage")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from perception.io import atomic_path, atomic_write_bytes, atomic_write_text
+from perception.ros_msgdefs import COMPRESSED_IMAGE, COMPRESSED_IMAGE_MSGDEF
 from perception.synthetic.coco_writer import (
     annotation_records,
     coco_document,
@@ -32,20 +33,6 @@ from perception.synthetic.drive import DriveFrame, kitti_timestamp
 
 TOPIC = "/camera/front/image/compressed"
 FRAME_ID = "camera_front"
-COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
-# ROS 2 message definition with its dependencies, in the concatenated form rosbag2 stores.
-COMPRESSED_IMAGE_MSGDEF = """std_msgs/Header header
-string format
-uint8[] data
-================================================================================
-MSG: std_msgs/Header
-builtin_interfaces/Time stamp
-string frame_id
-================================================================================
-MSG: builtin_interfaces/Time
-int32 sec
-uint32 nanosec
-"""
 
 
 class DriveRecorder:
