@@ -137,12 +137,15 @@ def run_demo(out: Path, *, train_minutes: float, images: int, drive_seconds: flo
     if not pruned_ckpt.exists():
         pruned_ckpt = prune_dir / "best_tradeoff.pt"
         print(f"demo: the budget was not met; continuing with the best trade-off reached ({pruned_ckpt.name})")
+    # both engines at the job's deployed score threshold, so validate times what the job measured
+    job_thresh = yaml.safe_load(prune_cfg.read_text())["budget"].get("score_thresh")
+    thresh = ["--score-thresh", str(job_thresh)] if job_thresh is not None else []
     walls["build-engine"] = _stage(
         "4/5 build the engines (verified export; TensorRT where present, else ONNX Runtime)",
         (engine_dir / "pruned.onnx.json").exists() and (engine_dir / "dense.onnx.json").exists(),
         lambda: max(
             avprune_main(["build-engine", str(ckpt), "--out", str(engine_dir / f"{name}.onnx"), "--val",
-                          str(data / "coco"), "--precision", "fp32", "--threads", "2"])
+                          str(data / "coco"), "--precision", "fp32", "--threads", "2", *thresh])
             for name, ckpt in (("pruned", pruned_ckpt), ("dense", train_dir / "model.pt"))
         ),
     )

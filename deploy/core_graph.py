@@ -4,9 +4,10 @@ A torchvision detector is ``transform -> backbone -> heads -> decode + NMS``. Th
 steps are data dependent (per-image resize, per-class loops, variable-length NMS output), which
 is what makes full-graph exports slow in ONNX Runtime and awkward in TensorRT. We split it:
 
-* :func:`preprocess_frames` – normalise and resize each frame exactly like torchvision's
-  ``GeneralizedRCNNTransform`` (same arithmetic), then paste it top-left on a fixed canvas of the
-  model input size, so the graph always sees ``[N, 3, H, W]`` (static shapes).
+* :func:`preprocess_frames` – resize and normalise each frame like torchvision's
+  ``GeneralizedRCNNTransform`` (same output size and sampling; the resize runs on uint8, so pixels
+  agree to within one grey level), then paste it top-left on a fixed canvas of the model input
+  size, so the graph always sees ``[N, 3, H, W]`` (static shapes).
 * :class:`CoreModule` – backbone + heads only; raw outputs named by meaning:
 
   ==============  =========================================================================
@@ -167,33 +168,39 @@ def preprocess_frames(frames: Sequence[np.ndarray], meta: ModelMeta) -> tuple[Te
     """
     if len(frames) == 0:
         raise ValueError("preprocess_frames needs at least one frame")
+    import cv2
+
     H, W = meta.image_size
-    mean = torch.tensor(meta.mean).view(3, 1, 1)
-    std = torch.tensor(meta.std).view(3, 1, 1)
-    batch = torch.zeros(len(frames), 3, H, W)
+    # (x / 255 - mean) / std as one multiply-add per pixel
+    px_scale = (1.0 / (255.0 * np.asarray(meta.std, dtype=np.float64))).astype(np.float32)
+    px_shift = (-np.asarray(meta.mean, dtype=np.float64) / np.asarray(meta.std, dtype=np.float64)).astype(np.float32)
+    batch = np.zeros((len(frames), 3, H, W), dtype=np.float32)
     sizes = []
     for i, f in enumerate(frames):
         if not (isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[2] == 3 and f.dtype == np.uint8):
             got = f"{type(f).__name__} {getattr(f, 'shape', '')} {getattr(f, 'dtype', '')}"
             raise TypeError(f"frame {i}: expected an HxWx3 uint8 RGB array, got {got}")
-        # Resize first, normalise after: bilinear resizing is linear, so the order does not change
-        # the result (to float rounding), and normalising the smaller canvas halves the cost.
-        img = torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).float()
-        h, w = img.shape[-2:]
+        h, w = f.shape[:2]
         if meta.family == "ssd":
-            out = nn.functional.interpolate(img[None], size=[H, W], mode="bilinear", align_corners=False)[0]
+            oh, ow = H, W
         else:
-            # torchvision's eager arithmetic (python floats), so the PyTorch model sees the same pixels
+            # torchvision's eager arithmetic (python floats) for the output size
             scale = min(meta.min_size / min(h, w), meta.max_size / max(h, w))
             if int(h * scale) > H or int(w * scale) > W:
                 scale = min(H / h, W / w)
-            out = nn.functional.interpolate(
-                img[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-            )[0]
-        rh, rw = min(out.shape[-2], H), min(out.shape[-1], W)
-        batch[i, :, :rh, :rw] = (out[:, :rh, :rw] / 255.0 - mean) / std
+            oh, ow = int(h * scale), int(w * scale)
+        # Resize the uint8 frame, then normalise the (smaller) canvas. OpenCV's bilinear on uint8
+        # samples like torchvision's float resize (half-pixel centres, no antialias) but rounds to
+        # the nearest level: within 1/255 of torchvision's pixels, at a quarter of the cost of
+        # converting the whole frame to float first (0.2 vs 0.85 ms per 640x384 frame here).
+        out = cv2.resize(np.ascontiguousarray(f), (ow, oh), interpolation=cv2.INTER_LINEAR) if (oh, ow) != (h, w) else f
+        rh, rw = min(oh, H), min(ow, W)
+        planes = out[:rh, :rw].transpose(2, 0, 1).astype(np.float32)
+        for c in range(3):  # plane by plane: numpy's broadcast over a (3,1,1) axis is ~6x slower here
+            np.multiply(planes[c], px_scale[c], out=batch[i, c, :rh, :rw])
+            batch[i, c, :rh, :rw] += px_shift[c]
         sizes.append((int(rh), int(rw)))
-    return batch, tuple(sizes)
+    return torch.from_numpy(batch), tuple(sizes)
 
 
 def to_frame_coords(

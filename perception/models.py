@@ -318,3 +318,18 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (pruned models count their physically smaller layers)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def set_score_threshold(model: nn.Module, thresh: float) -> nn.Module:
+    """Set the detector's final score threshold (deployment post-processing), returning the model.
+
+    torchvision's defaults are COCO-benchmark settings (SSDlite: 0.001, which sends ~1400 near-zero
+    boxes per frame through NMS); deployments keep fewer. Export copies the value into the artifact.
+    """
+    if not 0.0 < float(thresh) < 1.0:
+        raise ValueError(f"score threshold {thresh!r} must be in (0, 1), e.g. 0.01 or 0.3")
+    target = model.roi_heads if hasattr(model, "roi_heads") else model
+    if not hasattr(target, "score_thresh"):
+        raise TypeError(f"{type(model).__name__} has no score_thresh to set (not a torchvision detector?)")
+    target.score_thresh = float(thresh)
+    return model

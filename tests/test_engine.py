@@ -234,3 +234,22 @@ def test_cli_build_engine_states_backend(case, tmp_path, capsys):
     assert "2:4 pattern:" in out and sidecar_path(tmp_path / "cli.engine").is_file()
     rc = main(["build-engine", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "x.engine")])
     assert rc == 1 and "not found" in capsys.readouterr().err
+
+
+def test_cli_build_engine_score_threshold(case, tmp_path, capsys):
+    """--score-thresh reaches the artifact's post-processing (and is refused for an exported ONNX)."""
+    from avprune.cli import main
+    from deploy.export import onnx_meta, read_onnx_meta
+    from perception.models import save_checkpoint
+
+    root, model, ds, core = case
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, model)
+    rc = main(["build-engine", str(ckpt), "--out", str(tmp_path / "t.onnx"), "--val", str(ds.images_dir.parent),
+               "--score-thresh", "0.2", "--verify-images", "2"])
+    assert rc == 0, capsys.readouterr().err
+    meta = onnx_meta(read_onnx_meta(tmp_path / "t.onnx"))
+    assert meta.post_params["score_thresh"] == pytest.approx(0.2)
+    rc = main(["build-engine", str(core.path), "--out", str(tmp_path / "u.onnx"), "--score-thresh", "0.2"])
+    assert rc == 1 and "--score-thresh applies when MODEL is a .pt" in capsys.readouterr().err
+    assert not (tmp_path / "u.onnx").exists()

@@ -133,3 +133,16 @@ def test_width_pruned_checkpoint_reloads(tmp_path: Path) -> None:
     again = load_detector(tmp_path / "pruned.pt")
     assert count_parameters(again) == count_parameters(model)
     _same_output(model, again)
+
+
+def test_set_score_threshold():
+    from perception.models import set_score_threshold
+
+    ssd = build_detector("ssdlite320_mobilenet_v3_large", num_classes=3)
+    assert set_score_threshold(ssd, 0.01).score_thresh == 0.01
+    frcnn = build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3)
+    assert set_score_threshold(frcnn, 0.3).roi_heads.score_thresh == 0.3
+    with pytest.raises(ValueError, match="must be in"):
+        set_score_threshold(ssd, 1.5)
+    with pytest.raises(TypeError, match="no score_thresh"):
+        set_score_threshold(torch.nn.Linear(2, 2), 0.1)

@@ -118,11 +118,10 @@ def deployed(model: Any, config: PruneJobConfig) -> Any:
     Dense and pruned models get the same setting, and deploy's export copies it into the ONNX
     metadata, so mAP and latency are both measured as the model will run.
     """
+    from perception.models import set_score_threshold
+
     thresh = config.budget.score_thresh
-    if thresh is not None:
-        target = model.roi_heads if hasattr(model, "roi_heads") else model
-        target.score_thresh = float(thresh)
-    return model
+    return model if thresh is None else set_score_threshold(model, thresh)
 
 
 def layer_filter(model: Any, importance: str, config: PruneJobConfig) -> Any:
