@@ -14,18 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deploy.streams.base import (
     Packet,
     StreamError,
     StreamReader,
     TopicInfo,
     check_file,
-    failing_decode,
     select_image_topic,
 )
-from deploy.streams.ros_image import is_image_type, message_to_rgb, stamp_ns
+from deploy.streams.ros_image import image_packet, is_image_type
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +124,16 @@ class McapStreamReader(StreamReader):
             raise StreamError(f"MCAP {self.path} topic {self.topic} holds no message")
 
     def _packet(self, decoder: Any, message: Any, index: int) -> Packet:
-        what = f"MCAP {self.path} topic {self.topic} frame {index}"
-        try:
-            msg = decoder(message.data)
-            ts = stamp_ns(msg)
-        except Exception as e:  # a corrupt CDR payload: this frame only
-            return Packet(message.log_time, index, failing_decode(f"{what}: CDR does not decode ({e})"))
-        if ts == 0:
-            if self._zero_stamps == 0:
-                note = "some header stamps are zero: those frames use the MCAP log time"
-                log.warning("%s: %s", what, note)
-                self.notes.append(note)
-            self._zero_stamps += 1
-            ts = message.log_time
+        return image_packet(lambda: decoder(message.data), type_name=self.msgtype, log_time=message.log_time,
+                            index=index, what=f"MCAP {self.path} topic {self.topic} frame {index}",
+                            on_zero_stamp=self._zero_stamp)
 
-        def decode() -> np.ndarray:
-            return message_to_rgb(msg, self.msgtype, what=what)
-
-        return Packet(ts, index, decode)
+    def _zero_stamp(self, what: str) -> None:
+        if self._zero_stamps == 0:
+            note = "some header stamps are zero: those frames use the MCAP log time"
+            log.warning("%s: %s", what, note)
+            self.notes.append(note)
+        self._zero_stamps += 1
 
     def close(self) -> None:
         self._file.close()

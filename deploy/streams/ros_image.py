@@ -8,11 +8,12 @@ to produce such a file (tests and the synthetic drive generator use them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from deploy.streams.base import DecodeError, as_rgb_frame, decode_encoded_image
+from deploy.streams.base import DecodeError, Packet, as_rgb_frame, decode_encoded_image, failing_decode
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -84,3 +85,28 @@ def _as_bytes(data: Any) -> bytes | np.ndarray:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     return bytes(bytearray(data))  # list of ints from some decoders
+
+
+def image_packet(
+    deserialize: Callable[[], Any], *, type_name: str, log_time: int, index: int, what: str,
+    on_zero_stamp: Callable[[str], None],
+) -> Packet:
+    """One recorded image message as a :class:`Packet`, shared by the MCAP and rosbag readers.
+
+    The timestamp is ``header.stamp`` (capture time); a zero stamp falls back to the recorder's
+    ``log_time`` (``on_zero_stamp(what)`` is told). A message that does not deserialize becomes one
+    failing frame rather than ending the stream; pixels decode lazily, when the frame is used.
+    """
+    try:
+        msg = deserialize()
+        ts = stamp_ns(msg)
+    except Exception as e:  # a corrupt serialized payload: this frame only
+        return Packet(log_time, index, failing_decode(f"{what}: message does not deserialize ({e})"))
+    if ts == 0:
+        on_zero_stamp(what)
+        ts = log_time
+
+    def decode() -> np.ndarray:
+        return message_to_rgb(msg, type_name, what=what)
+
+    return Packet(ts, index, decode)

@@ -13,18 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deploy.streams.base import (
     Packet,
     StreamError,
     StreamReader,
     TopicInfo,
     check_file,
-    failing_decode,
     select_image_topic,
 )
-from deploy.streams.ros_image import is_image_type, message_to_rgb, stamp_ns
+from deploy.streams.ros_image import image_packet, is_image_type
 
 log = logging.getLogger(__name__)
 
@@ -93,24 +90,16 @@ class RosbagStreamReader(StreamReader):
             raise StreamError(f"rosbag {self.path} topic {self.topic} holds no message")
 
     def _packet(self, connection: Any, log_time: int, raw: bytes, index: int) -> Packet:
-        what = f"rosbag {self.path} topic {self.topic} frame {index}"
-        try:
-            msg = self._reader.deserialize(raw, connection.msgtype)
-            ts = stamp_ns(msg)
-        except Exception as e:  # a corrupt serialized message: this frame only
-            return Packet(log_time, index, failing_decode(f"{what}: message does not deserialize ({e})"))
-        if ts == 0:
-            if self._zero_stamps == 0:
-                note = "some header stamps are zero: those frames use the bag's receive time"
-                log.warning("%s: %s", what, note)
-                self.notes.append(note)
-            self._zero_stamps += 1
-            ts = log_time
+        return image_packet(lambda: self._reader.deserialize(raw, connection.msgtype), type_name=connection.msgtype,
+                            log_time=log_time, index=index, what=f"rosbag {self.path} topic {self.topic} frame {index}",
+                            on_zero_stamp=self._zero_stamp)
 
-        def decode() -> np.ndarray:
-            return message_to_rgb(msg, connection.msgtype, what=what)
-
-        return Packet(ts, index, decode)
+    def _zero_stamp(self, what: str) -> None:
+        if self._zero_stamps == 0:
+            note = "some header stamps are zero: those frames use the bag's receive time"
+            log.warning("%s: %s", what, note)
+            self.notes.append(note)
+        self._zero_stamps += 1
 
     def close(self) -> None:
         if self._reader.stack is not None:
