@@ -86,7 +86,10 @@ def _job(quick: bool, ckpt: Path, coco: Path, out: Path, cache: Path) -> Any:
                           "sensitivity.max_layers": 2, "sensitivity.sparsities": [0.5], "sensitivity.eval_images": 8,
                           "budget.measure_iters": 10})
     else:
-        overrides.update({"finetune.steps": 400, "finetune.measure_every": 50})
+        # A 0.5-point floor leaves no room for the example's fast ramp (40% of the steps): the first
+        # run here reached 35% sparsity by step 50, fell 18 points and spent the rest recovering.
+        # Ramping over all the steps lets each measurement catch the floor before the fall.
+        overrides.update({"finetune.steps": 400, "finetune.measure_every": 50, "pruning.ramps": [1.0]})
     return load_prune_config(EXAMPLE, overrides)
 
 
@@ -188,21 +191,26 @@ def _best_candidate(out: Path) -> Path | None:
     return out / best["checkpoint"]
 
 
-def _sensitivity_scaling(cfg: Any) -> dict[str, float]:
-    """Wall time of the same sensitivity scan with 1 and 2 Ray workers (a fresh instance each)."""
+def _sensitivity_scaling(cfg: Any, layer_counts: tuple[int, ...]) -> list[dict[str, float]]:
+    """Wall time of the same sensitivity scan with 1 and 2 Ray workers (a fresh instance each), per
+    number of scanned layers: each worker pays a fixed start-up, so scaling grows with the scan."""
     from avprune.prune_job import sensitivity
     from pruning.distributed import ray_session
 
-    layers = sensitivity.largest_units(cfg, max(2, cfg.sensitivity.max_layers))
     dense = sensitivity.dense_map_on_subset(cfg)
-    times = {}
-    for workers in (1, 2):
-        with ray_session(None, num_cpus=workers, runtime_env={"env_vars": {"AVPRUNE_TORCH_THREADS": "1",
-                                                                          "OMP_NUM_THREADS": "1"}}):
-            t0 = time.perf_counter()
-            sensitivity.scan(cfg, layers, dense)
-            times[workers] = time.perf_counter() - t0
-    return {"layers": len(layers), "one_worker_s": times[1], "two_workers_s": times[2], "speedup": times[1] / times[2]}
+    rows = []
+    for count in layer_counts:
+        layers = sensitivity.largest_units(cfg, count)
+        times = {}
+        for workers in (1, 2):
+            with ray_session(None, num_cpus=workers, runtime_env={"env_vars": {"AVPRUNE_TORCH_THREADS": "1",
+                                                                              "OMP_NUM_THREADS": "1"}}):
+                t0 = time.perf_counter()
+                sensitivity.scan(cfg, layers, dense)
+                times[workers] = time.perf_counter() - t0
+        rows.append({"layers": len(layers), "one_worker_s": times[1], "two_workers_s": times[2],
+                     "speedup": times[1] / times[2]})
+    return rows
 
 
 # ----------------------------------------------------------------------------- main
@@ -221,17 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     work = WORK / tag
     coco = _data(args.quick, args.seed)
     ckpt = _dense_checkpoint(args.quick, coco, args.seed)
-    cfg = _job(args.quick, ckpt, coco, work / "job", WORK / "cache")
+    # the job folder is named by its config, so an edited config starts afresh and a rerun resumes
+    fingerprint = _job(args.quick, ckpt, coco, work / "job", WORK / "cache").fingerprint()[:10]
+    job_dir = work / f"job-{fingerprint}"
+    cfg = _job(args.quick, ckpt, coco, job_dir, WORK / "cache")
     t0 = time.perf_counter()
     infeasible = None
     with PeakRSS() as mem:  # this process and its local Ray instance, also when the budget fails
         try:
-            result = run_prune_job(cfg, out_dir=work / "job", resume=True, progress=True)
+            result = run_prune_job(cfg, out_dir=job_dir, resume=True, progress=True)
         except InfeasibleBudgetError as e:  # the candidates are still worth measuring
             result, infeasible = None, str(e)
     job_s = time.perf_counter() - t0
-    sens = _sensitivity_scaling(cfg)
-    pruned = result.checkpoint if result is not None else _best_candidate(work / "job")
+    sens = _sensitivity_scaling(cfg, (2,) if args.quick else (cfg.sensitivity.max_layers, 16))
+    pruned = result.checkpoint if result is not None else _best_candidate(job_dir)
     table: dict[str, Any] = {}
     if pruned is not None:
         dense_long = _dense_long(cfg, work / "dense_long")
@@ -278,16 +289,26 @@ def _markdown(quick: bool, cfg: Any, result: Any, infeasible: str | None, job_s:
                       f"and NMS are the rest of each frame and do not shrink with the model)."]
         ceiling = {k: v for k, v in table.items() if k.endswith("(ceiling)")}
         if ceiling:
-            fastest = max(ceiling, key=lambda k: table["dense"]["p50_ms"] / ceiling[k]["p50_ms"])
-            top = table["dense"]["p50_ms"] / ceiling[fastest]["p50_ms"]
+            # An untrained-looking model floods NMS with boxes, so its own frame time overstates the
+            # cost: bound the frame by its graph plus the dense model's pre/post-processing.
+            host = table["dense"]["p50_ms"] - table["dense"]["core_p50_ms"]
+            fastest = min(ceiling, key=lambda k: ceiling[k]["core_p50_ms"])
+            top = table["dense"]["p50_ms"] / (ceiling[fastest]["core_p50_ms"] + host)
             top_core = table["dense"]["core_p50_ms"] / ceiling[fastest]["core_p50_ms"]
             lines += ["", f"Speed ceiling of channel pruning here: {fastest} of the prunable channels, accuracy "
-                          f"ignored, is **{top:.2f}x** end to end ({top_core:.2f}x graph-only). "
+                          f"ignored, runs its graph **{top_core:.2f}x** faster; with the dense model's "
+                          f"pre-processing + decoding/NMS ({host:.2f} ms per frame) that is at most **{top:.2f}x** "
+                          "end to end. "
                           + (f"The {TARGET_SPEEDUP}x end-to-end target is beyond what channel pruning of this "
                              "detector reaches on this runtime, at any accuracy." if top < TARGET_SPEEDUP else
                              f"The {TARGET_SPEEDUP}x target is within reach of channel pruning on this runtime.")]
-    lines += ["", f"Sensitivity stage ({sens['layers']} layers): 1 Ray worker {sens['one_worker_s']:.1f} s, "
-                  f"2 workers {sens['two_workers_s']:.1f} s: **{sens['speedup']:.2f}x** (target >= {TARGET_SENS_SPEEDUP}x)."]
+    lines += ["", "Sensitivity stage, 1 vs 2 Ray workers (same layers, same scan; target >= "
+                  f"{TARGET_SENS_SPEEDUP}x):", "", "| layers scanned | 1 worker s | 2 workers s | speed-up |",
+              "|---:|---:|---:|---:|"]
+    lines += [f"| {r['layers']} | {r['one_worker_s']:.1f} | {r['two_workers_s']:.1f} | **{r['speedup']:.2f}x** |"
+              for r in sens]
+    lines += ["", "Each worker process pays a fixed start-up (Ray worker, torch, model: ~3 s here) and then "
+                  "scans its share of the layers (~1.5 s each), so the speed-up grows with the scan."]
     return "\n".join(lines)
 
 

@@ -195,6 +195,16 @@ def ray_local():
         yield info
 
 
+def test_sensitivity_workers_share_the_layers(ray_local):
+    """Each scan worker runs an equal share of the layers in one process (2 slots here)."""
+    from avprune.prune_job.sensitivity import calls_per_worker
+
+    assert calls_per_worker(4, 1) == 2
+    assert calls_per_worker(5, 1) == 3
+    assert calls_per_worker(1, 1) == 1
+    assert calls_per_worker(4, 2) == 4  # one slot of 2 CPUs: one process for all
+
+
 def _kill_first_trial_worker(out: Path, killed: list[int], stop: list[bool]) -> None:
     """Background thread: SIGKILL the first trial worker once it has started fine-tuning."""
     from avprune.prune_job.search import pid_files
