@@ -104,7 +104,8 @@ def _dense_long(cfg: Any, out: Path) -> Path:
     ft = cfg.finetune
     train_ds, _ = common.datasets(cfg)
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
-                             warmup_steps=0, checkpoint_every=max(ft.steps, 1), seed=cfg.seed, num_threads=2)
+                             warmup_steps=ft.warmup(), checkpoint_every=max(ft.steps, 1), seed=cfg.seed,
+                             num_threads=2)
     res = train(common.load_dense(cfg), train_ds, settings, out_dir=out, progress=False)
     return Path(res.model_path)
 

@@ -61,6 +61,8 @@ def test_budget_helpers_and_fingerprint(tmp_path, ckpt):
     other = PruneJobConfig.model_validate(_job(tmp_path, ckpt, output_dir=str(tmp_path / "elsewhere")))
     changed = PruneJobConfig.model_validate(_job(tmp_path, ckpt, **{"finetune.steps": 7}))
     base = PruneJobConfig.model_validate(_job(tmp_path, ckpt))
+    assert base.finetune.warmup() == max(1, round(0.1 * base.finetune.steps))  # the default: 10% of the steps
+    assert PruneJobConfig.model_validate(_job(tmp_path, ckpt, **{"finetune.warmup_steps": 0})).finetune.warmup() == 0
     assert base.fingerprint() == other.fingerprint()  # where results go does not change them
     assert base.fingerprint() != changed.fingerprint()
 
@@ -86,6 +88,7 @@ def test_budget_helpers_and_fingerprint(tmp_path, ckpt):
         ({"finetune.measure_every": 50}, "(top level)", "measure_every"),
         ({"model.name": "yolo"}, "model.name", "unknown detector"),
         ({"search.candidates": 0}, "search.candidates", "greater than or equal to 1"),
+        ({"finetune.warmup_steps": 10_000}, "finetune", "warmup_steps (10000) must be below steps"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, ckpt, changes, field, words):

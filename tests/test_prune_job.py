@@ -93,6 +93,27 @@ def _cfg(tmp_path: Path) -> PruneJobConfig:
     return PruneJobConfig.model_validate(data)
 
 
+@pytest.mark.parametrize("controller", ["budget", "cubic"])
+def test_candidates_prune_nothing_during_the_lr_warmup(tmp_path, controller):
+    from types import SimpleNamespace
+
+    from avprune.prune_job.search import _controller
+
+    cfg = _cfg(tmp_path)
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"steps": 40, "warmup_steps": 10,
+                                                                           "measure_every": 5})})
+    table = SimpleNamespace(predict=lambda config: 10.0 * sum(config.values()) / max(1, len(config)))
+    base = {"latency_budget_ms": 1.0, "map_floor": 0.0, "dense_map": 0.5, "sensitivity": {}}
+    ctl = _controller(cfg, {"controller": controller, "ramp": 1.0}, base, table, lambda: (5.0, 0.5))
+    ctl.bind(["a", "b"], lambda u: {"a": round(64 * (1 - u)), "b": 64})
+    for _ in range(10):
+        ctl.step()
+    assert ctl.target("a") == 0.0  # still warming up
+    for _ in range(20):
+        ctl.step()
+    assert ctl.target("a") > 0.0  # pruning began after it
+
+
 def test_run_stages_records_each_stage_and_resume_skips_them(tmp_path):
     cfg, out = _cfg(tmp_path), tmp_path / "out"
     calls: list[str] = []

@@ -181,6 +181,23 @@ class FinetuneSpec(StrictModel):
     batch_size: int = Field(8, ge=2, description=">= 2: SSDlite's 1x1 maps need BatchNorm statistics")
     measure_every: int = Field(50, ge=1, description="steps between measured latency + mAP")
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    warmup_steps: int | None = Field(
+        None, ge=0,
+        description="linear learning-rate warm-up, during which nothing is pruned (None: 10% of the steps). "
+        "A fresh optimizer at full rate knocks a trained detector back for a while, and a controller "
+        "would read that dip as pruning damage",
+    )
+
+    @model_validator(mode="after")
+    def _warmup_below_steps(self) -> FinetuneSpec:
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}): nothing is "
+                             "pruned during the warm-up")
+        return self
+
+    def warmup(self) -> int:
+        """The warm-up steps in effect."""
+        return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.1 * self.steps))
 
 
 class SearchSpec(StrictModel):

@@ -48,20 +48,22 @@ def _controller(cfg: Any, cand: dict[str, Any], base: dict[str, Any], table: Any
     from pruning.controllers import build_controller
 
     p, steps = cfg.pruning, cfg.finetune.steps
-    ramp_steps = max(1, int(round(cand["ramp"] * steps)))
+    # nothing is pruned during the learning-rate warm-up; the ramp covers the steps after it
+    begin = cfg.finetune.warmup()
+    ramp_steps = max(1, int(round(cand["ramp"] * (steps - begin))))
     if cand["controller"] == "budget":
         return build_controller(
             "budget", latency_budget_ms=base["latency_budget_ms"], map_floor=base["map_floor"],
             predict_latency=table.predict, measure=measure, measure_every=cfg.finetune.measure_every,
-            max_sparsity=p.max_sparsity, max_rate=min(1.0, p.max_sparsity / ramp_steps),
+            max_sparsity=p.max_sparsity, max_rate=min(1.0, p.max_sparsity / ramp_steps), warmup_steps=begin,
         )
     if cand["controller"] == "cubic":
-        return build_controller("cubic", final_sparsity=p.max_sparsity, end_step=ramp_steps)
+        return build_controller("cubic", final_sparsity=p.max_sparsity, begin_step=begin, end_step=begin + ramp_steps)
     if cand["controller"] == "fixed":
         return build_controller("fixed", sparsity=p.max_sparsity)
     profile = {layer: [(c["sparsity"], c["drop"]) for c in rec["curve"]] for layer, rec in base["sensitivity"].items()}
     return build_controller("layer_adaptive", profile=profile, max_drop=max(0.0, base["dense_map"] - base["map_floor"]),
-                            end_step=ramp_steps, max_sparsity=p.max_sparsity)
+                            begin_step=begin, end_step=begin + ramp_steps, max_sparsity=p.max_sparsity)
 
 
 @contextlib.contextmanager
@@ -181,7 +183,7 @@ def trial(params: dict[str, Any]) -> None:
     holder["pruner"] = pruner
     ft = cfg.finetune
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
-                             warmup_steps=0, checkpoint_every=ft.measure_every, seed=cand["seed"],
+                             warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=cand["seed"],
                              num_threads=cfg.resources.torch_threads)
     reporter = _Reporter(pruner, measure, last, ft.measure_every, budget_ms)
     train(model, train_ds, settings, out_dir=work / "train", hooks=[pruner, reporter], resume=True, progress=False)
