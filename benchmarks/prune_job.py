@@ -221,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny fine-tune, 2 sensitivity layers")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from the last run")
     args = ap.parse_args(argv)
+    if args.report_only:
+        return _rerender(args.quick)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from avprune.prune_job import InfeasibleBudgetError, run_prune_job
     from avprune.prune_job.memory import PeakRSS
@@ -249,20 +252,56 @@ def main(argv: list[str] | None = None) -> int:
         dense_long = _dense_long(cfg, work / "dense_long")
         models = {"dense": ckpt, "dense_long": dense_long, "pruned": pruned, **_ceiling_models(ckpt, cfg, work)}
         table = _side_by_side(cfg, models, work, rounds=3 if args.quick else 10)
-    md = _markdown(args.quick, cfg, result, infeasible, job_s, table, sens, mem.peak_bytes / 2**30)
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(ASSETS / f"{tag}.json", {
+    record = {
         "quick": args.quick, "job_wall_s": job_s, "stage_wall_s": result.stage_wall_s if result else None,
+        "candidate_id": result.candidate_id if result else None, "job_dir": str(job_dir),
         "peak_rss_gib": mem.peak_bytes / 2**30, "side_by_side": table, "sensitivity": sens,
-        "infeasible": infeasible, "config": cfg.model_dump(mode="json"),
-    })
+        "infeasible": infeasible, "trajectories": _trajectories(job_dir), "config": cfg.model_dump(mode="json"),
+    }
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(ASSETS / f"{tag}.json", record)
+    md = _markdown(cfg, record)
     write_section("prune_job", md)
     print(md)
     return 0
 
 
-def _markdown(quick: bool, cfg: Any, result: Any, infeasible: str | None, job_s: float,
-              table: dict[str, Any], sens: dict[str, float], peak_gib: float) -> str:
+def _trajectories(job_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each candidate's measured points (step, mAP, sparsity, latency) from the search record."""
+    import json
+
+    rec = job_dir / "stages" / "search.json"
+    if not rec.is_file():
+        return {}
+    out = {}
+    for c in json.loads(rec.read_text())["result"]["candidates"]:
+        out[f"{c['candidate_id']} ({c.get('importance', '?')})"] = [
+            {k: h.get(k) for k in ("step", "map", "sparsity", "latency_ms")} for h in c.get("history") or []
+            if h.get("sparsity") is not None
+        ]
+    return out
+
+
+def _rerender(quick: bool) -> int:
+    """Rewrite the RESULTS.md section from the last run's record (no measurement)."""
+    import json
+
+    from avprune.config.prune import PruneJobConfig
+
+    tag = "prune_job_quick" if quick else "prune_job"
+    record = json.loads((ASSETS / f"{tag}.json").read_text())
+    if record.get("job_dir") and not record.get("trajectories"):
+        record["trajectories"] = _trajectories(Path(record["job_dir"]))
+        atomic_write_json(ASSETS / f"{tag}.json", record)
+    md = _markdown(PruneJobConfig.model_validate(record["config"]), record)
+    write_section("prune_job", md)
+    print(md)
+    return 0
+
+
+def _markdown(cfg: Any, record: dict[str, Any]) -> str:
+    quick, infeasible, job_s = record["quick"], record["infeasible"], record["job_wall_s"]
+    table, sens, peak_gib = record["side_by_side"], record["sensitivity"], record["peak_rss_gib"]
     lines = [f"## prune_job{' (--quick smoke run: not a measurement)' if quick else ''}", "", machine_line(), ""]
     lines.append(f"Prune job on SSDlite320 ({cfg.budget.input_size[0]}x{cfg.budget.input_size[1]}), budget "
                  f"{TARGET_SPEEDUP}x lower ONNX Runtime latency (CPU, {cfg.budget.threads} threads) at <= "
@@ -271,9 +310,17 @@ def _markdown(quick: bool, cfg: Any, result: Any, infeasible: str | None, job_s:
                  f"together **{peak_gib:.2f} GiB**.")
     if infeasible:
         lines += ["", f"**Infeasible**: {infeasible}"]
-    if result is not None:
-        stages = ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_wall_s.items())
-        lines += ["", f"Stages: {stages}. Selected candidate: {result.candidate_id}."]
+    if record.get("stage_wall_s"):
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in record["stage_wall_s"].items())
+        lines += ["", f"Stages: {stages}. Selected candidate: {record['candidate_id']}."]
+    trajectories = record.get("trajectories") or {}
+    if trajectories:
+        lines += ["", "Candidates' measured points (mAP on the job's val images @ sparsity), every "
+                      f"{cfg.finetune.measure_every} steps after a {cfg.finetune.warmup()}-step learning-rate "
+                      "warm-up:", ""]
+        for name, points in trajectories.items():
+            pts = ", ".join(f"{p['step']}: {p['map']:.3f}@{p['sparsity']:.2f}" for p in points if p["map"] is not None)
+            lines.append(f"- {name}: {pts}")
     if table:
         lines += ["", "| model | mAP | AP50 | p50 ms/frame | p99 ms/frame | graph-only p50 ms | params (M) | GMACs |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -6,6 +6,7 @@ checkpoint: they test plumbing (Ray, Tune, fault tolerance, artifacts), not accu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -368,8 +369,14 @@ def _stop_cluster(ray_tmpdir: str) -> None:
             continue
         if mine and p.pid != os.getpid():
             procs.append(p)
+    # The raylet's agents retitle themselves (ray::DashboardAgent) and do not inherit RAY_TMPDIR;
+    # as its children they are found before anything is stopped (else they outlive it, orphaned).
+    for p in list(procs):
+        with contextlib.suppress(psutil.Error):
+            procs.extend(c for c in p.children(recursive=True) if c not in procs)
     for p in procs:
-        p.terminate()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=10)
     for p in alive:
         p.kill()
