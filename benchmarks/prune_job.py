@@ -79,6 +79,8 @@ def _job(quick: bool, ckpt: Path, coco: Path, out: Path, cache: Path) -> Any:
     overrides: dict[str, Any] = {
         "model.checkpoint": str(ckpt), "data": {"source": "coco", "root": str(coco), "val_images": 24 if quick else 96},
         "budget.speedup": TARGET_SPEEDUP, "budget.max_map_drop": MAX_DROP_POINTS / 100,
+        # deployed at 0.01: decoding + NMS 2.0 -> 0.7 ms per frame for 0.03 mAP points on this (converged) model
+        "budget.score_thresh": 0.01,
         "output_dir": str(out), "cache_dir": str(cache),
     }
     if quick:
