@@ -29,10 +29,8 @@ def test_matches_torchvision_transform(name, frame_hw):
     ref = ref_list.tensors[0]
     rh, rw = sizes[0]
     assert (rh, rw) == tuple(ref_list.image_sizes[0])
-    one_level = 1.0 / 255.0 / min(meta.std)
     diff = (ours[0, :, :rh, :rw] - ref[:, :rh, :rw]).abs()
-    assert diff.max().item() <= 1.01 * one_level, diff.max().item()
-    assert diff.mean().item() <= 0.3 * one_level  # rounding, not a shifted sampling grid
+    assert diff.max().item() <= 1e-4, diff.max().item()  # float rounding, not a shifted grid or uint8 rounding
     assert ours.shape[-2:] == tuple(meta.image_size)
     assert torch.count_nonzero(ours[0, :, rh:, :]) == 0 and torch.count_nonzero(ours[0, :, :, rw:]) == 0
 
