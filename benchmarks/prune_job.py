@@ -310,8 +310,12 @@ def _markdown(cfg: Any, record: dict[str, Any]) -> str:
                  f"{MAX_DROP_POINTS} mAP-point drop; {cfg.search.candidates} candidates x {cfg.finetune.steps} "
                  f"fine-tune steps. Job wall time {job_s:.0f} s; peak RSS of the driver and all Ray processes "
                  f"together **{peak_gib:.2f} GiB**.")
+    thresh = cfg.budget.score_thresh
+    lines[-1] += (f" Every model is deployed at score threshold {thresh} (mAP and latency)." if thresh is not None
+                  else "")
     if infeasible:
-        lines += ["", f"**Infeasible**: {infeasible}"]
+        lines += ["", f"**Infeasible**: {infeasible}. The `pruned` row below is the finished candidate with "
+                      "the best final mAP."]
     if record.get("stage_wall_s"):
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in record["stage_wall_s"].items())
         lines += ["", f"Stages: {stages}. Selected candidate: {record['candidate_id']}."]

@@ -345,3 +345,34 @@ def test_synthetic_drive_formats_agree(tmp_path):
     for lossy in runs[:2]:
         diff = np.mean([np.abs(a.frame.astype(int) - b.frame.astype(int)).mean() for a, b in zip(lossy, runs[2], strict=True)])
         assert diff < 12
+
+
+def test_image_packet_stamps_and_broken_messages():
+    """Header stamp first; a zero stamp falls back to the log time with one note; a message that
+    does not deserialize is one failing frame, not the end of the stream."""
+    from types import SimpleNamespace
+
+    from deploy.streams.base import DecodeError
+    from deploy.streams.ros_image import ZeroStampNotes, image_packet
+
+    def msg(sec: int, nanosec: int) -> SimpleNamespace:
+        data = np.arange(2 * 3 * 3, dtype=np.uint8)
+        return SimpleNamespace(header=SimpleNamespace(stamp=SimpleNamespace(sec=sec, nanosec=nanosec)),
+                               height=2, width=3, encoding="rgb8", step=9, data=data)
+
+    notes: list[str] = []
+    zero = ZeroStampNotes("MCAP log time", notes)
+    kw = {"type_name": "sensor_msgs/msg/Image", "on_zero_stamp": zero}
+    stamped = image_packet(lambda: msg(5, 7), log_time=99, index=0, what="f0", **kw)
+    assert stamped.timestamp_ns == 5_000_000_007 and stamped.decode().shape == (2, 3, 3)
+    unstamped = [image_packet(lambda: msg(0, 0), log_time=100 + i, index=i, what=f"f{i}", **kw) for i in (1, 2)]
+    assert [p.timestamp_ns for p in unstamped] == [101, 102]
+    assert notes == ["some header stamps are zero: those frames use the MCAP log time"] and zero.count == 2
+
+    def corrupt() -> None:
+        raise ValueError("truncated CDR")
+
+    broken = image_packet(corrupt, log_time=103, index=3, what="bag frame 3", **kw)
+    assert broken.timestamp_ns == 103
+    with pytest.raises(DecodeError, match="bag frame 3: message does not deserialize"):
+        broken.decode()

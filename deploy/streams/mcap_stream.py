@@ -22,7 +22,7 @@ from deploy.streams.base import (
     check_file,
     select_image_topic,
 )
-from deploy.streams.ros_image import image_packet, is_image_type
+from deploy.streams.ros_image import ZeroStampNotes, image_packet, is_image_type
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class McapStreamReader(StreamReader):
         self.topic, self.msgtype = chosen.topic, chosen.msgtype
         self.expected_frames = chosen.count
         self._file = open(self.path, "rb")  # noqa: SIM115 - held for the reader's lifetime, closed in close()
-        self._zero_stamps = 0
+        self._zero_stamps = ZeroStampNotes("MCAP log time", self.notes)
 
     def _packets(self) -> Iterator[Packet]:
         from mcap_ros2.decoder import DecoderFactory
@@ -126,14 +126,7 @@ class McapStreamReader(StreamReader):
     def _packet(self, decoder: Any, message: Any, index: int) -> Packet:
         return image_packet(lambda: decoder(message.data), type_name=self.msgtype, log_time=message.log_time,
                             index=index, what=f"MCAP {self.path} topic {self.topic} frame {index}",
-                            on_zero_stamp=self._zero_stamp)
-
-    def _zero_stamp(self, what: str) -> None:
-        if self._zero_stamps == 0:
-            note = "some header stamps are zero: those frames use the MCAP log time"
-            log.warning("%s: %s", what, note)
-            self.notes.append(note)
-        self._zero_stamps += 1
+                            on_zero_stamp=self._zero_stamps)
 
     def close(self) -> None:
         self._file.close()

@@ -8,12 +8,15 @@ to produce such a file (tests and the synthetic drive generator use them).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from deploy.streams.base import DecodeError, Packet, as_rgb_frame, decode_encoded_image, failing_decode
+
+log = logging.getLogger(__name__)
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -85,6 +88,20 @@ def _as_bytes(data: Any) -> bytes | np.ndarray:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     return bytes(bytearray(data))  # list of ints from some decoders
+
+
+class ZeroStampNotes:
+    """``on_zero_stamp`` for :func:`image_packet`: counts zero stamps, noting the first in ``notes``."""
+
+    def __init__(self, clock: str, notes: list[str]) -> None:
+        self.note = f"some header stamps are zero: those frames use the {clock}"
+        self.notes, self.count = notes, 0
+
+    def __call__(self, what: str) -> None:
+        if self.count == 0:
+            log.warning("%s: %s", what, self.note)
+            self.notes.append(self.note)
+        self.count += 1
 
 
 def image_packet(

@@ -21,7 +21,7 @@ from deploy.streams.base import (
     check_file,
     select_image_topic,
 )
-from deploy.streams.ros_image import image_packet, is_image_type
+from deploy.streams.ros_image import ZeroStampNotes, image_packet, is_image_type
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class RosbagStreamReader(StreamReader):
             raise
         self.topic, self.msgtype, self.expected_frames = chosen.topic, chosen.msgtype, chosen.count
         self.kind = "rosbag2" if self._reader.is2 else "rosbag1"
-        self._zero_stamps = 0
+        self._zero_stamps = ZeroStampNotes("bag's receive time", self.notes)
 
     def _packets(self) -> Iterator[Packet]:
         connections = [c for c in self._reader.connections if c.topic == self.topic]
@@ -92,14 +92,7 @@ class RosbagStreamReader(StreamReader):
     def _packet(self, connection: Any, log_time: int, raw: bytes, index: int) -> Packet:
         return image_packet(lambda: self._reader.deserialize(raw, connection.msgtype), type_name=connection.msgtype,
                             log_time=log_time, index=index, what=f"rosbag {self.path} topic {self.topic} frame {index}",
-                            on_zero_stamp=self._zero_stamp)
-
-    def _zero_stamp(self, what: str) -> None:
-        if self._zero_stamps == 0:
-            note = "some header stamps are zero: those frames use the bag's receive time"
-            log.warning("%s: %s", what, note)
-            self.notes.append(note)
-        self._zero_stamps += 1
+                            on_zero_stamp=self._zero_stamps)
 
     def close(self) -> None:
         if self._reader.stack is not None:
