@@ -61,7 +61,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--score-thresh", type=float, default=None, metavar="T",
                    help="deployed score threshold when MODEL is a .pt (default: the checkpoint's, 0.001 for "
-                        "SSDlite, a COCO-benchmark setting; 0.01 keeps mAP and cuts decoding + NMS ~3x)")
+                        "SSDlite, a COCO-benchmark setting). 0.01 cuts decoding + NMS ~3x; a converged model "
+                        "keeps its mAP, an under-trained one (low scores) loses some: the verify line prints the mAP at it")
     p.set_defaults(func=run, error_exit_code=1)
 
 
