@@ -412,9 +412,12 @@ def test_live_progress_callback_survives_tunes_pickling():
 
     with JobProgress(True) as progress:
         cb = tune_callback(progress, total_steps=10)
-        # Round-trips an object this test just built (no file, no user input): exactly what Ray
-        # Tune does to the callback when it saves experiment state.
-        restored = cloudpickle.loads(cloudpickle.dumps(cb))
+        cloudpickle.dumps(cb)  # what Tune does when it saves experiment state: fails if the display (locks) goes along
+        state = cb.__getstate__()
+        json.dumps(state)  # plain data only
+        # what unpickling does, without loading any bytes
+        restored = object.__new__(type(cb))
+        restored.__setstate__(state)
     assert restored.total_steps == 10 and not restored.progress.enabled
 
 
