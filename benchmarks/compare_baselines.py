@@ -78,8 +78,11 @@ def prunable_convs(detector: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(n, m) for n, m in detector.named_modules() if isinstance(m, nn.Conv2d) and id(m) not in protected]
 
 
-def tp_channel_prune(detector: nn.Module, ratio: float, example_inputs: torch.Tensor, importance: Any = None) -> nn.Module:
-    """Global channel pruning of ``detector`` in place with Torch-Pruning (MetaPruner), one shot.
+def tp_channel_prune(
+    detector: nn.Module, ratio: float, example_inputs: torch.Tensor, importance: Any = None, *, global_pruning: bool = True
+) -> nn.Module:
+    """Channel pruning of ``detector`` in place with Torch-Pruning (MetaPruner), one shot: global
+    ranking by default, or ``ratio`` of every group with ``global_pruning=False``.
 
     ``round_to=8`` because odd channel counts slow dense kernels down (FIELD_NOTES).
     """
@@ -96,7 +99,7 @@ def tp_channel_prune(detector: nn.Module, ratio: float, example_inputs: torch.Te
         example_inputs,
         importance=importance if importance is not None else tp.importance.MagnitudeImportance(p=2),
         pruning_ratio=ratio,
-        global_pruning=True,
+        global_pruning=global_pruning,
         ignored_layers=head_output_convs(detector),
         round_to=8,
     )

@@ -154,27 +154,19 @@ def _side_by_side(cfg: Any, models: dict[str, Path], work: Path, rounds: int) ->
 
 
 def _ceiling_models(ckpt: Path, cfg: Any, work: Path) -> dict[str, Path]:
-    """One-shot Torch-Pruning of the job's prunable channels at each ratio (no fine-tuning)."""
+    """``ratio`` of every prunable channel group removed at once (Torch-Pruning, no fine-tuning)."""
     import torch
-    import torch_pruning as tp
 
     from avprune.prune_job import common
-    from deploy.core_graph import CoreModule, model_meta
+    from benchmarks.compare_baselines import tp_channel_prune
     from perception.models import save_checkpoint
-    from pruning.filters import detector_default_filter
 
     out = {}
     for ratio in CEILING_RATIOS:
         path = work / f"ceiling_{int(ratio * 100)}.pt"
         if not path.is_file():
             model = common.load_model(ckpt, cfg).eval()
-            keep = detector_default_filter(model)
-            core = CoreModule(model, model_meta(model))
-            ignored = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and not keep(n, m)]
-            pruner = tp.pruner.MetaPruner(core, torch.zeros(1, 3, *cfg.budget.input_size),
-                                          importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-                                          ignored_layers=ignored, round_to=cfg.pruning.round_to)
-            pruner.step()
+            tp_channel_prune(model, ratio, torch.zeros(1, 3, *cfg.budget.input_size), global_pruning=False)
             save_checkpoint(path, model)
         out[f"one-shot {int(ratio * 100)}% (ceiling)"] = path
     return out

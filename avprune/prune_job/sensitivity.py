@@ -85,8 +85,9 @@ def calls_per_worker(tasks: int, cpus_per_task: float) -> int:
 
     import ray
 
-    slots = max(1, int(ray.available_resources().get("CPU", 1.0) // max(cpus_per_task, 1e-9)))
-    return max(1, math.ceil(tasks / min(slots, max(tasks, 1))))
+    slots = int(ray.available_resources().get("CPU", 1.0) // max(cpus_per_task, 1e-9))
+    workers = max(1, min(slots, tasks))
+    return max(1, math.ceil(tasks / workers))
 
 
 def dense_map_on_subset(cfg: Any) -> float:
