@@ -1,7 +1,7 @@
 """Benchmark: the prune job on the default detector, against a dense model trained as long.
 
     python -m benchmarks.prune_job            # the real run (a quiet 2-core machine, ~15 minutes)
-    python -m benchmarks.prune_job --quick    # a smoke run of the plumbing (a few minutes)
+    python -m benchmarks.prune_job --quick    # a smoke run of the plumbing (a few minutes; printed, not written to RESULTS.md)
 
 1. The dense SSDlite320 checkpoint of ``benchmarks.train_default`` (``_work/train_default/model.pt``,
    or ``_work/train_default_quick`` with ``--quick``), trained here when missing.
@@ -172,14 +172,17 @@ def _ceiling_models(ckpt: Path, cfg: Any, work: Path) -> dict[str, Path]:
     return out
 
 
-def _best_candidate(out: Path) -> Path | None:
-    """With an infeasible budget: the finished candidate with the best final mAP, still worth measuring."""
+def _search_candidates(job_dir: Path) -> list[dict[str, Any]]:
+    """The search stage's candidate records ([] before the stage has finished)."""
     import json
 
-    rec = out / "stages" / "search.json"
-    if not rec.is_file():
-        return None
-    done = [c for c in json.loads(rec.read_text())["result"]["candidates"] if c.get("checkpoint")]
+    rec = job_dir / "stages" / "search.json"
+    return json.loads(rec.read_text())["result"]["candidates"] if rec.is_file() else []
+
+
+def _best_candidate(out: Path) -> Path | None:
+    """With an infeasible budget: the finished candidate with the best final mAP, still worth measuring."""
+    done = [c for c in _search_candidates(out) if c.get("checkpoint")]
     if not done:
         return None
     best = max(done, key=lambda c: ((c["history"] or [{}])[-1].get("map") or 0.0, -c["index"]))
@@ -228,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     coco = _data(args.quick, args.seed)
     ckpt = _dense_checkpoint(args.quick, coco, args.seed)
     # the job folder is named by its config, so an edited config starts afresh and a rerun resumes
-    fingerprint = _job(args.quick, ckpt, coco, work / "job", WORK / "cache").fingerprint()[:10]
-    job_dir = work / f"job-{fingerprint}"
-    cfg = _job(args.quick, ckpt, coco, job_dir, WORK / "cache")
+    cfg = _job(args.quick, ckpt, coco, work / "job", WORK / "cache")
+    job_dir = work / f"job-{cfg.fingerprint()[:10]}"  # the fingerprint leaves output_dir out
+    cfg = cfg.model_copy(update={"output_dir": job_dir.resolve()})
     t0 = time.perf_counter()
     infeasible = None
     with PeakRSS() as mem:  # this process and its local Ray instance, also when the budget fails
@@ -255,20 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     ASSETS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(ASSETS / f"{tag}.json", record)
     md = _markdown(cfg, record)
-    write_section("prune_job", md)
+    if not args.quick:  # a smoke run is not a measurement: it prints, RESULTS.md keeps the real run
+        write_section("prune_job", md)
     print(md)
     return 0
 
 
 def _trajectories(job_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Each candidate's measured points (step, mAP, sparsity, latency) from the search record."""
-    import json
-
-    rec = job_dir / "stages" / "search.json"
-    if not rec.is_file():
-        return {}
     out = {}
-    for c in json.loads(rec.read_text())["result"]["candidates"]:
+    for c in _search_candidates(job_dir):
         out[f"{c['candidate_id']} ({c.get('importance', '?')})"] = [
             {k: h.get(k) for k in ("step", "map", "sparsity", "latency_ms")} for h in c.get("history") or []
             if h.get("sparsity") is not None
@@ -288,7 +287,8 @@ def _rerender(quick: bool) -> int:
         record["trajectories"] = _trajectories(Path(record["job_dir"]))
         atomic_write_json(ASSETS / f"{tag}.json", record)
     md = _markdown(PruneJobConfig.model_validate(record["config"]), record)
-    write_section("prune_job", md)
+    if not quick:  # a smoke run is not a measurement: it prints, RESULTS.md keeps the real run
+        write_section("prune_job", md)
     print(md)
     return 0
 
