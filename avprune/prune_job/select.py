@@ -117,11 +117,12 @@ def run(ctx: Any) -> dict[str, Any]:
         log.info("candidate %s: mAP %.3f, p50 %.2f ms", row["candidate_id"], row["map"], row["p50_ms"])
     points = [Point(m["p50_ms"], m["map"], m["map50"], m["candidate_id"], m["index"]) for m in measured]
     dense = base["dense"]
+    dense_point = Point(dense["p50_ms"], dense["map"], dense["map50"], "dense")
     # Only models one could ship inform the infeasible message (trial reports are in the report).
     infeasible: dict[str, Any] | None = None
     try:
         chosen = choose(points, budget_ms=budget_ms, floor=floor,
-                        others=[Point(dense["p50_ms"], dense["map"], dense["map50"], "dense")])
+                        others=[dense_point])
     except InfeasibleBudgetError as e:
         if not points:
             raise
@@ -130,7 +131,7 @@ def run(ctx: Any) -> dict[str, Any]:
         infeasible = {**e.to_dict(), "message": str(e)}
         chosen = min(points, key=lambda p: max(0.0, p.latency_ms - budget_ms) / budget_ms + max(0.0, floor - p.map))
     row = next(m for m in measured if m["candidate_id"] == chosen.source)
-    everything = [*points, Point(dense["p50_ms"], dense["map"], dense["map50"], "dense"), *trial_points(search)]
+    everything = [*points, dense_point, *trial_points(search)]
     return {
         "candidate_id": chosen.source,
         "checkpoint": row["checkpoint"],
