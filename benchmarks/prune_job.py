@@ -100,32 +100,35 @@ def _job(quick: bool, ckpt: Path, coco: Path, out: Path, cache: Path) -> Any:
 
 def _dense_long(cfg: Any, out: Path) -> Path:
     """The dense checkpoint fine-tuned for as many steps as a candidate, without pruning."""
-    from avprune.prune_job import common
+    from avprune.prune_job.env import JobEnv
     from perception.train import TrainSettings, train
 
     ft = cfg.finetune
-    train_ds, _ = common.datasets(cfg)
+    env = JobEnv.from_config(cfg)
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                              warmup_steps=ft.warmup(), checkpoint_every=max(ft.steps, 1), seed=cfg.seed,
                              num_threads=2)
-    res = train(common.load_dense(cfg), train_ds, settings, out_dir=out, progress=False)
+    res = train(env.load_dense(), env.train_set, settings, out_dir=out, progress=False)
     return Path(res.model_path)
 
 
 def _side_by_side(cfg: Any, models: dict[str, Path], work: Path, rounds: int) -> dict[str, dict[str, float]]:
     """mAP on the job's val images and ORT end-to-end latency, rounds interleaved across models."""
-    from avprune.prune_job import common
+    from dataclasses import asdict
+
+    from avprune.prune_job.env import JobEnv
     from deploy.runtimes import open_runtime
 
-    _, val = common.datasets(cfg)
+    env = JobEnv.from_config(cfg)
+    val = env.val_set
     frames = [val.load_image(i) for i in range(min(8, len(val)))]
     out: dict[str, dict[str, Any]] = {}
     runtimes = {}
     for name, ckpt in models.items():
-        model = common.load_model(ckpt, cfg)
-        out[name] = {**common.evaluate_map(model, val), **common.size_of(model, cfg), "samples": [], "core": []}
+        model = env.load_model(ckpt)
+        out[name] = {**asdict(env.evaluate_map(model)), **asdict(env.size_of(model)), "samples": [], "core": []}
         slug = "".join(c if c.isalnum() else "_" for c in name)
-        runtimes[name] = open_runtime(common.export_core(model, work / f"{slug}.onnx"), threads=cfg.budget.threads)
+        runtimes[name] = open_runtime(env.export_core(model, work / f"{slug}.onnx"), threads=cfg.budget.threads)
     import torch
 
     torch.set_num_threads(cfg.budget.threads)
@@ -157,7 +160,7 @@ def _ceiling_models(ckpt: Path, cfg: Any, work: Path) -> dict[str, Path]:
     """``ratio`` of every prunable channel group removed at once (Torch-Pruning, no fine-tuning)."""
     import torch
 
-    from avprune.prune_job import common
+    from avprune.prune_job.env import JobEnv
     from benchmarks.compare_baselines import tp_channel_prune
     from perception.models import save_checkpoint
 
@@ -165,7 +168,7 @@ def _ceiling_models(ckpt: Path, cfg: Any, work: Path) -> dict[str, Path]:
     for ratio in CEILING_RATIOS:
         path = work / f"ceiling_{int(ratio * 100)}.pt"
         if not path.is_file():
-            model = common.load_model(ckpt, cfg).eval()
+            model = JobEnv.from_config(cfg).load_model(ckpt).eval()
             tp_channel_prune(model, ratio, torch.zeros(1, 3, *cfg.budget.input_size), global_pruning=False)
             save_checkpoint(path, model)
         out[f"one-shot {int(ratio * 100)}% (ceiling)"] = path
@@ -193,7 +196,7 @@ def _sensitivity_scaling(cfg: Any, layer_counts: tuple[int, ...]) -> list[dict[s
     """Wall time of the same sensitivity scan with 1 and 2 Ray workers (a fresh instance each), per
     number of scanned layers: each worker pays a fixed start-up, so scaling grows with the scan."""
     from avprune.prune_job import sensitivity
-    from pruning.distributed import ray_session
+    from avprune.prune_job.ray_exec import ray_session
 
     dense = sensitivity.dense_map_on_subset(cfg)
     rows = []

@@ -88,7 +88,7 @@ class BudgetController(Controller):
         check_sparsity(max_sparsity, "max_sparsity")
         if floor_patience < 1:
             raise ValueError(f"floor_patience must be >= 1 (measurements under the mAP floor before backing off); got {floor_patience}")
-        self.budget, self.map_floor = float(latency_budget_ms), float(map_floor)
+        self.latency_budget_ms, self.map_floor = float(latency_budget_ms), float(map_floor)
         self.predict_latency, self.measure, self.measure_every = predict_latency, measure, measure_every
         self.kp, self.ki, self.deadband, self.max_rate = kp, ki, deadband, max_rate
         self.max_sparsity, self.backoff, self.patience, self.warmup_steps = max_sparsity, backoff, patience, warmup_steps
@@ -118,7 +118,7 @@ class BudgetController(Controller):
             self._on_measurement(*self.measure())
         latency = self.predicted(self.u)
         self.last_latency_ms = latency
-        error = (latency - self.budget) / self.budget
+        error = (latency - self.latency_budget_ms) / self.latency_budget_ms
         if self.measure is None:
             self._record(OperatingPoint(self.last_step, self.u, latency, None))
         if self.under_floor and error > 0:
@@ -140,7 +140,7 @@ class BudgetController(Controller):
             log.warning(
                 "latency budget %.3f ms and mAP floor %.3f cannot both be met: sparsity is capped at %.3f "
                 "(%s) with latency %.3f ms; best point %s",
-                self.budget, self.map_floor, self.ceiling,
+                self.latency_budget_ms, self.map_floor, self.ceiling,
                 "mAP floor" if self.ceiling < self.max_sparsity else "max_sparsity", latency, self.best_point,
             )
         elif error <= self.deadband:

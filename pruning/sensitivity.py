@@ -2,8 +2,8 @@
 
 The profile feeds the ``layer_adaptive`` controller and the report's sensitivity curves, in the
 spirit of Li et al. ("Pruning Filters for Efficient ConvNets", ICLR 2017, Fig. 2) and NetAdapt
-(Yang et al., ECCV 2018). :func:`scan_layer` handles one layer so a caller (e.g. Ray in
-``pruning.distributed``) can scan layers in parallel; masks are applied to a private copy of the
+(Yang et al., ECCV 2018). :func:`scan_layer` handles one layer so a caller (e.g. the prune job,
+on Ray) can scan layers in parallel; masks are applied to a private copy of the
 model, so the caller's model is never touched.
 """
 

@@ -43,7 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from avprune.config.prune import load_prune_config
-    from avprune.prune_job import InfeasibleBudgetError, run_prune_job, summary_table
+    from avprune.prune_job import (
+        InfeasibleBudgetError,
+        JobConfigMismatchError,
+        JobFolderInUseError,
+        run_prune_job,
+        summary_table,
+    )
 
     config = load_prune_config(args.job)  # validated before anything is written
     try:
@@ -53,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     except InfeasibleBudgetError as e:
         print(f"avprune prune: {e}", file=sys.stderr)
         return EXIT_INFEASIBLE
+    # The job names the folder and the values; the flags that fix it are the CLI's to name.
+    except JobFolderInUseError as e:
+        raise ValueError(f"{e} (pass --resume to continue it, or --out to start a new one)") from None
+    except JobConfigMismatchError as e:
+        raise ValueError(f"--resume: {e} (give a new --out)") from None
     console = Console()
     console.print(summary_table(result))
     console.print(f"pruned checkpoint: {result.checkpoint}\nONNX: {result.onnx}\nreport: {result.report_html}")

@@ -87,7 +87,7 @@ class DataSpec(StrictModel):
 class BudgetSpec(StrictModel):
     """The latency budget (one of `latency_ms` / `speedup`) and the mAP floor (one of `map_floor` / `max_map_drop`)."""
 
-    latency_ms: float | None = Field(None, gt=0, description="end-to-end latency per batch, p50")
+    latency_ms: float | None = Field(None, gt=0, description="latency per batch, p50 (the graph; end to end with end_to_end)")
     speedup: float | None = Field(None, gt=1, description="alternative: dense p50 / pruned p50 at least this")
     runtime: Literal["onnxruntime", "tensorrt", "pytorch"] = "onnxruntime"
     device: str = "cpu"
@@ -103,7 +103,9 @@ class BudgetSpec(StrictModel):
         "decoding + NMS cost grows with the boxes above it, so it is part of the latency",
     )
     end_to_end: bool = Field(
-        True, description="time pre-processing + model + decoding/NMS per batch (False: the model graph only)"
+        False,
+        description="False (default): the budget applies to the model graph, what pruning changes; True: "
+        "time pre-processing + model + decoding/NMS per batch",
     )
 
     @field_validator("input_size")

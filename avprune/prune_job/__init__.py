@@ -1,6 +1,22 @@
-"""`avprune prune`: the Ray-distributed prune job against an mAP floor and a frame-latency budget."""
+"""`avprune prune`: the Ray-distributed prune job against an mAP floor and a latency budget.
 
-from avprune.prune_job.errors import InfeasibleBudgetError
-from avprune.prune_job.runner import ModelSummary, PruneJobResult, run_prune_job, summary_table
+Modules: ``runner`` (stages in order, resume), ``records`` (typed stage records, ``StageContext``,
+``TrialSpec``), ``env`` (``JobEnv``: data, models, mAP, size, latency, once per process),
+``ray_exec`` (Ray session, tasks, Tune trials), one module per stage (``baseline``,
+``latency_table``, ``sensitivity``, ``search``, ``select``, ``finalize``), ``state`` (stage files),
+``report``, ``progress``, ``memory``, ``errors``.
+"""
 
-__all__ = ["InfeasibleBudgetError", "ModelSummary", "PruneJobResult", "run_prune_job", "summary_table"]
+from avprune.prune_job.errors import InfeasibleBudgetError, JobConfigMismatchError, JobFolderInUseError
+from avprune.prune_job.records import ModelSummary
+from avprune.prune_job.runner import PruneJobResult, run_prune_job, summary_table
+
+__all__ = [
+    "InfeasibleBudgetError",
+    "JobConfigMismatchError",
+    "JobFolderInUseError",
+    "ModelSummary",
+    "PruneJobResult",
+    "run_prune_job",
+    "summary_table",
+]

@@ -8,34 +8,31 @@ same targets even though a re-measured latency would differ by noise.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from avprune.prune_job import common
+from avprune.prune_job.records import BaselineRecord, ModelSummary, StageContext
 
 log = logging.getLogger(__name__)
 
 
-def run(ctx: Any) -> dict[str, Any]:
-    """Measure the dense model; returns ``dense`` (summary row), ``latency_budget_ms``, ``map_floor``."""
-    cfg = ctx.config
+def run(ctx: StageContext) -> BaselineRecord:
+    """Measure the dense model; the record holds its summary row, ``latency_budget_ms`` and ``map_floor``."""
+    cfg, env = ctx.config, ctx.env
     ctx.progress.stage_start("baseline", note="data")
-    common.prepare_data(cfg)
-    _, val = common.datasets(cfg)
-    model = common.load_dense(cfg)
+    env.prepare_data()
+    model = env.load_dense()
     ctx.progress.stage_start("baseline", note="dense mAP")
-    metrics = common.evaluate_map(model, val)
+    score = env.evaluate_map(model)
     ctx.progress.stage_start("baseline", note=f"latency on {cfg.budget.runtime}")
-    lat = common.measure_latency(model, cfg, common.frames_for_timing(val, cfg), ctx.out_dir / "work")
-    size = common.size_of(model, cfg)
-    budget_ms = cfg.budget.latency_target(lat.p50_ms)
-    floor = cfg.budget.floor(metrics["map"])
-    dense = {**metrics, "p50_ms": lat.p50_ms, "p99_ms": lat.p99_ms, **size}
-    log.info("dense: mAP %.3f, p50 %.2f ms; budget %.2f ms at mAP >= %.3f", metrics["map"], lat.p50_ms, budget_ms, floor)
-    return {
-        "dense": dense,
-        "latency": lat.to_dict(),
-        "latency_budget_ms": budget_ms,
-        "map_floor": floor,
-        "val_images": len(val),
-        "note": f"mAP {metrics['map']:.3f}, p50 {lat.p50_ms:.2f} ms -> budget {budget_ms:.2f} ms, floor {floor:.3f}",
-    }
+    lat = env.measure_latency(model, ctx.out_dir / "work")
+    size = env.size_of(model)
+    rec = BaselineRecord(
+        dense=ModelSummary(map=score.map, map50=score.map50, p50_ms=lat.p50_ms, p99_ms=lat.p99_ms,
+                           params=size.params, gmacs=size.gmacs),
+        latency=lat,
+        latency_budget_ms=cfg.budget.latency_target(lat.p50_ms),
+        map_floor=cfg.budget.floor(score.map),
+        val_images=len(env.val_set),
+    )
+    log.info("dense: mAP %.3f, p50 %.2f ms; budget %.2f ms at mAP >= %.3f", score.map, lat.p50_ms,
+             rec.latency_budget_ms, rec.map_floor)
+    return rec

@@ -1,6 +1,9 @@
-"""The prune job's own failure: a budget pair that no candidate meets (CLI exit code 2)."""
+"""The prune job's own failures: a budget pair no candidate meets (CLI exit code 2), and an output
+folder that cannot be used as asked. Messages name the problem and the values; the CLI adds its flags."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class InfeasibleBudgetError(RuntimeError):
@@ -46,3 +49,21 @@ class InfeasibleBudgetError(RuntimeError):
             "nearest_latency_ms": self.nearest_latency_ms,
             "nearest_map_floor": self.nearest_map_floor,
         }
+
+
+class JobFolderInUseError(ValueError):
+    """The output folder already holds finished stages of a job and resuming was not asked for."""
+
+    def __init__(self, out_dir: Path, finished: list[str]) -> None:
+        self.out_dir, self.finished = out_dir, finished
+        super().__init__(f"{out_dir} already holds a prune job ({', '.join(finished)} done); resume it, "
+                         "or write the new job to another output folder")
+
+
+class JobConfigMismatchError(ValueError):
+    """Resuming a folder whose finished stages were computed under another job config."""
+
+    def __init__(self, out_dir: Path, stored: str, requested: str) -> None:
+        self.out_dir, self.stored, self.requested = out_dir, stored, requested
+        super().__init__(f"cannot resume {out_dir}: it was started with a different job config (fingerprint "
+                         f"{stored} vs {requested}); write this job to another output folder")

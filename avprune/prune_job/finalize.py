@@ -14,16 +14,28 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from avprune.prune_job import common
+from avprune.prune_job.records import (
+    BaselineRecord,
+    FinalizeRecord,
+    JSONDict,
+    LatencyTableRecord,
+    SearchRecord,
+    SelectRecord,
+    SensitivityRecord,
+    StageContext,
+)
 from avprune.prune_job.report import write_report_html, write_report_json
 from perception.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 
-def channel_sparsity(pruned: Any, dense: Any) -> dict[str, dict[str, float]]:
+def channel_sparsity(pruned: nn.Module, dense: nn.Module) -> dict[str, dict[str, float]]:
     """Fraction of output channels removed per Conv2d/Linear, read off the two architectures."""
     from torch import nn
 
@@ -38,51 +50,53 @@ def channel_sparsity(pruned: Any, dense: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: StageContext) -> FinalizeRecord:
     """Write the pruned checkpoint, ONNX, latency table copy and reports."""
     from perception.models import save_checkpoint
 
-    cfg, out = ctx.config, ctx.out_dir
-    base, sel, search = ctx.results["baseline"], ctx.results["select"], ctx.results["search"]
-    base_id = sel["candidate_id"].split("@")[0]  # "c0@60": candidate c0's snapshot at step 60
-    cand = next(c for c in search["candidates"] if c["candidate_id"] == base_id)
-    model = common.load_model(out / sel["checkpoint"], cfg)
-    row = sel["selected"]
-    stem = "pruned" if sel.get("feasible", True) else "best_tradeoff"  # never call a miss "pruned"
+    cfg, env, out = ctx.config, ctx.env, ctx.out_dir
+    base, sel, search = ctx.record(BaselineRecord), ctx.record(SelectRecord), ctx.record(SearchRecord)
+    cand = search.candidate(sel.candidate_id)  # "c0@60": candidate c0's snapshot at step 60
+    model = env.load_model(out / sel.checkpoint)
+    row = sel.selected
+    stem = "pruned" if sel.feasible else "best_tradeoff"  # never call a miss "pruned"
     ctx.progress.stage_start("finalize", note="checkpoint + ONNX")
+    c = cand.candidate
     save_checkpoint(out / f"{stem}.pt", model, extra={"prune_job": {
-        "candidate": {**{k: cand[k] for k in ("importance", "controller", "ramp")}, "candidate_id": sel["candidate_id"]},
-        "map": row["map"], "p50_ms": row["p50_ms"], "latency_budget_ms": base["latency_budget_ms"],
-        "map_floor": base["map_floor"], "runtime": cfg.budget.runtime, "device": cfg.budget.device,
+        "candidate": {"importance": c.importance, "controller": c.controller, "ramp": c.ramp,
+                      "candidate_id": sel.candidate_id},
+        "map": row.map, "p50_ms": row.p50_ms, "latency_budget_ms": base.latency_budget_ms,
+        "map_floor": base.map_floor, "runtime": cfg.budget.runtime, "device": cfg.budget.device,
     }})
-    onnx_path = common.export_core(model, out / f"{stem}.onnx")
-    table_src = Path(ctx.results["latency_table"]["path"])
+    onnx_path = env.export_core(model, out / f"{stem}.onnx")
+    table_src = Path(ctx.record(LatencyTableRecord).path)
     table = json.loads(table_src.read_text()) if table_src.is_file() else None
     if table_src.is_file():
         atomic_write_bytes(out / "latency_table.json", table_src.read_bytes())
-    pruning_file = out / (cand.get("pruning_record") or "")
-    final_model = "@" not in sel["candidate_id"]  # the pruner's records describe the final model only
-    pruning = json.loads(pruning_file.read_text()) if final_model and pruning_file.is_file() else {}
+    pruning_file = out / (cand.pruning_record or "")
+    final_model = "@" not in sel.candidate_id  # the pruner's records describe the final model only
+    pruning: JSONDict = json.loads(pruning_file.read_text()) if final_model and pruning_file.is_file() else {}
     if not pruning.get("layers"):
-        pruning["layers"] = channel_sparsity(model, common.build_architecture(cfg))
-    pruned = {k: row[k] for k in ("map", "map50", "p50_ms", "p99_ms", "params", "gmacs")}
-    dense = base["dense"]
+        pruning["layers"] = channel_sparsity(model, env.build_architecture())
+    pruned = row.summary()
+    speedup = base.dense.p50_ms / pruned.p50_ms
+    sens = ctx.find(SensitivityRecord)
     doc = {
-        "candidate_id": sel["candidate_id"],
-        "feasible": sel.get("feasible", True),
-        "infeasible": sel.get("infeasible"),
-        "dense": dense,
-        "pruned": pruned,
-        "speedup": dense["p50_ms"] / pruned["p50_ms"],
-        "latency_budget_ms": base["latency_budget_ms"],
-        "map_floor": base["map_floor"],
+        "candidate_id": sel.candidate_id,
+        "feasible": sel.feasible,
+        "infeasible": None if sel.infeasible is None else sel.infeasible.to_dict(),
+        "dense": base.dense.to_dict(),
+        "pruned": pruned.to_dict(),
+        "speedup": speedup,
+        "latency_budget_ms": base.latency_budget_ms,
+        "map_floor": base.map_floor,
         "runtime": cfg.budget.runtime,
         "device": cfg.budget.device,
         "threads": cfg.budget.threads,
-        "candidates": search["candidates"],
-        "measured": sel["measured"],
-        "pareto": sel["pareto"],
-        "sensitivity": ctx.results.get("sensitivity", {}),
+        "candidates": [c.to_dict() for c in search.candidates],
+        "measured": [m.to_dict() for m in sel.measured],
+        "pareto": [p.to_dict() for p in sel.pareto],
+        "sensitivity": sens.to_dict() if sens is not None else {},
         "layers": pruning.get("layers", {}),
         "pruner_history": pruning.get("history", []),
         "artifacts": {"checkpoint": f"{stem}.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},
@@ -91,11 +105,5 @@ def run(ctx: Any) -> dict[str, Any]:
     ctx.progress.stage_start("finalize", note="report")
     write_report_json(out / "report.json", doc)
     write_report_html(out / "report.html", doc, table)
-    return {
-        "pruned": pruned,
-        "checkpoint": f"{stem}.pt",
-        "onnx": onnx_path.name,
-        "report_json": "report.json",
-        "report_html": "report.html",
-        "note": f"{dense['p50_ms'] / pruned['p50_ms']:.2f}x faster, mAP {dense['map']:.3f} -> {pruned['map']:.3f}",
-    }
+    return FinalizeRecord(pruned=pruned, checkpoint=f"{stem}.pt", onnx=onnx_path.name, report_json="report.json",
+                          report_html="report.html", speedup=speedup)

@@ -12,10 +12,18 @@ import hashlib
 import io
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from avprune.prune_job import common
+from avprune.config.prune import PruneJobConfig
+from avprune.prune_job.records import BaselineRecord, LatencyTableRecord, StageContext
+
+if TYPE_CHECKING:
+    from torch import nn
+
+#: ``measure_fn(module, input_shape) -> ms``: how the latency table times one layer.
+MeasureFn = Callable[["nn.Module", tuple[int, ...]], float]
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +32,7 @@ log = logging.getLogger(__name__)
 FRACTIONS = (0.25, 0.5, 1.0)
 
 
-def ort_layer_measure_fn(threads: int, device: str = "cpu", repeats: int = 15, warmup: int = 3) -> Any:
+def ort_layer_measure_fn(threads: int, device: str = "cpu", repeats: int = 15, warmup: int = 3) -> MeasureFn:
     """``measure_fn(module, input_shape) -> ms`` that times one layer in ONNX Runtime.
 
     The layer is exported in memory (legacy exporter: fast for a single op) and run in a
@@ -40,7 +48,7 @@ def ort_layer_measure_fn(threads: int, device: str = "cpu", repeats: int = 15, w
     opts.log_severity_level = 3
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
 
-    def measure(module: Any, input_shape: tuple[int, ...]) -> float:
+    def measure(module: nn.Module, input_shape: tuple[int, ...]) -> float:
         x = torch.randn(input_shape)
         buf = io.BytesIO()
         torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
@@ -57,7 +65,7 @@ def ort_layer_measure_fn(threads: int, device: str = "cpu", repeats: int = 15, w
     return measure
 
 
-def measure_fn_for(config: Any) -> Any:
+def measure_fn_for(config: PruneJobConfig) -> MeasureFn:
     """The per-layer measuring callable for the budget's runtime."""
     b = config.budget
     if b.runtime == "onnxruntime":
@@ -70,12 +78,12 @@ def measure_fn_for(config: Any) -> Any:
         torch.set_num_threads(b.threads)
         return torch_measure_fn()
     raise ValueError(
-        f"budget.runtime {b.runtime!r}: no per-layer latency measurement here (TensorRT needs a CUDA "
-        "device and the tensorrt package); use onnxruntime or pytorch"
+        f"budget.runtime {b.runtime!r}: no per-layer latency measurement for it here (TensorRT needs a CUDA "
+        "device and the tensorrt package); set budget.runtime to onnxruntime or pytorch"
     )
 
 
-def cache_path(config: Any) -> Path:
+def cache_path(config: PruneJobConfig) -> Path:
     """Cache file for this runtime, device (with CPU model), architecture, input, batch and threads."""
     from deploy.runtimes.base import cpu_name
 
@@ -86,10 +94,8 @@ def cache_path(config: Any) -> Path:
     return config.cache_dir / "latency" / f"{b.runtime}-{b.device}-{config.model.name}-{digest}.json"
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: StageContext) -> LatencyTableRecord:
     """Load or measure the table, calibrate it to the dense model, save a copy in the output dir."""
-    import torch
-
     from pruning.latency_model import LatencyTable
 
     cfg, b = ctx.config, ctx.config.budget
@@ -99,24 +105,16 @@ def run(ctx: Any) -> dict[str, Any]:
         source = "cache"
     else:
         ctx.progress.stage_start("latency_table", note=f"measuring layers on {b.runtime}")
-        model = common.load_dense(cfg).eval()
-        h, w = b.input_size
+        model = ctx.env.load_dense().eval()
         t0 = time.perf_counter()
-        table = LatencyTable.measure(model, torch.zeros(b.batch, 3, h, w), measure_fn_for(cfg),
+        table = LatencyTable.measure(model, ctx.env.example_input(b.batch), measure_fn_for(cfg),
                                      runtime=b.runtime, device=b.device, fractions=FRACTIONS)
         table.meta.update({"model": cfg.model.name, "input_size": list(b.input_size), "batch": b.batch,
                            "threads": b.threads, "measure_s": round(time.perf_counter() - t0, 1)})
         table.save(cached)
         source = "measured"
-    dense_ms = float(ctx.results["baseline"]["dense"]["p50_ms"])
-    overhead = table.calibrate(dense_ms)
+    overhead = table.calibrate(ctx.record(BaselineRecord).dense.p50_ms)
     path = ctx.out_dir / "work" / "latency_table.json"
     table.save(path)
-    return {
-        "path": str(path),
-        "cache": str(cached),
-        "source": source,
-        "entries": len(table.entries),
-        "overhead_ms": overhead,
-        "note": f"{len(table.entries)} entries ({source}), overhead {overhead:.2f} ms",
-    }
+    return LatencyTableRecord(path=str(path), cache=str(cached), source=source, entries=len(table.entries),
+                              overhead_ms=overhead)

@@ -6,7 +6,12 @@ Disabled progress is a no-op object with the same methods, so stage code never b
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray.tune import Callback
+    from ray.tune.experiment import Trial
+    from rich.progress import Progress, TaskID
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +21,8 @@ class JobProgress:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._progress: Any = None
-        self._tasks: dict[str, Any] = {}
+        self._progress: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> JobProgress:
         if self.enabled:
@@ -64,10 +69,8 @@ class JobProgress:
     def stage_advance(self, name: str, advance: float = 1, note: str | None = None) -> None:
         if self._progress is None or f"stage:{name}" not in self._tasks:
             return
-        kw: dict[str, Any] = {"advance": advance}
-        if note is not None:
-            kw["description"] = f"[bold]{name:<14}[/] {note}"
-        self._progress.update(self._tasks[f"stage:{name}"], **kw)
+        description = None if note is None else f"[bold]{name:<14}[/] {note}"
+        self._progress.update(self._tasks[f"stage:{name}"], advance=advance, description=description)
 
     def stage_done(self, name: str, note: str = "", *, skipped: bool = False) -> None:
         state = "[yellow]skipped (resume)[/]" if skipped else "[green]done[/]"
@@ -86,12 +89,12 @@ class JobProgress:
             self._progress.update(self._tasks[f"trial:{trial_id}"], completed=completed)
 
 
-def _f(v: Any, spec: str = ".3f") -> str:
+def _f(v: float | None, spec: str = ".3f") -> str:
     """Format a reported metric that may be missing (None) or NaN."""
     return "-" if v is None else format(v, spec)
 
 
-def tune_callback(progress: JobProgress, total_steps: int) -> Any:
+def tune_callback(progress: JobProgress, total_steps: int) -> Callback:
     """A Ray Tune callback that mirrors each trial's reports onto its live line (driver side)."""
     from ray.tune import Callback
 
@@ -101,7 +104,7 @@ def tune_callback(progress: JobProgress, total_steps: int) -> Any:
     return ProgressCallback(progress, total_steps)
 
 
-def _name(trial: Any) -> str:
+def _name(trial: Trial) -> str:
     return str(trial.config.get("_trial", {}).get("candidate_id", trial.trial_id))
 
 
@@ -115,10 +118,10 @@ class _ProgressCallbackMixin:
     def __init__(self, progress: JobProgress, total_steps: int) -> None:
         self.progress, self.total_steps = progress, total_steps
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, int]:
         return {"total_steps": self.total_steps}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, int]) -> None:
         self.progress, self.total_steps = JobProgress(enabled=False), state["total_steps"]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001

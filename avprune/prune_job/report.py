@@ -13,9 +13,13 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from avprune.prune_job.records import JSONDict
 from perception.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _CSS = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"
@@ -25,11 +29,11 @@ _CSS = (
 )
 
 
-def write_report_json(path: Path, doc: Mapping[str, Any]) -> None:
+def write_report_json(path: Path, doc: JSONDict) -> None:
     atomic_write_json(path, dict(doc))
 
 
-def _png(fig: Any) -> str:
+def _png(fig: Figure) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -38,7 +42,7 @@ def _png(fig: Any) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _tradeoff_figure(doc: Mapping[str, Any]) -> str:
+def _tradeoff_figure(doc: JSONDict) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +70,7 @@ def _tradeoff_figure(doc: Mapping[str, Any]) -> str:
     return _png(fig)
 
 
-def _over_time_figure(doc: Mapping[str, Any]) -> str:
+def _over_time_figure(doc: JSONDict) -> str:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -88,7 +92,7 @@ def _over_time_figure(doc: Mapping[str, Any]) -> str:
     return _png(fig)
 
 
-def _layers_figure(layers: Mapping[str, Mapping[str, Any]]) -> str:
+def _layers_figure(layers: Mapping[str, JSONDict]) -> str:
     import matplotlib.pyplot as plt
 
     names = list(layers)
@@ -100,7 +104,7 @@ def _layers_figure(layers: Mapping[str, Mapping[str, Any]]) -> str:
     return _png(fig)
 
 
-def _thresholds_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
+def _thresholds_figure(history: Sequence[JSONDict]) -> str | None:
     import matplotlib.pyplot as plt
 
     series: dict[str, list[tuple[float, float]]] = {}
@@ -118,7 +122,7 @@ def _thresholds_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
     return _png(fig)
 
 
-def _sensitivity_figure(sens: Mapping[str, Any]) -> str | None:
+def _sensitivity_figure(sens: JSONDict) -> str | None:
     import matplotlib.pyplot as plt
 
     layers = sens.get("layers") or {}
@@ -133,8 +137,8 @@ def _sensitivity_figure(sens: Mapping[str, Any]) -> str | None:
     return _png(fig)
 
 
-def _table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
+def _table(rows: Sequence[JSONDict], cols: Sequence[str]) -> str:
+    def cell(v: object) -> str:
         return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -142,7 +146,7 @@ def _table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report_html(path: Path, doc: Mapping[str, Any], latency_table: Mapping[str, Any] | None) -> None:
+def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None) -> None:
     """Render the job's report.json content as one self-contained HTML file."""
     dense, pruned = doc["dense"], doc["pruned"]
     summary = _table(
@@ -189,7 +193,7 @@ def write_report_html(path: Path, doc: Mapping[str, Any], latency_table: Mapping
     atomic_write_text(path, "\n".join(parts))
 
 
-def _infeasible_banner(doc: dict[str, Any]) -> str:
+def _infeasible_banner(doc: JSONDict) -> str:
     """A budget that was not met must be the first thing a reader sees, not a footnote."""
     if doc.get("feasible", True):
         return ""

@@ -2,9 +2,10 @@
 
     baseline -> latency_table -> sensitivity -> search -> select -> finalize
 
-Each stage is a function ``StageContext -> dict`` (JSON-able); its dict is written to
-``OUT/stages/NAME.json`` only when it returns, so a killed driver resumes at the first stage
-without a record.
+Each stage is a function ``StageContext -> record`` (a frozen dataclass of
+:mod:`avprune.prune_job.records`); its ``to_dict()`` is written to ``OUT/stages/NAME.json`` only
+when it returns, so a killed driver resumes at the first stage without a record, and the
+records of finished stages are read back with the record type's ``from_dict``.
 """
 
 from __future__ import annotations
@@ -15,83 +16,84 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from avprune.config.prune import PruneJobConfig
+from avprune.prune_job.env import JobEnv
 from avprune.prune_job.errors import InfeasibleBudgetError
 from avprune.prune_job.progress import JobProgress
+from avprune.prune_job.records import (
+    BaselineRecord,
+    FinalizeRecord,
+    JSONDict,
+    ModelSummary,
+    SelectRecord,
+    StageContext,
+    StageRecord,
+)
 from avprune.prune_job.state import StageStore
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 log = logging.getLogger(__name__)
 
 
+class RecordType(Protocol):
+    """A stage record class: reads its own JSON back."""
+
+    def from_dict(self, d: JSONDict) -> StageRecord: ...
+
+
 @dataclass(frozen=True)
-class StageContext:
-    """What a stage sees: the config, where to write, and the results of the stages before it."""
+class Stage:
+    """One stage: its name (the record's file name), what it runs, and its record type."""
 
-    config: PruneJobConfig
-    out_dir: Path
-    results: Mapping[str, dict[str, Any]]
-    progress: JobProgress
-
-
-StageFn = Callable[[StageContext], dict[str, Any]]
+    name: str
+    run: Callable[[StageContext], StageRecord]
+    record: RecordType
 
 
-def default_stages() -> list[tuple[str, StageFn]]:
+def default_stages() -> list[Stage]:
     """The job's six stages, imported lazily (they pull in torch, Ray and the runtimes)."""
-    from avprune.prune_job import baseline, finalize, latency_table, search, select, sensitivity
+    from avprune.prune_job import baseline, finalize, latency_table, records, search, select, sensitivity
 
     return [
-        ("baseline", baseline.run),
-        ("latency_table", latency_table.run),
-        ("sensitivity", sensitivity.run),
-        ("search", search.run),
-        ("select", select.run),
-        ("finalize", finalize.run),
+        Stage("baseline", baseline.run, records.BaselineRecord),
+        Stage("latency_table", latency_table.run, records.LatencyTableRecord),
+        Stage("sensitivity", sensitivity.run, records.SensitivityRecord),
+        Stage("search", search.run, records.SearchRecord),
+        Stage("select", select.run, records.SelectRecord),
+        Stage("finalize", finalize.run, records.FinalizeRecord),
     ]
 
 
 def run_stages(
-    stages: Sequence[tuple[str, StageFn]],
+    stages: Sequence[Stage],
     *,
     config: PruneJobConfig,
     out_dir: Path,
     store: StageStore,
     progress: JobProgress,
-) -> dict[str, dict[str, Any]]:
-    """Run every stage without a record; load the records of the others. Returns all results."""
-    results: dict[str, dict[str, Any]] = {}
-    for name, fn in stages:
-        if store.done(name):
-            results[name] = store.load(name)
-            progress.stage_done(name, _note(results[name]), skipped=True)
+    env: JobEnv | None = None,
+) -> dict[str, StageRecord]:
+    """Run every stage without a record; load the records of the others. Returns all records."""
+    env = env or JobEnv.from_config(config)
+    results: dict[str, StageRecord] = {}
+    for stage in stages:
+        if store.done(stage.name):
+            results[stage.name] = stage.record.from_dict(store.load(stage.name))
+            progress.stage_done(stage.name, results[stage.name].note, skipped=True)
             continue
-        progress.stage_start(name)
+        progress.stage_start(stage.name)
         t0 = time.perf_counter()
-        result = fn(StageContext(config=config, out_dir=out_dir, results=dict(results), progress=progress))
+        ctx = StageContext(config=config, env=env, out_dir=out_dir, progress=progress, results=dict(results))
+        result = stage.run(ctx)
         wall = time.perf_counter() - t0
-        store.save(name, result, wall_s=wall)
-        results[name] = result
-        progress.stage_done(name, f"{_note(result)} ({wall:.1f} s)")
+        store.save(stage.name, result.to_dict(), wall_s=wall)
+        results[stage.name] = result
+        progress.stage_done(stage.name, f"{result.note} ({wall:.1f} s)")
     return results
-
-
-def _note(result: Mapping[str, Any]) -> str:
-    """A stage may put a short human summary under ``"note"``."""
-    return str(result.get("note", ""))
-
-
-@dataclass(frozen=True)
-class ModelSummary:
-    """One row of the final table."""
-
-    map: float
-    map50: float
-    p50_ms: float
-    p99_ms: float
-    params: int
-    gmacs: float
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def run_prune_job(
     address: str | None = None,
     resume: bool = False,
     progress: bool = True,
-    stages: Sequence[tuple[str, StageFn]] | None = None,
+    stages: Sequence[Stage] | None = None,
 ) -> PruneJobResult:
     """Run (or resume) a prune job on a local Ray instance or the cluster at ``address``.
 
@@ -128,7 +130,7 @@ def run_prune_job(
     the latency budget and the mAP floor. ``stages`` replaces the default stages (tests).
     """
     from avprune.prune_job.memory import PeakRSS
-    from pruning.distributed import ray_session
+    from avprune.prune_job.ray_exec import ray_session
 
     out = Path(out_dir) if out_dir is not None else config.output_dir
     store = StageStore(out)
@@ -137,42 +139,46 @@ def run_prune_job(
     with PeakRSS() as mem:
         with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
             log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
-            results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog)
-    infeasible = results.get("select", {}).get("infeasible")
-    if infeasible:  # the best trade-off is written (best_tradeoff.*, report.*); now say so
-        raise InfeasibleBudgetError(**{k: v for k, v in infeasible.items() if k != "message"})
-    result = summarize(out, results, {name: store.wall_s(name) for name, _ in stage_list})
+            results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog,
+                                 env=JobEnv.from_config(config))
+    sel = results.get("select")
+    if isinstance(sel, SelectRecord) and sel.infeasible is not None:
+        # the best trade-off is written (best_tradeoff.*, report.*); now say so
+        raise InfeasibleBudgetError(**sel.infeasible.error_fields())
+    result = summarize(out, results, {s.name: store.wall_s(s.name) for s in stage_list})
     return dataclasses.replace(result, peak_rss_mb=mem.peak_bytes / 2**20)
 
 
-def _worker_env(config: PruneJobConfig) -> dict[str, Any]:
+def _worker_env(config: PruneJobConfig) -> dict[str, dict[str, str]]:
     """Thread caps for every Ray worker: 2 trials x N torch threads must not oversubscribe the cores."""
     n = str(config.resources.torch_threads)
     return {"env_vars": {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "AVPRUNE_TORCH_THREADS": n}}
 
 
-def summarize(out_dir: Path, results: Mapping[str, Mapping[str, Any]], wall: dict[str, float]) -> PruneJobResult:
+def summarize(out_dir: Path, results: Mapping[str, StageRecord], wall: dict[str, float]) -> PruneJobResult:
     """Build the result from the ``baseline``, ``select`` and ``finalize`` records."""
     base, sel, fin = results["baseline"], results["select"], results["finalize"]
-    dense = ModelSummary(**{k: base["dense"][k] for k in ModelSummary.__dataclass_fields__})
-    pruned = ModelSummary(**{k: fin["pruned"][k] for k in ModelSummary.__dataclass_fields__})
+    if not (isinstance(base, BaselineRecord) and isinstance(sel, SelectRecord) and isinstance(fin, FinalizeRecord)):
+        raise TypeError(f"summarize needs the baseline, select and finalize records; got "
+                        f"{type(base).__name__}, {type(sel).__name__}, {type(fin).__name__}")
+    dense, pruned = base.dense, fin.pruned
     return PruneJobResult(
         out_dir=out_dir,
-        candidate_id=str(sel["candidate_id"]),
+        candidate_id=sel.candidate_id,
         dense=dense,
         pruned=pruned,
-        latency_budget_ms=float(base["latency_budget_ms"]),
-        map_floor=float(base["map_floor"]),
+        latency_budget_ms=base.latency_budget_ms,
+        map_floor=base.map_floor,
         speedup=dense.p50_ms / pruned.p50_ms if pruned.p50_ms > 0 else float("nan"),
-        checkpoint=out_dir / fin["checkpoint"],
-        onnx=out_dir / fin["onnx"],
-        report_json=out_dir / fin["report_json"],
-        report_html=out_dir / fin["report_html"],
+        checkpoint=out_dir / fin.checkpoint,
+        onnx=out_dir / fin.onnx,
+        report_json=out_dir / fin.report_json,
+        report_html=out_dir / fin.report_html,
         stage_wall_s=wall,
     )
 
 
-def summary_table(result: PruneJobResult) -> Any:
+def summary_table(result: PruneJobResult) -> Table:
     """The final dense-vs-pruned table as a rich Table (the CLI and the demo print it)."""
     from rich.table import Table
 

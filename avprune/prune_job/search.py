@@ -20,49 +20,72 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from avprune.prune_job import common
+from avprune.config.prune import PruneJobConfig
+from avprune.prune_job.env import JobEnv, MapScore
+from avprune.prune_job.records import (
+    BaselineRecord,
+    Candidate,
+    CandidateRecord,
+    LatencyTableRecord,
+    SearchRecord,
+    SensitivityRecord,
+    StageContext,
+    TrialReport,
+    TrialSpec,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from deploy.timing import LatencySummary
+    from perception.train import StepContext
+    from pruning import Controller, Pruner
 
 log = logging.getLogger(__name__)
 
+#: ``predict(channel_config) -> ms``: the latency table's prediction for a channel configuration.
+PredictFn = Callable[[dict[str, int]], float]
+#: ``measure() -> (p50 ms, mAP)``: the budget controller's measured feedback.
+MeasureFn = Callable[[], tuple[float, float]]
 
-def candidates(config: Any) -> list[dict[str, Any]]:
+
+def candidates(config: PruneJobConfig) -> list[Candidate]:
     """The candidate grid: importances x ramps, cycled (with new seeds) up to ``search.candidates``."""
     p = config.pruning
     grid = [(imp, ramp) for ramp in p.ramps for imp in p.importances]
-    out = []
-    for i, (imp, ramp) in enumerate(itertools.islice(itertools.cycle(grid), config.search.candidates)):
-        out.append({"candidate_id": f"c{i}", "index": i, "importance": imp, "controller": p.controller,
-                    "ramp": float(ramp), "seed": config.seed + i})
-    return out
+    return [Candidate(candidate_id=f"c{i}", index=i, importance=imp, controller=p.controller, ramp=float(ramp),
+                      seed=config.seed + i)
+            for i, (imp, ramp) in enumerate(itertools.islice(itertools.cycle(grid), config.search.candidates))]
 
 
 # ----------------------------------------------------------------------------- inside a trial
 
 
-def _controller(cfg: Any, cand: dict[str, Any], base: dict[str, Any], table: Any, measure: Any) -> Any:
+def _controller(cfg: PruneJobConfig, spec: TrialSpec, predict_latency: PredictFn, measure: MeasureFn) -> Controller:
     """The candidate's controller; the ramp sets how fast sparsity may move."""
     from pruning.controllers import build_controller
 
-    p, steps = cfg.pruning, cfg.finetune.steps
+    p, steps, cand = cfg.pruning, cfg.finetune.steps, spec.candidate
     # nothing is pruned during the learning-rate warm-up; the ramp covers the steps after it
     begin = cfg.finetune.warmup()
-    ramp_steps = max(1, int(round(cand["ramp"] * (steps - begin))))
-    if cand["controller"] == "budget":
+    ramp_steps = max(1, int(round(cand.ramp * (steps - begin))))
+    if cand.controller == "budget":
         return build_controller(
-            "budget", latency_budget_ms=base["latency_budget_ms"], map_floor=base["map_floor"],
-            predict_latency=table.predict, measure=measure, measure_every=cfg.finetune.measure_every,
+            "budget", latency_budget_ms=spec.latency_budget_ms, map_floor=spec.map_floor,
+            predict_latency=predict_latency, measure=measure, measure_every=cfg.finetune.measure_every,
             max_sparsity=p.max_sparsity, max_rate=min(1.0, p.max_sparsity / ramp_steps), warmup_steps=begin,
         )
-    if cand["controller"] == "cubic":
+    if cand.controller == "cubic":
         return build_controller("cubic", final_sparsity=p.max_sparsity, begin_step=begin, end_step=begin + ramp_steps)
-    if cand["controller"] == "fixed":
+    if cand.controller == "fixed":
         return build_controller("fixed", sparsity=p.max_sparsity)
-    profile = {layer: [(c["sparsity"], c["drop"]) for c in rec["curve"]] for layer, rec in base["sensitivity"].items()}
-    return build_controller("layer_adaptive", profile=profile, max_drop=max(0.0, base["dense_map"] - base["map_floor"]),
+    return build_controller("layer_adaptive", profile=spec.sensitivity,
+                            max_drop=max(0.0, spec.dense_map - spec.map_floor),
                             begin_step=begin, end_step=begin + ramp_steps, max_sparsity=p.max_sparsity)
 
 
@@ -81,7 +104,7 @@ def _measure_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def finalized_copy(pruner: Any, fresh_model: Any) -> Any:
+def finalized_copy(pruner: Pruner, fresh_model: nn.Module) -> nn.Module:
     """A physically pruned copy of the pruner's current masked model (the pruner keeps training).
 
     ``fresh_model`` is a new instance of the same architecture. Not ``copy.deepcopy``: a deep
@@ -102,158 +125,183 @@ def finalized_copy(pruner: Any, fresh_model: Any) -> Any:
     return clone.finalize()
 
 
-class _Reporter:
-    """Train hook: every ``measure_every`` steps, one Tune report (measured latency, mAP, sparsity)."""
+@dataclass
+class _Measured:
+    """The trial's latest measurement."""
 
-    def __init__(self, pruner: Any, measure: Any, last: dict[str, Any], every: int, budget_ms: float) -> None:
-        self.pruner, self.measure, self.last, self.every, self.budget_ms = pruner, measure, last, every, budget_ms
+    step: int
+    latency: LatencySummary
+    score: MapScore
 
-    def __call__(self, ctx: Any) -> None:
+
+class _Trial:
+    """One candidate's fine-tune in a worker: measurement, snapshots of the best point, Tune reports."""
+
+    def __init__(self, spec: TrialSpec, env: JobEnv, work: Path) -> None:
+        self.spec, self.env, self.work = spec, env, work
+        self.pruner: Pruner | None = None
+        self.last: _Measured | None = None
+        snap_meta = work / "snapshot.json"
+        self.best = json.loads(snap_meta.read_text())["map"] if snap_meta.is_file() else -1.0
+
+    def _latency(self, model: nn.Module) -> LatencySummary:
+        with _measure_lock(self.work.parent / "measure.lock"):
+            return self.env.measure_latency(model, self.work)
+
+    def measure(self) -> tuple[float, float]:
+        """Measured latency of the current pruned model and its mAP; keeps the best feasible snapshot."""
+        from perception.io import atomic_write_json
+        from perception.models import save_checkpoint
+
+        pruner = self.pruner
+        if pruner is None:
+            raise ValueError("measure() called before the trial's pruner was set")
+        small = finalized_copy(pruner, self.env.build_architecture())
+        lat = self._latency(small)
+        score = self.env.evaluate_map(pruner.model)
+        self.last = _Measured(step=pruner.step_count, latency=lat, score=score)
+        if lat.p50_ms <= self.spec.latency_budget_ms and score.map >= max(self.spec.map_floor, self.best):
+            # Keep the best point that met both targets (NetAdapt keeps its best too): the controller
+            # may give capacity back later and end over budget on a noisy measurement.
+            save_checkpoint(self.work / "snapshot.pt", small,
+                            extra={"candidate": self.spec.candidate.to_dict(), "step": pruner.step_count})
+            atomic_write_json(self.work / "snapshot.json",
+                              {"step": pruner.step_count, "map": score.map, "latency_ms": lat.p50_ms})
+            self.best = score.map
+        return lat.p50_ms, score.map
+
+    def hook(self, ctx: StepContext) -> None:
+        """Train hook: every ``measure_every`` steps, one Tune report (measured latency, mAP, sparsity)."""
         step = ctx.step + 1
-        if step % self.every:
+        pruner = self.pruner
+        if step % self.env.config.finetune.measure_every or pruner is None:
             return
-        if self.last.get("step") != step:  # otherwise the budget controller measured this very step
+        if self.last is None or self.last.step != step:  # otherwise the budget controller measured this very step
             self.measure()
-        pred = self.pruner.predict_latency(self.pruner.channel_config()) if self.pruner.predict_latency else None
-        _report(step, self.last, self.budget_ms, latency_pred_ms=pred, sparsity=self.pruner.masked_fraction())
+        pred = pruner.predict_latency(pruner.channel_config()) if pruner.predict_latency else None
+        self.report(step, latency_pred_ms=pred, sparsity=pruner.masked_fraction())
+
+    def finish(self, pruner: Pruner, steps: int, infeasible: bool) -> None:
+        """The finished candidate: per-layer records, the physically smaller model, its own numbers."""
+        from perception.io import atomic_write_json
+        from perception.models import save_checkpoint
+
+        final_rec = pruner.history[-1].layers if pruner.history else {}
+        layers = {name: {"sparsity": sp, "threshold": getattr(final_rec.get(name), "threshold", None),
+                         "target": getattr(final_rec.get(name), "target", None)}
+                  for name, sp in pruner.layer_sparsity().items()}
+        small = pruner.finalize()
+        save_checkpoint(self.work / "pruned.pt", small, extra={"candidate": self.spec.candidate.to_dict()})
+        atomic_write_json(self.work / "pruning.json",
+                          {"layers": layers, "history": [r.to_dict() for r in pruner.history[-50:]]})
+        self.last = _Measured(step=steps, latency=self._latency(small), score=self.env.evaluate_map(small))
+        self.report(steps, done=True, infeasible=infeasible)
+
+    def report(self, step: int, **extra: float | bool | None) -> None:
+        """One Tune report. ASHA ranks on ``score``: mAP minus the relative latency overshoot, so a
+        model over budget is worth less than its mAP says and models within budget rank on mAP."""
+        from ray import tune
+
+        if self.last is None:
+            raise ValueError(f"Tune report at step {step} before any measurement")
+        lat, m = self.last.latency, self.last.score
+        score = m.map - max(0.0, lat.p50_ms / self.spec.latency_budget_ms - 1.0)
+        tune.report({"step": step, "map": m.map, "map50": m.map50, "latency_ms": lat.p50_ms,
+                     "latency_p99_ms": lat.p99_ms, "score": score, **extra})
 
 
-def _report(step: int, last: dict[str, Any], budget_ms: float, **extra: Any) -> None:
-    """One Tune report. ASHA ranks on ``score``: mAP minus the relative latency overshoot, so a
-    model over budget is worth less than its mAP says and models within budget rank on mAP."""
-    from ray import tune
-
-    lat, metrics = last["latency"], last["metrics"]
-    score = metrics["map"] - max(0.0, lat.p50_ms / budget_ms - 1.0)
-    tune.report({"step": step, "map": metrics["map"], "map50": metrics["map50"], "latency_ms": lat.p50_ms,
-                 "latency_p99_ms": lat.p99_ms, "score": score, **extra})
-
-
-def trial(params: dict[str, Any]) -> None:
-    """One candidate, run by Ray Tune in a worker process (dicts in, Tune reports out)."""
+def trial(params: dict[str, object]) -> None:
+    """One candidate, run by Ray Tune in a worker process (a :class:`TrialSpec` as a dict in, Tune reports out)."""
     import torch
 
-    from avprune.config.prune import PruneJobConfig
-    from perception.io import atomic_write_json, atomic_write_text
-    from perception.models import save_checkpoint
+    from perception.io import atomic_write_text
     from perception.train import TrainSettings, train
     from pruning import Pruner
     from pruning.latency_model import LatencyTable
 
-    cfg = PruneJobConfig.model_validate(params["job"])
-    cand, base = params["candidate"], params["base"]
-    work = Path(params["out_dir"]) / "search" / "trials" / cand["candidate_id"]
+    spec = TrialSpec.from_dict(params)
+    cfg = PruneJobConfig.model_validate(spec.job)
+    env = JobEnv.from_config(cfg)
+    work = Path(spec.out_dir) / "search" / "trials" / spec.candidate_id
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "pid", str(os.getpid()))
-    common.set_worker_threads(cfg)
-    torch.manual_seed(cand["seed"])
+    env.set_worker_threads()
+    torch.manual_seed(spec.candidate.seed)
 
-    train_ds, val = common.datasets(cfg)
-    frames = common.frames_for_timing(val, cfg)
-    table = LatencyTable.load(params["latency_table"])
-    model = common.load_dense(cfg)
-    last: dict[str, Any] = {}
-    holder: dict[str, Any] = {}
-
-    budget_ms, floor = base["latency_budget_ms"], base["map_floor"]
-    snap_meta = work / "snapshot.json"
-    holder["best"] = json.loads(snap_meta.read_text())["map"] if snap_meta.is_file() else -1.0
-
-    def measure() -> tuple[float, float]:
-        pruner = holder["pruner"]
-        small = finalized_copy(pruner, common.build_architecture(cfg))
-        with _measure_lock(work.parent / "measure.lock"):
-            lat = common.measure_latency(small, cfg, frames, work)
-        metrics = common.evaluate_map(pruner.model, val)
-        last.update(step=pruner.step_count, latency=lat, metrics=metrics)
-        if lat.p50_ms <= budget_ms and metrics["map"] >= max(floor, holder["best"]):
-            # Keep the best point that met both targets (NetAdapt keeps its best too): the controller
-            # may give capacity back later and end over budget on a noisy measurement.
-            save_checkpoint(work / "snapshot.pt", small, extra={"candidate": cand, "step": pruner.step_count})
-            atomic_write_json(snap_meta, {"step": pruner.step_count, "map": metrics["map"], "latency_ms": lat.p50_ms})
-            holder["best"] = metrics["map"]
-        return lat.p50_ms, metrics["map"]
-
-    controller = _controller(cfg, cand, base, table, measure)
-    h, w = cfg.budget.input_size
-    pruner = Pruner(model, importance=cand["importance"], granularity=cfg.pruning.granularity, controller=controller,
-                    example_inputs=torch.zeros(1, 3, h, w), update_every=cfg.pruning.update_every,
+    table = LatencyTable.load(spec.latency_table)
+    model = env.load_dense()
+    state = _Trial(spec, env, work)
+    controller = _controller(cfg, spec, table.predict, state.measure)
+    importance = spec.candidate.importance
+    pruner = Pruner(model, importance=importance, granularity=cfg.pruning.granularity, controller=controller,
+                    example_inputs=env.example_input(), update_every=cfg.pruning.update_every,
                     round_to=cfg.pruning.round_to, predict_latency=table.predict,
-                    layer_filter=common.layer_filter(model, cand["importance"], cfg))
-    holder["pruner"] = pruner
+                    layer_filter=env.layer_filter(model, importance))
+    state.pruner = pruner
     ft = cfg.finetune
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
-                             warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=cand["seed"],
+                             warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=spec.candidate.seed,
                              num_threads=cfg.resources.torch_threads)
-    reporter = _Reporter(pruner, measure, last, ft.measure_every, budget_ms)
-    train(model, train_ds, settings, out_dir=work / "train", hooks=[pruner, reporter], resume=True, progress=False)
-
-    # The finished candidate: per-layer records, the physically smaller model, its own numbers.
-    final_rec = pruner.history[-1].to_dict()["layers"] if pruner.history else {}
-    layers = {name: {"sparsity": sp, **{k: final_rec.get(name, {}).get(k) for k in ("threshold", "target")}}
-              for name, sp in pruner.layer_sparsity().items()}
-    infeasible = bool(getattr(controller, "infeasible", False))
-    small = pruner.finalize()
-    save_checkpoint(work / "pruned.pt", small, extra={"candidate": cand})
-    atomic_write_json(work / "pruning.json", {"layers": layers, "history": [r.to_dict() for r in pruner.history[-50:]]})
-    with _measure_lock(work.parent / "measure.lock"):
-        lat = common.measure_latency(small, cfg, frames, work)
-    last.update(step=ft.steps, latency=lat, metrics=common.evaluate_map(small, val))
-    _report(ft.steps, last, budget_ms, done=True, infeasible=infeasible)
+    train(model, env.train_set, settings, out_dir=work / "train", hooks=[pruner, state.hook], resume=True, progress=False)
+    state.finish(pruner, ft.steps, infeasible=bool(getattr(controller, "infeasible", False)))
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def trial_specs(ctx: StageContext) -> list[TrialSpec]:
+    """One :class:`TrialSpec` per candidate, from the baseline (budget), table and sensitivity records."""
+    base = ctx.record(BaselineRecord)
+    sens = ctx.find(SensitivityRecord)
+    job = ctx.config.model_dump(mode="json")
+    return [TrialSpec(candidate=c, job=job, out_dir=str(ctx.out_dir.resolve()),
+                      latency_table=ctx.record(LatencyTableRecord).path, latency_budget_ms=base.latency_budget_ms,
+                      map_floor=base.map_floor, dense_map=base.dense.map,
+                      sensitivity=sens.profile() if sens is not None else {})
+            for c in candidates(ctx.config)]
+
+
+def run(ctx: StageContext) -> SearchRecord:
     """Run every candidate as a Tune trial; record each one's reports and final checkpoint."""
     from avprune.prune_job.progress import tune_callback
-    from pruning.distributed import run_trials
+    from avprune.prune_job.ray_exec import run_trials
 
     cfg, out = ctx.config, ctx.out_dir
-    base_rec = ctx.results["baseline"]
-    sens = ctx.results.get("sensitivity", {})
-    base = {"latency_budget_ms": base_rec["latency_budget_ms"], "map_floor": base_rec["map_floor"],
-            "dense_map": base_rec["dense"]["map"], "sensitivity": sens.get("layers", {})}
-    cands = candidates(cfg)
-    params = [{"candidate": c, "candidate_id": c["candidate_id"], "job": cfg.model_dump(mode="json"),
-               "base": base, "out_dir": str(out.resolve()), "latency_table": ctx.results["latency_table"]["path"]}
-              for c in cands]
+    specs = trial_specs(ctx)
     ft = cfg.finetune
     reports = ft.steps // ft.measure_every + 1
-    ctx.progress.stage_start("search", total=len(cands), note=f"{len(cands)} candidates as Ray Tune trials")
+    ctx.progress.stage_start("search", total=len(specs), note=f"{len(specs)} candidates as Ray Tune trials")
     res = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
     results = run_trials(
-        trial, params, resources_per_trial=res, metric="score", mode="max",
+        trial, [s.to_dict() for s in specs], resources_per_trial=res, metric="score", mode="max",
         scheduler="asha" if cfg.search.early_stopping else None,
         max_t=reports, grace_period=min(cfg.search.grace_period, reports), max_failures=cfg.search.max_failures,
         storage_path=out / "search", name="tune", resume=True,
         callbacks=[tune_callback(ctx.progress, ft.steps)],
     )
     records = []
-    for r in sorted(results, key=lambda r: r.config["candidate"]["index"]):
-        cand = r.config["candidate"]
-        work = out / "search" / "trials" / cand["candidate_id"]
+    for r in sorted(results, key=lambda r: TrialSpec.from_dict(r.config).candidate.index):
+        cand = TrialSpec.from_dict(r.config).candidate
+        work = out / "search" / "trials" / cand.candidate_id
         done = bool(r.last.get("done")) and (work / "pruned.pt").is_file()
-        status = "done" if done else ("failed" if r.error else "stopped early")
         snap = work / "snapshot.json"
         snapshot = json.loads(snap.read_text()) if snap.is_file() and (work / "snapshot.pt").is_file() else None
-        records.append({
-            **cand, "status": status, "error": r.error, "steps": r.last.get("step"),
-            "snapshot": str((work / "snapshot.pt").relative_to(out)) if snapshot else None,
-            "snapshot_step": snapshot["step"] if snapshot else None,
-            "infeasible": r.last.get("infeasible"),
-            "history": [{k: h.get(k) for k in ("step", "map", "map50", "latency_ms", "latency_pred_ms", "sparsity", "score")}
-                        for h in r.history],
-            "checkpoint": str((work / "pruned.pt").relative_to(out)) if done else None,
-            "pruning_record": str((work / "pruning.json").relative_to(out)) if done else None,
-        })
+        inf = r.last.get("infeasible")
+        records.append(CandidateRecord(
+            candidate=cand, status="done" if done else ("failed" if r.error else "stopped early"), error=r.error,
+            steps=r.last.get("step"),
+            snapshot=str((work / "snapshot.pt").relative_to(out)) if snapshot else None,
+            snapshot_step=snapshot["step"] if snapshot else None,
+            infeasible=None if inf is None else bool(inf),
+            history=tuple(TrialReport.from_dict(h) for h in r.history),
+            checkpoint=str((work / "pruned.pt").relative_to(out)) if done else None,
+            pruning_record=str((work / "pruning.json").relative_to(out)) if done else None,
+        ))
         ctx.progress.stage_advance("search")
-    n_done = sum(r["status"] == "done" for r in records)
-    if n_done == 0 and not any(r["snapshot"] for r in records):
-        errors = "; ".join(f"{r['candidate_id']}: {r['error'] or r['status']}" for r in records)
+    if not any(r.status == "done" or r.snapshot for r in records):
+        errors = "; ".join(f"{r.candidate_id}: {r.error or r.status}" for r in records)
         raise RuntimeError(f"no candidate finished its fine-tuning ({errors})")
-    return {"candidates": records, "note": f"{n_done}/{len(records)} candidates finished"}
+    return SearchRecord(candidates=tuple(records))
 
 
 def pid_files(out_dir: Path) -> dict[str, int]:
@@ -267,4 +315,4 @@ def pid_files(out_dir: Path) -> dict[str, int]:
     return pids
 
 
-__all__ = ["candidates", "finalized_copy", "pid_files", "run", "trial"]
+__all__ = ["candidates", "finalized_copy", "pid_files", "run", "trial", "trial_specs"]

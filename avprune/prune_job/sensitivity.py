@@ -1,88 +1,102 @@
 """Stage 3, per-layer sensitivity: mAP when one prunable unit alone is pruned, layers in parallel.
 
-Each layer is one Ray task (retried if its worker dies); a task loads the dense model, masks
-only its layer at each scanned sparsity and scores the val subset. Worker processes are shared
-by an equal share of the layers, then exit. The scan covers the
-``sensitivity.max_layers`` largest units (by weight count), so its cost stays bounded on big
+Each layer is one Ray task (retried if its worker dies); a task masks only its layer at each
+scanned sparsity and scores the val subset. Worker processes are shared by an equal share of the
+layers, then exit; the record names the worker process that scanned each layer. The scan covers
+the ``sensitivity.max_layers`` largest units (by weight count), so its cost stays bounded on big
 backbones. The curves feed the ``layer_adaptive`` controller and the report.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from avprune.prune_job import common
+from avprune.config.prune import PruneJobConfig
+from avprune.prune_job.env import JobEnv
+from avprune.prune_job.records import CurvePoint, JSONDict, LayerSensitivity, SensitivityRecord, StageContext
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pruning import Controller, Pruner
 
 log = logging.getLogger(__name__)
 
 
-def _pruner(model: Any, cfg: Any, importance: str, controller: Any) -> Any:
-    import torch
-
+def _pruner(env: JobEnv, model: nn.Module, importance: str, controller: Controller) -> Pruner:
     from pruning import Pruner
 
-    h, w = cfg.budget.input_size
-    return Pruner(model, importance=importance, granularity=cfg.pruning.granularity, controller=controller,
-                  example_inputs=torch.zeros(1, 3, h, w), update_every=1, round_to=cfg.pruning.round_to,
-                  layer_filter=common.layer_filter(model, importance, cfg))
+    p = env.config.pruning
+    return Pruner(model, importance=importance, granularity=p.granularity, controller=controller,
+                  example_inputs=env.example_input(), update_every=1, round_to=p.round_to,
+                  layer_filter=env.layer_filter(model, importance))
 
 
-def largest_units(cfg: Any, max_layers: int) -> list[str]:
+def largest_units(cfg: PruneJobConfig, max_layers: int) -> list[str]:
     """The prunable units (channel groups by root layer, or layers) with the most weights."""
     from pruning.controllers import build_controller
 
-    model = common.build_architecture(cfg)
-    pruner = _pruner(model, cfg, cfg.pruning.importances[0], build_controller("fixed", sparsity=0.0))
+    env = JobEnv.from_config(cfg)
+    model = env.build_architecture()
+    pruner = _pruner(env, model, cfg.pruning.importances[0], build_controller("fixed", sparsity=0.0))
     modules = dict(model.named_modules())
     size = {u: sum(p.numel() for p in modules[u].parameters()) for u in pruner.units}
     return sorted(pruner.units, key=lambda u: (-size[u], u))[:max_layers]
 
 
-def scan_layer_task(job: dict[str, Any], layer: str, sparsities: Sequence[float], importance: str,
-                    dense_map: float) -> dict[str, Any]:
-    """Ray task: the sensitivity curve of one unit (dicts in and out)."""
-    import torch
+@dataclass(frozen=True)
+class ScanTask:
+    """One Ray task of the scan: a unit's curve at the given sparsities (picklable)."""
 
-    from avprune.config.prune import PruneJobConfig
-    from perception.data import subset
+    job: JSONDict  # the validated job config as JSON
+    layer: str
+    sparsities: tuple[float, ...]
+    importance: str
+    dense_map: float
+
+
+def scan_layer_task(task: ScanTask) -> tuple[str, LayerSensitivity]:
+    """Ray task: the sensitivity curve of one unit, and the pid of the process that scanned it."""
     from pruning.sensitivity import scan_layer
 
-    cfg = PruneJobConfig.model_validate(job)
-    common.set_worker_threads(cfg)
-    _, val = common.datasets(cfg)
-    val = subset(val, cfg.sensitivity.eval_images, seed=cfg.seed)
-    model = common.load_dense(cfg)
-    h, w = cfg.budget.input_size
+    env = JobEnv.from_config(PruneJobConfig.model_validate(task.job))  # once per worker process
+    env.set_worker_threads()
+    val = env.val_subset(env.config.sensitivity.eval_images)
+    model = env.load_dense()
+    p = env.config.pruning
     curve = scan_layer(
-        model, layer, lambda m: common.evaluate_map(m, val)["map"], list(sparsities),
-        importance=importance, granularity=cfg.pruning.granularity, example_inputs=torch.zeros(1, 3, h, w),
-        round_to=cfg.pruning.round_to, layer_filter=common.layer_filter(model, importance, cfg),
+        model, task.layer, lambda m: env.evaluate_map(m, val).map, list(task.sparsities),
+        importance=task.importance, granularity=p.granularity, example_inputs=env.example_input(),
+        round_to=p.round_to, layer_filter=env.layer_filter(model, task.importance),
     )
-    return {"layer": layer, "curve": [{"sparsity": s, "map": m, "drop": dense_map - m} for s, m in curve]}
+    points = tuple(CurvePoint(sparsity=s, map=m, drop=task.dense_map - m) for s, m in curve)
+    return task.layer, LayerSensitivity(curve=points, worker_pid=os.getpid())
 
 
-def scan(cfg: Any, layers: Sequence[str], dense_map: float, *, on_result: Any = None) -> dict[str, Any]:
+def scan(cfg: PruneJobConfig, layers: Sequence[str], dense_map: float, *,
+         on_result: Callable[[int, object], None] | None = None) -> dict[str, LayerSensitivity]:
     """Scan ``layers`` as parallel Ray tasks (one CPU each) in the current Ray session."""
-    from pruning.distributed import map_tasks
+    from avprune.prune_job.ray_exec import map_tasks
 
     job = cfg.model_dump(mode="json")
-    kwargs = [{"job": job, "layer": layer, "sparsities": list(cfg.sensitivity.sparsities),
-               "importance": cfg.pruning.importances[0], "dense_map": dense_map} for layer in layers]
+    tasks = [{"task": ScanTask(job=job, layer=layer, sparsities=tuple(cfg.sensitivity.sparsities),
+                               importance=cfg.pruning.importances[0], dense_map=dense_map)} for layer in layers]
     # A worker process costs ~3 s to start here (Ray, torch, the model), a layer's scan ~1.5 s: each
     # worker takes an equal share of the layers in one process (measured on 2 cores, 4 layers: 17.4 s
     # one process per layer vs 9.1 s shared), then exits (max_calls), so no scan worker idles on a
     # model's worth of memory while the search's trials run.
-    out = map_tasks(scan_layer_task, kwargs, num_cpus_per_task=cfg.resources.cpus_per_trial, max_retries=2,
-                    max_calls=calls_per_worker(len(kwargs), cfg.resources.cpus_per_trial), on_result=on_result)
-    return {r["layer"]: {"curve": r["curve"]} for r in out}
+    out = map_tasks(scan_layer_task, tasks, num_cpus_per_task=cfg.resources.cpus_per_trial, max_retries=2,
+                    max_calls=calls_per_worker(len(tasks), cfg.resources.cpus_per_trial), on_result=on_result)
+    return dict(out)
 
 
 def calls_per_worker(tasks: int, cpus_per_task: float) -> int:
     """Tasks each worker process runs before it exits: an equal share over the Ray slots there are."""
-    import math
-
     import ray
 
     slots = int(ray.available_resources().get("CPU", 1.0) // max(cpus_per_task, 1e-9))
@@ -90,19 +104,16 @@ def calls_per_worker(tasks: int, cpus_per_task: float) -> int:
     return max(1, math.ceil(tasks / workers))
 
 
-def dense_map_on_subset(cfg: Any) -> float:
+def dense_map_on_subset(cfg: PruneJobConfig) -> float:
     """Dense mAP on the scan's val subset (every curve's reference point)."""
-    from perception.data import subset
-
-    _, val = common.datasets(cfg)
-    return common.evaluate_map(common.load_dense(cfg), subset(val, cfg.sensitivity.eval_images, seed=cfg.seed))["map"]
+    env = JobEnv.from_config(cfg)
+    return env.evaluate_map(env.load_dense(), env.val_subset(cfg.sensitivity.eval_images)).map
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: StageContext) -> SensitivityRecord:
     cfg = ctx.config
     layers = largest_units(cfg, cfg.sensitivity.max_layers)
     dense = dense_map_on_subset(cfg)
     ctx.progress.stage_start("sensitivity", total=len(layers), note=f"{len(layers)} layers as Ray tasks")
     curves = scan(cfg, layers, dense, on_result=lambda i, r: ctx.progress.stage_advance("sensitivity"))
-    worst = max(layers, key=lambda u: max(c["drop"] for c in curves[u]["curve"]))
-    return {"dense_map": dense, "layers": curves, "note": f"{len(layers)} layers, most sensitive: {worst}"}
+    return SensitivityRecord(dense_map=dense, layers={u: curves[u] for u in layers})

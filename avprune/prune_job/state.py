@@ -15,8 +15,9 @@ import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from avprune.prune_job.errors import JobConfigMismatchError, JobFolderInUseError
+from avprune.prune_job.records import JSONDict
 from perception.io import atomic_write_json
 
 STATE_VERSION = 1
@@ -30,7 +31,7 @@ class StageStore:
         self.stages_dir = self.out_dir / "stages"
 
     # ------------------------------------------------------------------ job identity
-    def open(self, *, fingerprint: str, config: Mapping[str, Any], resume: bool) -> None:
+    def open(self, *, fingerprint: str, config: JSONDict, resume: bool) -> None:
         """Claim the folder for this job.
 
         Without ``resume``, a folder that already holds a job's stages is refused rather than
@@ -41,15 +42,9 @@ class StageStore:
         if job_file.is_file():
             stored = json.loads(job_file.read_text())
             if not resume and self.finished():
-                raise ValueError(
-                    f"{self.out_dir} already holds a prune job ({', '.join(self.finished())} done); "
-                    "pass --resume to continue it or --out to start a new one"
-                )
+                raise JobFolderInUseError(self.out_dir, self.finished())
             if resume and stored.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"--resume: {self.out_dir} was started with a different job config "
-                    f"(fingerprint {stored.get('fingerprint')} vs {fingerprint}); use a new --out"
-                )
+                raise JobConfigMismatchError(self.out_dir, str(stored.get("fingerprint")), fingerprint)
         atomic_write_json(
             job_file, {"version": STATE_VERSION, "fingerprint": fingerprint, "config": dict(config)}
         )
@@ -68,11 +63,11 @@ class StageStore:
         recs = [(json.loads(p.read_text()).get("finished_at", 0.0), p.stem) for p in self.stages_dir.glob("*.json")]
         return [name for _, name in sorted(recs)]
 
-    def load(self, name: str) -> dict[str, Any]:
-        """The result a finished stage recorded."""
+    def load(self, name: str) -> JSONDict:
+        """The result a finished stage recorded, as JSON (the runner reads it into its record type)."""
         return json.loads(self.path(name).read_text())["result"]
 
-    def save(self, name: str, result: Mapping[str, Any], *, wall_s: float) -> None:
+    def save(self, name: str, result: Mapping[str, object], *, wall_s: float) -> None:
         """Record a finished stage (atomic: the file appears whole or not at all)."""
         atomic_write_json(
             self.path(name),

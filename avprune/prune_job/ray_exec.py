@@ -1,7 +1,9 @@
-"""The Ray layer: a session, parallel tasks and Tune trials, generic over what they compute.
+"""The prune job's Ray layer: a session, parallel tasks and Tune trials, generic over what they compute.
 
-Nothing here knows about detectors. Functions handed to Ray must be importable (module-level)
-or picklable; arguments and results cross the boundary as plain dicts.
+Nothing here knows about detectors (it lives in the prune job, not in ``pruning/``, because only
+the job runs on Ray; the pruning engine stays pure PyTorch). Functions handed to Ray must be
+importable (module-level) or picklable; task arguments may be picklable dataclasses, Tune trial
+configs are plain dicts (Tune stores them in its experiment state for restores).
 
 Ray facts this module relies on (Ray 2.60): ``local_mode`` is gone; a local instance started by
 ``ray.init`` uses token auth by default since 2.59 and handles it itself; a cluster started with
@@ -17,7 +19,11 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+#: A Tune trial config or metrics row: plain JSON-like data.
+Row = dict[str, Any]
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ def ray_session(
     *,
     num_cpus: int | None = None,
     object_store_memory: int | None = DEFAULT_OBJECT_STORE_BYTES,
-    runtime_env: dict[str, Any] | None = None,
+    runtime_env: Row | None = None,
 ) -> Iterator[RaySessionInfo]:
     """Connect to Ray for the duration of a ``with`` block.
 
@@ -56,7 +62,7 @@ def ray_session(
         yield _info(started_here=False)
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {
+    kwargs: Row = {
         "include_dashboard": False,
         "log_to_driver": False,  # worker logs stay in Ray's session folder; progress comes from us
         "configure_logging": False,
@@ -93,15 +99,15 @@ def _info(*, started_here: bool) -> RaySessionInfo:
 
 
 def map_tasks(
-    fn: Callable[..., Any],
-    kwargs_list: Sequence[dict[str, Any]],
+    fn: Callable[..., T],
+    kwargs_list: Sequence[dict[str, object]],
     *,
     num_cpus_per_task: float = 1,
     num_gpus_per_task: float = 0,
     max_retries: int = 2,
     max_calls: int = 0,
-    on_result: Callable[[int, Any], None] | None = None,
-) -> list[Any]:
+    on_result: Callable[[int, T], None] | None = None,
+) -> list[T]:
     """Run ``fn(**kwargs)`` for every kwargs dict as Ray tasks; results in input order.
 
     A task whose worker process dies is retried up to ``max_retries`` times (Ray's default for
@@ -117,21 +123,22 @@ def map_tasks(
     )(fn)
     refs = [remote.remote(**kw) for kw in kwargs_list]
     index = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
+    results: dict[int, T] = {}
     pending = list(refs)
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 i = index[ref]
-                results[i] = ray.get(ref)
+                value: T = ray.get(ref)
+                results[i] = value
                 if on_result is not None:
-                    on_result(i, results[i])
+                    on_result(i, value)
     except BaseException:
         for ref in pending:  # do not leave tasks burning CPU after a failure or Ctrl-C
             ray.cancel(ref, force=True)
         raise
-    return results
+    return [results[i] for i in range(len(refs))]
 
 
 @dataclass(frozen=True)
@@ -139,18 +146,18 @@ class TrialResult:
     """One Tune trial, as plain data: its config, every report it made, and how it ended."""
 
     trial_id: str
-    config: dict[str, Any]
-    history: list[dict[str, Any]]
-    last: dict[str, Any]
+    config: Row
+    history: list[Row]
+    last: Row
     error: str | None
     path: str | None = None
     checkpoint_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Row = field(default_factory=dict)
 
 
 def run_trials(
-    trainable: Callable[[dict[str, Any]], None],
-    param_space: Sequence[dict[str, Any]] | dict[str, Any],
+    trainable: Callable[[Row], None],
+    param_space: Sequence[Row] | Row,
     *,
     resources_per_trial: dict[str, float],
     metric: str,
@@ -163,7 +170,7 @@ def run_trials(
     storage_path: str | Path,
     name: str,
     resume: bool = False,
-    callbacks: Sequence[Any] = (),
+    callbacks: Sequence[object] = (),
 ) -> list[TrialResult]:
     """Run a Ray Tune experiment and return every trial's reports.
 
@@ -232,10 +239,10 @@ def run_trials(
     return out
 
 
-def _unwrap_trial(trainable: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+def _unwrap_trial(trainable: Callable[[Row], None]) -> Callable[[Row], None]:
     """Hand the trainable its own config, not the ``{"_trial": config}`` grid wrapper."""
 
-    def trial(config: dict[str, Any]) -> None:
+    def trial(config: Row) -> None:
         return trainable(dict(config["_trial"]))
 
     trial.__name__ = getattr(trainable, "__name__", "trial")
@@ -243,11 +250,11 @@ def _unwrap_trial(trainable: Callable[[dict[str, Any]], None]) -> Callable[[dict
     return trial
 
 
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
+def _plain(d: Row) -> Row:
     """Metrics as JSON-able Python values (pandas hands back numpy scalars and NaNs)."""
     import math
 
-    out: dict[str, Any] = {}
+    out: Row = {}
     for k, v in d.items():
         if hasattr(v, "item"):
             v = v.item()

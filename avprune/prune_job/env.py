@@ -1,0 +1,237 @@
+"""The job environment every stage and Ray worker shares, built once per process from the config.
+
+``JobEnv.from_config(cfg)`` returns one instance per job config in a process (the driver, a scan
+worker running several layers, a trial), so the val/train sets are read once there. It answers
+the questions all stages ask: the data, the dense model, a model's mAP, its size, and its latency.
+
+Latency is always measured the way the model will be deployed: the core graph exported to
+ONNX (``deploy.export``), opened through deploy's runtime interface and timed per frame batch
+by ``deploy.timing`` (end to end, or the graph alone when ``budget.end_to_end`` is false).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from avprune.config.prune import PruneJobConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from deploy.timing import LatencySummary
+    from perception.data import CocoDetectionDataset
+
+log = logging.getLogger(__name__)
+
+LayerFilter = Callable[[str, "nn.Module"], bool]
+
+
+@dataclass(frozen=True)
+class MapScore:
+    """COCO mAP@[.5:.95] and AP50 on the job's val subset."""
+
+    map: float
+    map50: float
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Parameters of the whole detector and GMACs of its core graph (backbone + heads) per frame."""
+
+    params: int
+    gmacs: float
+
+
+class JobEnv:
+    """Data, models and measurements of one prune job config, in one process."""
+
+    _instances: ClassVar[dict[str, JobEnv]] = {}
+
+    def __init__(self, config: PruneJobConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: PruneJobConfig) -> JobEnv:
+        """The process's environment for ``config`` (one per job fingerprint and output folder)."""
+        key = f"{config.fingerprint()}|{config.output_dir}"
+        env = cls._instances.get(key)
+        if env is None:
+            env = cls._instances[key] = cls(config)
+        return env
+
+    # ------------------------------------------------------------------ process set-up
+    def set_worker_threads(self) -> None:
+        """Cap torch threads inside a Ray worker (two trials on two cores must not fight)."""
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("AVPRUNE_TORCH_THREADS", self.config.resources.torch_threads)))
+
+    # ------------------------------------------------------------------ data
+    def prepare_data(self) -> Path:
+        """The COCO root of the job's data; a synthetic set is generated into its cache when missing.
+
+        Generation writes to a temporary sibling folder renamed into place at the end, so a killed
+        job never leaves a half-written cache that looks complete.
+        """
+        data = self.config.data
+        root = data.coco_root()
+        if data.source == "coco" or (root / "annotations" / "instances_val.json").is_file():
+            return root
+        from perception.synthetic import generate_dataset
+
+        final = data.synthetic_dir()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            log.info("generating %d synthetic images into %s", data.images, final)
+            generate_dataset(tmp, images=data.images, drives=0, seed=data.seed)
+            if final.exists():  # a stale partial folder from an older layout: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return root
+
+    @cached_property
+    def _splits(self) -> tuple[CocoDetectionDataset, CocoDetectionDataset]:
+        from perception.data import load_split, subset
+
+        data = self.config.data
+        root = data.coco_root()
+        train = load_split(root, "train")
+        if data.train_images is not None:
+            train = subset(train, data.train_images, seed=data.seed)
+        return train, subset(load_split(root, "val"), data.val_images, seed=data.seed)
+
+    @property
+    def train_set(self) -> CocoDetectionDataset:
+        return self._splits[0]
+
+    @property
+    def val_set(self) -> CocoDetectionDataset:
+        """The fixed subset every mAP in the job is measured on."""
+        return self._splits[1]
+
+    def val_subset(self, n: int) -> CocoDetectionDataset:
+        """``n`` images of the val subset (the same ones in every process)."""
+        from perception.data import subset
+
+        return subset(self.val_set, n, seed=self.config.seed)
+
+    @cached_property
+    def timing_frames(self) -> list[np.ndarray]:
+        """``budget.batch`` real frames (HxWx3 uint8): the batch every latency is measured on."""
+        val = self.val_set
+        return [val.load_image(i % len(val)) for i in range(self.config.budget.batch)]
+
+    # ------------------------------------------------------------------ models
+    def _deployed(self, model: nn.Module) -> nn.Module:
+        """Apply the budget's deployment post-processing settings (score threshold) to a detector.
+
+        Dense and pruned models get the same setting, and deploy's export copies it into the ONNX
+        metadata, so mAP and latency are both measured as the model will run.
+        """
+        from perception.models import set_score_threshold
+
+        thresh = self.config.budget.score_thresh
+        return model if thresh is None else set_score_threshold(model, thresh)
+
+    def load_model(self, path: str | Path) -> nn.Module:
+        """A (possibly channel-pruned) detector checkpoint at the budget's input size."""
+        from perception.models import load_detector
+
+        return self._deployed(load_detector(path, image_size=tuple(self.config.budget.input_size)))
+
+    def load_dense(self) -> nn.Module:
+        """The dense detector at the budget's input size."""
+        return self.load_model(self.config.model.checkpoint)
+
+    def build_architecture(self) -> nn.Module:
+        """An untrained dense detector of the job's architecture (weights come from a state dict)."""
+        from perception.models import build_detector
+
+        m = self.config.model
+        return build_detector(m.name, num_classes=m.num_classes, image_size=tuple(self.config.budget.input_size))
+
+    def layer_filter(self, model: nn.Module, importance: str) -> LayerFilter:
+        """Which layers a candidate prunes: the detector default (never the class/box output convs);
+        for ``bn_scale`` only layers a BatchNorm follows (its score is that BatchNorm's |gamma|, so
+        SSDlite's squeeze-excitation convs, which have none, stay out)."""
+
+        from pruning.filters import detector_core_forward, detector_default_filter
+        from pruning.groups import find_following_bn
+
+        default = detector_default_filter(model)
+        if importance != "bn_scale":
+            return default
+        layers = [n for n, m in model.named_modules() if default(n, m)]
+        with_bn = set(find_following_bn(model, layers, self.example_input(), detector_core_forward))
+        return lambda name, module: default(name, module) and name in with_bn
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """Zeros of the budget's input size (what pruning traces the model with)."""
+        import torch
+
+        h, w = self.config.budget.input_size
+        return torch.zeros(batch, 3, h, w)
+
+    # ------------------------------------------------------------------ measurements
+    def evaluate_map(self, model: nn.Module, val: CocoDetectionDataset | None = None) -> MapScore:
+        """Eager COCO mAP on ``val`` (default: the job's val subset); the model's mode is restored."""
+        from perception.evaluate import evaluate_model
+
+        m = evaluate_model(model, self.val_set if val is None else val, batch_size=4)
+        return MapScore(map=_finite(m.map), map50=_finite(m.map50))
+
+    def size_of(self, model: nn.Module) -> ModelSize:
+        import torch
+        import torch_pruning as tp
+
+        from deploy.core_graph import CoreModule, model_meta
+
+        core = CoreModule(model, model_meta(model)).eval()
+        with torch.no_grad():
+            macs, _ = tp.utils.count_ops_and_params(core, self.example_input())
+        return ModelSize(params=int(sum(p.numel() for p in model.parameters())), gmacs=float(macs) / 1e9)
+
+    def measure_latency(self, model: nn.Module, work_dir: Path) -> LatencySummary:
+        """Latency per batch of ``model`` on the budget's runtime, device and thread count."""
+        import torch
+
+        from deploy.runtimes import open_runtime
+        from deploy.timing import measure_latency
+
+        b = self.config.budget
+        model = model.eval()
+        target: nn.Module | Path = model if b.runtime == "pytorch" else self.export_core(model, work_dir / "latency_probe.onnx")
+        # Pre/post-processing run in torch: give them the budget's threads too, as deployed.
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(b.threads)
+        try:
+            with open_runtime(target, backend=b.runtime, device=b.device, threads=b.threads) as rt:
+                # one batch of budget.batch frames per call
+                return measure_latency(rt, [self.timing_frames], warmup=3, iters=b.measure_iters, end_to_end=b.end_to_end)
+        finally:
+            torch.set_num_threads(torch_threads)
+
+    def export_core(self, model: nn.Module, path: Path) -> Path:
+        """The NMS-free core graph as ONNX (legacy exporter: fast, and known to work for every family)."""
+        from deploy.export import export_onnx
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(export_onnx(model, path, form="core", exporter="legacy").path)
+
+
+def _finite(v: float) -> float:
+    return 0.0 if v != v else float(v)  # NaN: no ground truth in a bucket counts as nothing found

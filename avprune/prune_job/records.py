@@ -1,0 +1,521 @@
+"""Typed stage records of the prune job, one frozen dataclass per stage, and what a stage sees.
+
+Each record is what its stage returns and what ``OUT/stages/NAME.json`` holds under
+``"result"``: ``to_dict`` writes the JSON the job has always written (same keys, plus new
+optional ones), ``from_dict`` reads it back, including records written before these types
+existed (missing optional keys get their defaults), so ``--resume`` of an older job folder works.
+
+The latency budget has one name throughout, ``latency_budget_ms``: the baseline record's
+attribute, the :class:`TrialSpec` a Ray trial receives, the keyword of
+:class:`pruning.BudgetController` and its attribute.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+
+from deploy.timing import LatencySummary
+
+if TYPE_CHECKING:
+    from avprune.config.prune import PruneJobConfig
+    from avprune.prune_job.env import JobEnv
+    from avprune.prune_job.progress import JobProgress
+
+#: A record as JSON: the on-disk boundary, the only place values are untyped.
+JSONDict = dict[str, Any]
+
+
+def _opt_float(v: float | str | None) -> float | None:
+    return None if v is None else float(v)
+
+
+def _opt_int(v: int | str | None) -> int | None:
+    return None if v is None else int(v)
+
+
+def latency_from_dict(d: JSONDict) -> LatencySummary:
+    """A :class:`deploy.timing.LatencySummary`; records written before it carried no ``p90_ms``."""
+    return LatencySummary(p50_ms=float(d["p50_ms"]), p90_ms=float(d.get("p90_ms", math.nan)),
+                          p99_ms=float(d["p99_ms"]), mean_ms=float(d["mean_ms"]), n=int(d["n"]))
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model's numbers: one row of the final table (dense or pruned)."""
+
+    map: float
+    map50: float
+    p50_ms: float
+    p99_ms: float
+    params: int
+    gmacs: float
+
+    def to_dict(self) -> JSONDict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> ModelSummary:
+        return cls(map=float(d["map"]), map50=float(d["map50"]), p50_ms=float(d["p50_ms"]),
+                   p99_ms=float(d["p99_ms"]), params=int(d["params"]), gmacs=float(d["gmacs"]))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search grid: how a trial prunes."""
+
+    candidate_id: str
+    index: int
+    importance: str
+    controller: str
+    ramp: float
+    seed: int
+
+    def to_dict(self) -> JSONDict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> Candidate:
+        return cls(candidate_id=str(d["candidate_id"]), index=int(d["index"]), importance=str(d["importance"]),
+                   controller=str(d["controller"]), ramp=float(d["ramp"]), seed=int(d["seed"]))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One (latency, mAP) trade-off: a re-measured candidate, a trial report or the dense model."""
+
+    latency_ms: float
+    map: float
+    map50: float = 0.0
+    source: str = ""  # candidate id, "c0 step 40", "dense"
+    index: int = -1  # candidate index for final candidates, -1 otherwise
+
+    def to_dict(self) -> JSONDict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> Point:
+        return cls(latency_ms=float(d["latency_ms"]), map=float(d["map"]), map50=float(d.get("map50") or 0.0),
+                   source=str(d.get("source", "")), index=int(d.get("index", -1)))
+
+
+# ----------------------------------------------------------------------------- stage records
+
+
+class StageRecord(Protocol):
+    """What every stage record offers the runner."""
+
+    def to_dict(self) -> JSONDict: ...
+
+    @property
+    def note(self) -> str: ...
+
+
+R = TypeVar("R", bound=StageRecord)
+
+
+@dataclass(frozen=True)
+class BaselineRecord:
+    """Stage 1: the dense model and the budget in absolute terms (every later stage reads these)."""
+
+    STAGE: ClassVar[str] = "baseline"
+
+    dense: ModelSummary
+    latency: LatencySummary
+    latency_budget_ms: float
+    map_floor: float
+    val_images: int
+
+    @property
+    def note(self) -> str:
+        return (f"mAP {self.dense.map:.3f}, p50 {self.latency.p50_ms:.2f} ms -> budget {self.latency_budget_ms:.2f} ms, "
+                f"floor {self.map_floor:.3f}")
+
+    def to_dict(self) -> JSONDict:
+        return {"dense": self.dense.to_dict(), "latency": self.latency.to_dict(),
+                "latency_budget_ms": self.latency_budget_ms, "map_floor": self.map_floor,
+                "val_images": self.val_images, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> BaselineRecord:
+        return cls(dense=ModelSummary.from_dict(d["dense"]), latency=latency_from_dict(d["latency"]),
+                   latency_budget_ms=float(d["latency_budget_ms"]), map_floor=float(d["map_floor"]),
+                   val_images=int(d["val_images"]))
+
+
+@dataclass(frozen=True)
+class LatencyTableRecord:
+    """Stage 2: where the calibrated per-layer latency table is, and how it was obtained."""
+
+    STAGE: ClassVar[str] = "latency_table"
+
+    path: str
+    cache: str
+    source: str  # "cache" or "measured"
+    entries: int
+    overhead_ms: float
+
+    @property
+    def note(self) -> str:
+        return f"{self.entries} entries ({self.source}), overhead {self.overhead_ms:.2f} ms"
+
+    def to_dict(self) -> JSONDict:
+        return {**asdict(self), "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> LatencyTableRecord:
+        return cls(path=str(d["path"]), cache=str(d["cache"]), source=str(d["source"]), entries=int(d["entries"]),
+                   overhead_ms=float(d["overhead_ms"]))
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    sparsity: float
+    map: float
+    drop: float  # dense mAP on the scan's subset minus ``map``
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One unit's sensitivity curve, and the Ray worker process that scanned it (None: older records)."""
+
+    curve: tuple[CurvePoint, ...]
+    worker_pid: int | None = None
+
+    def to_dict(self) -> JSONDict:
+        d: JSONDict = {"curve": [asdict(c) for c in self.curve]}
+        if self.worker_pid is not None:
+            d["worker_pid"] = self.worker_pid
+        return d
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> LayerSensitivity:
+        curve = tuple(CurvePoint(float(c["sparsity"]), float(c["map"]), float(c["drop"])) for c in d["curve"])
+        return cls(curve=curve, worker_pid=_opt_int(d.get("worker_pid")))
+
+    @property
+    def worst_drop(self) -> float:
+        return max((c.drop for c in self.curve), default=0.0)
+
+
+@dataclass(frozen=True)
+class SensitivityRecord:
+    """Stage 3: per-unit sensitivity curves (the ``layer_adaptive`` controller's profile)."""
+
+    STAGE: ClassVar[str] = "sensitivity"
+
+    dense_map: float
+    layers: dict[str, LayerSensitivity]
+
+    @property
+    def note(self) -> str:
+        if not self.layers:
+            return "0 layers"
+        worst = max(self.layers, key=lambda u: self.layers[u].worst_drop)
+        return f"{len(self.layers)} layers, most sensitive: {worst}"
+
+    def profile(self) -> dict[str, list[tuple[float, float]]]:
+        """(sparsity, mAP drop) per unit, as :class:`pruning.LayerAdaptiveController` takes it."""
+        return {name: [(c.sparsity, c.drop) for c in rec.curve] for name, rec in self.layers.items()}
+
+    def to_dict(self) -> JSONDict:
+        return {"dense_map": self.dense_map, "layers": {k: v.to_dict() for k, v in self.layers.items()},
+                "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> SensitivityRecord:
+        return cls(dense_map=float(d["dense_map"]),
+                   layers={k: LayerSensitivity.from_dict(v) for k, v in d["layers"].items()})
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """One Tune report of a trial (any value may be missing: Tune fills absent metrics with NaN/None)."""
+
+    step: int | None = None
+    map: float | None = None
+    map50: float | None = None
+    latency_ms: float | None = None
+    latency_pred_ms: float | None = None
+    sparsity: float | None = None
+    score: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> TrialReport:
+        return cls(step=_opt_int(d.get("step")),
+                   **{f.name: _opt_float(d.get(f.name)) for f in fields(cls) if f.name != "step"})
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """How one candidate's trial ended, its reports, and the models it left (paths relative to OUT)."""
+
+    candidate: Candidate
+    status: str  # "done", "failed", "stopped early"
+    error: str | None = None
+    steps: int | None = None
+    snapshot: str | None = None  # the best point that met both targets while fine-tuning
+    snapshot_step: int | None = None
+    infeasible: bool | None = None
+    history: tuple[TrialReport, ...] = ()
+    checkpoint: str | None = None  # the final, physically smaller model
+    pruning_record: str | None = None
+
+    @property
+    def candidate_id(self) -> str:
+        return self.candidate.candidate_id
+
+    def to_dict(self) -> JSONDict:
+        # flat, as the job has always written it: the candidate's keys beside the outcome's
+        d = {**self.candidate.to_dict(), **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidate"}}
+        d["history"] = [asdict(h) for h in self.history]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> CandidateRecord:
+        inf = d.get("infeasible")
+        return cls(candidate=Candidate.from_dict(d), status=str(d["status"]), error=d.get("error"),
+                   steps=_opt_int(d.get("steps")), snapshot=d.get("snapshot"), snapshot_step=_opt_int(d.get("snapshot_step")),
+                   infeasible=None if inf is None else bool(inf),
+                   history=tuple(TrialReport.from_dict(h) for h in d.get("history") or ()),
+                   checkpoint=d.get("checkpoint"), pruning_record=d.get("pruning_record"))
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """Stage 4: every candidate, in candidate order."""
+
+    STAGE: ClassVar[str] = "search"
+
+    candidates: tuple[CandidateRecord, ...]
+
+    @property
+    def note(self) -> str:
+        done = sum(c.status == "done" for c in self.candidates)
+        return f"{done}/{len(self.candidates)} candidates finished"
+
+    def candidate(self, candidate_id: str) -> CandidateRecord:
+        """The record of ``c0`` (also for a snapshot id such as ``c0@60``)."""
+        base = candidate_id.split("@")[0]
+        for c in self.candidates:
+            if c.candidate_id == base:
+                return c
+        raise ValueError(f"candidate {candidate_id!r} is not in the search record "
+                         f"(candidates: {', '.join(c.candidate_id for c in self.candidates)})")
+
+    def to_dict(self) -> JSONDict:
+        return {"candidates": [c.to_dict() for c in self.candidates], "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> SearchRecord:
+        return cls(candidates=tuple(CandidateRecord.from_dict(c) for c in d["candidates"]))
+
+
+@dataclass(frozen=True)
+class Deliverable:
+    """A model the search produced that selection may ship: a final model or a trial's snapshot."""
+
+    candidate_id: str  # "c0", or "c0@60" for c0's snapshot at step 60
+    index: int  # deterministic order (ties in selection break on it)
+    checkpoint: str  # relative to OUT
+
+
+@dataclass(frozen=True)
+class MeasuredModel:
+    """A deliverable re-measured by selection, beside the dense model."""
+
+    candidate_id: str
+    index: int
+    checkpoint: str
+    map: float
+    map50: float
+    p50_ms: float  # the paired ratio to the dense model, at the baseline's dense latency
+    p99_ms: float
+    raw_p50_ms: float  # as timed, unscaled
+    dense_p50_ms_beside: float  # the dense model timed right before it
+    params: int
+    gmacs: float
+
+    def summary(self) -> ModelSummary:
+        return ModelSummary(map=self.map, map50=self.map50, p50_ms=self.p50_ms, p99_ms=self.p99_ms,
+                            params=self.params, gmacs=self.gmacs)
+
+    def point(self) -> Point:
+        return Point(self.p50_ms, self.map, self.map50, self.candidate_id, self.index)
+
+    def to_dict(self) -> JSONDict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> MeasuredModel:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Infeasible:
+    """Why the budget pair was not met (the fields of :class:`InfeasibleBudgetError`, and its message)."""
+
+    latency_budget_ms: float
+    map_floor: float
+    best_latency_ms: float
+    best_map: float
+    nearest_latency_ms: float | None
+    nearest_map_floor: float | None
+    message: str
+
+    def to_dict(self) -> JSONDict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> Infeasible:
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+    def error_fields(self) -> JSONDict:
+        """Keyword arguments of :class:`~avprune.prune_job.errors.InfeasibleBudgetError`."""
+        return {k: v for k, v in self.to_dict().items() if k != "message"}
+
+
+@dataclass(frozen=True)
+class SelectRecord:
+    """Stage 5: the chosen model, every re-measured deliverable and the Pareto front."""
+
+    STAGE: ClassVar[str] = "select"
+
+    candidate_id: str
+    checkpoint: str
+    selected: MeasuredModel
+    measured: tuple[MeasuredModel, ...]
+    pareto: tuple[Point, ...]
+    infeasible: Infeasible | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.infeasible is None
+
+    @property
+    def note(self) -> str:
+        s = self.selected
+        budget = f" (budget {self.infeasible.latency_budget_ms:.2f})" if self.infeasible else ""
+        return f"{self.candidate_id}: mAP {s.map:.3f}, p50 {s.p50_ms:.2f} ms{budget}"
+
+    def to_dict(self) -> JSONDict:
+        return {"candidate_id": self.candidate_id, "checkpoint": self.checkpoint, "selected": self.selected.to_dict(),
+                "measured": [m.to_dict() for m in self.measured], "pareto": [p.to_dict() for p in self.pareto],
+                "feasible": self.feasible, "infeasible": None if self.infeasible is None else self.infeasible.to_dict(),
+                "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> SelectRecord:
+        inf = d.get("infeasible")
+        return cls(candidate_id=str(d["candidate_id"]), checkpoint=str(d["checkpoint"]),
+                   selected=MeasuredModel.from_dict(d["selected"]),
+                   measured=tuple(MeasuredModel.from_dict(m) for m in d["measured"]),
+                   pareto=tuple(Point.from_dict(p) for p in d["pareto"]),
+                   infeasible=None if not inf else Infeasible.from_dict(inf))
+
+
+@dataclass(frozen=True)
+class FinalizeRecord:
+    """Stage 6: the artifacts (names relative to OUT) and the shipped model's numbers."""
+
+    STAGE: ClassVar[str] = "finalize"
+
+    pruned: ModelSummary
+    checkpoint: str
+    onnx: str
+    report_json: str
+    report_html: str
+    speedup: float = math.nan
+
+    @property
+    def note(self) -> str:
+        return f"{self.speedup:.2f}x faster, mAP -> {self.pruned.map:.3f}"
+
+    def to_dict(self) -> JSONDict:
+        return {"pruned": self.pruned.to_dict(), "checkpoint": self.checkpoint, "onnx": self.onnx,
+                "report_json": self.report_json, "report_html": self.report_html, "speedup": self.speedup,
+                "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> FinalizeRecord:
+        return cls(pruned=ModelSummary.from_dict(d["pruned"]), checkpoint=str(d["checkpoint"]), onnx=str(d["onnx"]),
+                   report_json=str(d["report_json"]), report_html=str(d["report_html"]),
+                   speedup=float(d.get("speedup", math.nan)))
+
+
+# ----------------------------------------------------------------------------- what a stage sees
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage sees: the config, the process's job environment, where to write, live progress,
+    and the records of the stages before it (by stage name)."""
+
+    config: PruneJobConfig
+    env: JobEnv
+    out_dir: Path
+    progress: JobProgress
+    results: Mapping[str, StageRecord] = field(default_factory=dict)
+
+    def record(self, kind: type[R]) -> R:
+        """The record of an earlier stage, e.g. ``ctx.record(BaselineRecord)``."""
+        rec = self.find(kind)
+        if rec is None:
+            stage = getattr(kind, "STAGE", kind.__name__)
+            raise ValueError(f"stage {stage!r} has no record yet (records: {', '.join(self.results) or 'none'}); "
+                             "it must run before this stage")
+        return rec
+
+    def find(self, kind: type[R]) -> R | None:
+        """The record of an earlier stage, or None when that stage is not part of this job."""
+        rec = self.results.get(getattr(kind, "STAGE", ""))
+        if rec is not None and not isinstance(rec, kind):
+            raise TypeError(f"record {getattr(kind, 'STAGE', '')!r} is a {type(rec).__name__}, not a {kind.__name__}")
+        return rec
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one Ray Tune trial needs, picklable; crosses the Tune boundary as ``to_dict()``
+    (Tune stores trial configs as plain data in its experiment state for restores)."""
+
+    candidate: Candidate
+    job: JSONDict  # the validated job config as JSON (rebuilt in the worker)
+    out_dir: str
+    latency_table: str
+    latency_budget_ms: float
+    map_floor: float
+    dense_map: float
+    sensitivity: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # unit -> (sparsity, drop)
+
+    @property
+    def candidate_id(self) -> str:
+        return self.candidate.candidate_id
+
+    def to_dict(self) -> JSONDict:
+        d = asdict(self)
+        d["candidate_id"] = self.candidate_id  # the live progress lines name trials by it
+        return d
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> TrialSpec:
+        if "base" in d:  # a Tune experiment started before TrialSpec (its trials restored on --resume)
+            base = d["base"]
+            sens = {k: [(c["sparsity"], c["drop"]) for c in v["curve"]] for k, v in base.get("sensitivity", {}).items()}
+            d = {**d, **{k: base[k] for k in ("latency_budget_ms", "map_floor", "dense_map")}, "sensitivity": sens}
+        return cls(candidate=Candidate.from_dict(d["candidate"]), job=dict(d["job"]), out_dir=str(d["out_dir"]),
+                   latency_table=str(d["latency_table"]), latency_budget_ms=float(d["latency_budget_ms"]),
+                   map_floor=float(d["map_floor"]), dense_map=float(d["dense_map"]),
+                   sensitivity={k: [(float(s), float(m)) for s, m in v] for k, v in d.get("sensitivity", {}).items()})
+
+
+#: The stage record type of each default stage, by stage name (how ``StageStore`` reads them back).
+RECORD_TYPES: dict[str, type] = {
+    r.STAGE: r for r in (BaselineRecord, LatencyTableRecord, SensitivityRecord, SearchRecord, SelectRecord, FinalizeRecord)
+}
