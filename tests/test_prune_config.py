@@ -54,6 +54,32 @@ def test_examples_validate(tmp_path, ckpt, name):
     assert cfg.budget.runtime == "onnxruntime" and cfg.search.candidates >= 1
 
 
+def test_budget_applies_to_the_graph_by_default(tmp_path, ckpt):
+    """`budget.end_to_end` defaults to false, as the README says: the budget is on the model graph
+    (what pruning changes); pre-processing and decoding/NMS are timed only when asked for."""
+    data = _job(tmp_path, ckpt)
+    assert "end_to_end" not in data["budget"]
+    assert PruneJobConfig.model_validate(data).budget.end_to_end is False
+    assert "`budget.end_to_end: false`" in (EXAMPLES.parents[2] / "README.md").read_text()
+    on = PruneJobConfig.model_validate(_job(tmp_path, ckpt, **{"budget.end_to_end": True}))
+    assert on.budget.end_to_end is True
+
+
+def test_cli_names_the_flags_for_a_folder_in_use(tmp_path, ckpt, capsys):
+    """The job's errors name the folder and the values; the CLI adds the flag that fixes it."""
+    out = tmp_path / "out"
+    path = _write(tmp_path, _job(tmp_path, ckpt))
+    (out / "stages").mkdir(parents=True)
+    (out / "job.json").write_text('{"version": 1, "fingerprint": "0123456789abcdef", "config": {}}')
+    (out / "stages" / "baseline.json").write_text('{"stage": "baseline", "finished_at": 1.0, "result": {}}')
+    assert main(["prune", str(path), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out} already holds a prune job (baseline done)" in err and "--resume" in err and "--out" in err
+    assert main(["prune", str(path), "--out", str(out), "--no-progress", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "different job config (fingerprint 0123456789abcdef vs" in err and "--resume" in err and "new --out" in err
+
+
 def test_budget_helpers_and_fingerprint(tmp_path, ckpt):
     cfg = PruneJobConfig.model_validate(_job(tmp_path, ckpt, **{"budget.speedup": 2.0}))
     assert cfg.budget.latency_target(10.0) == pytest.approx(5.0)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,11 @@ import pytest
 import yaml
 
 from avprune.config.prune import PruneJobConfig
-from avprune.prune_job.errors import InfeasibleBudgetError
+from avprune.prune_job.errors import InfeasibleBudgetError, JobConfigMismatchError, JobFolderInUseError
 from avprune.prune_job.progress import JobProgress
-from avprune.prune_job.runner import run_stages
-from avprune.prune_job.select import Point, choose, pareto_front
+from avprune.prune_job.records import Point
+from avprune.prune_job.runner import Stage, run_stages
+from avprune.prune_job.select import choose, pareto_front
 from avprune.prune_job.state import StageStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,16 +98,18 @@ def _cfg(tmp_path: Path) -> PruneJobConfig:
 
 @pytest.mark.parametrize("controller", ["budget", "cubic"])
 def test_candidates_prune_nothing_during_the_lr_warmup(tmp_path, controller):
-    from types import SimpleNamespace
-
+    from avprune.prune_job.records import Candidate, TrialSpec
     from avprune.prune_job.search import _controller
 
     cfg = _cfg(tmp_path)
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"steps": 40, "warmup_steps": 10,
                                                                            "measure_every": 5})})
-    table = SimpleNamespace(predict=lambda config: 10.0 * sum(config.values()) / max(1, len(config)))
-    base = {"latency_budget_ms": 1.0, "map_floor": 0.0, "dense_map": 0.5, "sensitivity": {}}
-    ctl = _controller(cfg, {"controller": controller, "ramp": 1.0}, base, table, lambda: (5.0, 0.5))
+    cand = Candidate(candidate_id="c0", index=0, importance="magnitude", controller=controller, ramp=1.0, seed=0)
+    spec = TrialSpec(candidate=cand, job={}, out_dir=str(tmp_path), latency_table="", latency_budget_ms=1.0,
+                     map_floor=0.0, dense_map=0.5)
+    ctl = _controller(cfg, spec, lambda config: 10.0 * sum(config.values()) / max(1, len(config)), lambda: (5.0, 0.5))
+    if controller == "budget":  # the budget keeps its one name from the trial spec to the controller
+        assert ctl.latency_budget_ms == spec.latency_budget_ms
     ctl.bind(["a", "b"], lambda u: {"a": round(64 * (1 - u)), "b": 64})
     for _ in range(10):
         ctl.step()
@@ -113,6 +117,25 @@ def test_candidates_prune_nothing_during_the_lr_warmup(tmp_path, controller):
     for _ in range(20):
         ctl.step()
     assert ctl.target("a") > 0.0  # pruning began after it
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A stand-in stage record: how many records the stage saw, and which."""
+
+    value: int
+    seen: tuple[str, ...]
+
+    @property
+    def note(self) -> str:
+        return f"saw {self.value}"
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "seen": list(self.seen)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> _Seen:
+        return cls(value=int(d["value"]), seen=tuple(d["seen"]))
 
 
 def test_run_stages_records_each_stage_and_resume_skips_them(tmp_path):
@@ -124,9 +147,9 @@ def test_run_stages_records_each_stage_and_resume_skips_them(tmp_path):
             calls.append(name)
             if fail:
                 raise RuntimeError(f"{name} broke")
-            return {"value": len(ctx.results), "seen": sorted(ctx.results)}
+            return _Seen(len(ctx.results), tuple(sorted(ctx.results)))
 
-        return name, fn
+        return Stage(name, fn, _Seen)
 
     store = StageStore(out)
     store.open(fingerprint=cfg.fingerprint(), config={}, resume=False)
@@ -136,10 +159,13 @@ def test_run_stages_records_each_stage_and_resume_skips_them(tmp_path):
     assert store.finished() == ["a"] and not (out / "stages" / "b.json").exists()
     assert not list((out / "stages").glob(".*tmp"))  # no half-written record left behind
 
-    with pytest.raises(ValueError, match="--resume"):  # a finished stage without --resume: refused
+    # A finished stage without resume: refused, naming the folder and what is done (not CLI flags).
+    with pytest.raises(JobFolderInUseError, match=r"already holds a prune job \(a done\)") as e:
         StageStore(out).open(fingerprint=cfg.fingerprint(), config={}, resume=False)
-    with pytest.raises(ValueError, match="different job config"):
+    assert str(out) in str(e.value) and "--" not in str(e.value)
+    with pytest.raises(JobConfigMismatchError, match="different job config") as e:
         StageStore(out).open(fingerprint="other", config={}, resume=True)
+    assert f"{cfg.fingerprint()} vs other" in str(e.value) and "--" not in str(e.value)
 
     calls.clear()
     store = StageStore(out)
@@ -147,8 +173,8 @@ def test_run_stages_records_each_stage_and_resume_skips_them(tmp_path):
     results = run_stages([stage("a"), stage("b"), stage("c")], config=cfg, out_dir=out, store=store,
                          progress=JobProgress(False))
     assert calls == ["b", "c"]  # "a" was loaded from its record
-    assert results["a"] == {"value": 0, "seen": []}
-    assert results["c"] == {"value": 2, "seen": ["a", "b"]}
+    assert results["a"] == _Seen(0, ())  # read back through its record type
+    assert results["c"] == _Seen(2, ("a", "b"))
     assert store.finished() == ["a", "b", "c"]
 
 
@@ -211,20 +237,30 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from pruning.distributed import ray_session
+    from avprune.prune_job.ray_exec import ray_session
 
     with ray_session(None, num_cpus=2, object_store_memory=128 * 1024**2) as info:
         yield info
 
 
-def test_sensitivity_workers_share_the_layers(ray_local):
-    """Each scan worker runs an equal share of the layers in one process (2 slots here)."""
-    from avprune.prune_job.sensitivity import calls_per_worker
+def test_sensitivity_workers_share_the_layers(assets, ray_local, tmp_path):
+    """4 layers on 2 Ray slots: each worker process scans its share of the layers (the record names
+    the process per layer), none scans more than its share, and no layer is scanned by the driver."""
+    from collections import Counter
 
-    assert calls_per_worker(4, 1) == 2
-    assert calls_per_worker(5, 1) == 3
-    assert calls_per_worker(1, 1) == 1
-    assert calls_per_worker(4, 2) == 4  # one slot of 2 CPUs: one process for all
+    from avprune.prune_job.sensitivity import calls_per_worker, largest_units, scan
+
+    cfg = PruneJobConfig.model_validate(tiny_job(assets, tmp_path / "job", **{"sensitivity.max_layers": 4}))
+    layers = largest_units(cfg, 4)
+    share = calls_per_worker(len(layers), cfg.resources.cpus_per_trial)
+    curves = scan(cfg, layers, dense_map=0.0)
+    assert sorted(curves) == sorted(layers)
+    per_worker = Counter(rec.worker_pid for rec in curves.values())
+    assert None not in per_worker and os.getpid() not in per_worker
+    assert share == 2 and max(per_worker.values()) <= share  # max_calls retired each worker after its share
+    assert len(per_worker) < len(layers)  # shared: fewer worker processes than layers
+    for rec in curves.values():
+        assert [c.sparsity for c in rec.curve] == cfg.sensitivity.sparsities
 
 
 def _kill_first_trial_worker(out: Path, killed: list[int], stop: list[bool]) -> None:
@@ -422,13 +458,96 @@ def test_live_progress_callback_survives_tunes_pickling():
 
 
 def test_deliverables_include_each_trials_best_snapshot_in_a_fixed_order():
+    from avprune.prune_job.records import Candidate, CandidateRecord, SearchRecord
     from avprune.prune_job.select import deliverables
 
-    search = {"candidates": [
-        {"candidate_id": "c0", "index": 0, "checkpoint": "a/pruned.pt", "snapshot": "a/snapshot.pt", "snapshot_step": 60},
-        {"candidate_id": "c1", "index": 1, "checkpoint": None, "snapshot": "b/snapshot.pt", "snapshot_step": 40},
-        {"candidate_id": "c2", "index": 2, "checkpoint": "c/pruned.pt", "snapshot": None},
-    ]}
-    got = [(d["candidate_id"], d["index"], d["checkpoint"]) for d in deliverables(search)]
+    def rec(i, checkpoint, snapshot=None, step=None):
+        cand = Candidate(candidate_id=f"c{i}", index=i, importance="magnitude", controller="cubic", ramp=0.5, seed=i)
+        return CandidateRecord(candidate=cand, status="done" if checkpoint else "stopped early", checkpoint=checkpoint,
+                               snapshot=snapshot, snapshot_step=step)
+
+    search = SearchRecord(candidates=(rec(0, "a/pruned.pt", "a/snapshot.pt", 60), rec(1, None, "b/snapshot.pt", 40),
+                                      rec(2, "c/pruned.pt")))
+    got = [(d.candidate_id, d.index, d.checkpoint) for d in deliverables(search)]
     assert got == [("c0", 0, "a/pruned.pt"), ("c0@60", 1, "a/snapshot.pt"), ("c1@40", 3, "b/snapshot.pt"),
                    ("c2", 4, "c/pruned.pt")]
+    assert SearchRecord.from_dict(search.to_dict()) == search  # the record survives its JSON
+
+
+# ----------------------------------------------------------------------------- a job folder from before the typed records
+
+OLD_JOB = ROOT / "tests" / "data" / "old_job_folder"  # see its SOURCE.md
+
+
+def _contains(old, new, path="") -> list[str]:
+    """Where ``new`` lacks or changes a value ``old`` has (human notes aside)."""
+    if isinstance(old, dict):
+        if not isinstance(new, dict):
+            return [path]
+        return [p for k, v in old.items() if k != "note" for p in _contains(v, new.get(k, _MISSING), f"{path}.{k}")]
+    if isinstance(old, list):
+        if not isinstance(new, list) or len(new) != len(old):
+            return [path]
+        return [p for i, (a, b) in enumerate(zip(old, new, strict=True)) for p in _contains(a, b, f"{path}[{i}]")]
+    return [] if old == new else [path]
+
+
+_MISSING = object()
+
+
+def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
+    """The records of a job folder written by the code before issue #11 read back into their types
+    (and write back every value they held), the stored config keeps its fingerprint (so `--resume`
+    accepts the folder), selection over the recorded measurements picks the recorded candidate, and a
+    resume with finalize's record removed re-runs finalize on the old records and ships that candidate."""
+    import shutil
+
+    from avprune.prune_job.records import RECORD_TYPES, BaselineRecord, SelectRecord
+    from avprune.prune_job.runner import default_stages, summarize
+    from avprune.prune_job.select import pick
+    from perception.models import build_detector, save_checkpoint
+
+    out = tmp_path / "job"
+    shutil.copytree(OLD_JOB, out)
+    store = StageStore(out)
+    names = ["baseline", "latency_table", "sensitivity", "search", "select", "finalize"]
+    assert store.finished() == names
+    records = {name: RECORD_TYPES[name].from_dict(store.load(name)) for name in names}
+    for name, rec in records.items():
+        assert not _contains(store.load(name), rec.to_dict()), (name, _contains(store.load(name), rec.to_dict()))
+    base, sel = records["baseline"], records["select"]
+    assert isinstance(base, BaselineRecord) and isinstance(sel, SelectRecord)
+    assert base.latency_budget_ms == 1000.0 and sel.candidate_id == "c0"
+    chosen, infeasible = pick(sel.measured, base)  # re-selection on the recorded measurements
+    assert chosen.candidate_id == sel.candidate_id and infeasible is None
+
+    # The stored config validates under today's schema to the same fingerprint (paths swapped for
+    # files that exist here to validate, then swapped back).
+    stored = json.loads((out / "job.json").read_text())
+    ckpt, coco = tmp_path / "dense.pt", tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    save_checkpoint(ckpt, build_detector("ssdlite320_mobilenet_v3_large", num_classes=8, image_size=128))
+    data = json.loads(json.dumps(stored["config"]))
+    data["model"]["checkpoint"], data["data"]["root"], data["output_dir"] = str(ckpt), str(coco), str(out)
+    cfg = PruneJobConfig.model_validate(data)
+    assert cfg.model_dump(mode="json") == data  # no field added, dropped or re-defaulted
+    as_stored = cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"checkpoint": Path(stored["config"]["model"]["checkpoint"])}),
+        "data": cfg.data.model_copy(update={"root": Path(stored["config"]["data"]["root"])}),
+    })
+    assert as_stored.fingerprint() == stored["fingerprint"]
+    store.open(fingerprint=as_stored.fingerprint(), config=stored["config"], resume=True)  # accepted
+
+    # Resume with finalize to redo: a stand-in model where the selected checkpoint was (the real one is
+    # 1 MB and not kept); every other stage is read from its old record, none runs (no Ray here).
+    (out / "stages" / "finalize.json").unlink()
+    (out / sel.checkpoint).parent.mkdir(parents=True)
+    shutil.copy(ckpt, out / sel.checkpoint)
+    results = run_stages(default_stages(), config=cfg, out_dir=out, store=store, progress=JobProgress(False))
+    assert store.finished()[-1] == "finalize"
+    result = summarize(out, results, {})
+    assert result.candidate_id == "c0" and result.latency_budget_ms == 1000.0
+    assert result.pruned.p50_ms == pytest.approx(sel.selected.p50_ms)
+    report = json.loads(result.report_json.read_text())
+    assert report["candidate_id"] == "c0" and report["feasible"] is True and len(report["candidates"]) == 2
+    assert result.checkpoint.is_file() and result.onnx.is_file() and result.report_html.is_file()

@@ -1,10 +1,12 @@
-"""pruning.distributed: tasks in order, retries after a worker dies, Tune trials with ASHA and restarts.
+"""The prune job's Ray layer (avprune.prune_job.ray_exec): tasks in order, retries after a worker dies,
+Tune trials with ASHA and restarts; and pruning/ (pure PyTorch) importing no Ray at all.
 
 One local Ray instance is shared by the module (2 CPUs, small object store) and shut down after.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +15,32 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from pruning.distributed import map_tasks, ray_session, run_trials  # noqa: E402
+from avprune.prune_job.ray_exec import map_tasks, ray_session, run_trials  # noqa: E402
+
+PRUNING = Path(__file__).resolve().parents[1] / "pruning"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an ``import`` or ``from ... import`` in ``path`` names (at any depth, lazy ones too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_pruning_package_imports_no_ray():
+    """pruning/ is the pure-PyTorch engine: Ray lives in the prune job (avprune/prune_job/ray_exec.py)."""
+    sources = sorted(PRUNING.rglob("*.py"))
+    assert len(sources) > 5 and not (PRUNING / "distributed.py").exists()
+    offenders = {p.name: sorted(m for m in _imported_modules(p) if m == "ray" or m.startswith("ray."))
+                 for p in sources}
+    assert not {k: v for k, v in offenders.items() if v}, offenders
+    # the scan sees lazy imports: the moved Ray layer itself is caught by it
+    ray_exec = PRUNING.parent / "avprune" / "prune_job" / "ray_exec.py"
+    assert "ray" in _imported_modules(ray_exec)
 
 
 @pytest.fixture(scope="module")
