@@ -11,39 +11,7 @@ import torch
 
 from perception.classes import DRIVE_CLASSES
 from perception.data import AnnotationError, CocoDetectionDataset, collate, load_split, subset
-
-
-def write_tiny_coco(root: Path, split: str = "train", *, n: int = 6, size=(96, 128), seed: int = 0) -> Path:
-    """A small COCO split of flat coloured rectangles (class = colour), written as PNGs.
-
-    Shared by the perception tests: big, high-contrast boxes a detector can learn in a few
-    steps, plus one image with no boxes (negative images must load).
-    """
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    h, w = size
-    colours = {1: (230, 40, 40), 4: (40, 200, 60), 6: (40, 80, 230)}
-    (root / split).mkdir(parents=True, exist_ok=True)
-    images, anns = [], []
-    for i in range(n):
-        img = np.full((h, w, 3), 90, np.uint8)
-        k = 0 if i == n - 1 else int(rng.integers(1, 3))
-        for _ in range(k):
-            cat = int(rng.choice(list(colours)))
-            bw, bh = int(rng.integers(w // 5, w // 2)), int(rng.integers(h // 5, h // 2))
-            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-            img[y : y + bh, x : x + bw] = colours[cat]
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [x, y, bw, bh],
-                         "area": bw * bh, "iscrowd": 0})
-        name = f"{i:06d}.png"
-        Image.fromarray(img).save(root / split / name)
-        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-    cats = [{"id": j + 1, "name": c} for j, c in enumerate(DRIVE_CLASSES)]
-    ann_file = root / "annotations" / f"instances_{split}.json"
-    ann_file.parent.mkdir(parents=True, exist_ok=True)
-    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return ann_file
+from tests.conftest import write_tiny_coco
 
 
 @pytest.fixture()

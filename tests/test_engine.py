@@ -14,7 +14,8 @@ from torch import nn
 from deploy.engine.compat import parse_version, plan_build
 from deploy.engine.sidecar import REQUIRED_KEYS, read_sidecar, sidecar_path
 from deploy.engine.sparsity_check import holds_2to4, sparsity_report, summarize
-from tests.test_export import SSD, make_frames, spread_model, write_pseudo_coco
+from tests.conftest import SSD, spread_model, write_pseudo_coco
+from tests.conftest import export_frames as make_frames
 
 # ----------------------------------------------------------------------------- compat (pure)
 

@@ -11,7 +11,7 @@ import pytest
 from perception.data import load_split
 from perception.detections import Detections
 from perception.evaluate import evaluate, evaluate_detections, evaluate_model
-from tests.test_data import write_tiny_coco
+from tests.conftest import write_tiny_coco
 
 
 @pytest.fixture()

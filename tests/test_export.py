@@ -8,7 +8,6 @@ The heads are re-initialised with a wider spread so scores are distinct (no NMS 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,83 +16,13 @@ import torch
 
 from deploy.export import ExportResult, export_onnx, read_onnx_meta
 from deploy.verify import ExportMismatchError, verify_export
-from perception.models import build_detector
+from tests.conftest import SSD, spread_model, write_pseudo_coco
+from tests.conftest import export_frames as make_frames
 
-SSD = "ssdlite320_mobilenet_v3_large"
 FRCNN = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
 
-# ----------------------------------------------------------------------------- helpers (shared)
-
-
-def make_frames(n: int, *, seed: int = 0, hw: tuple[int, int] = (240, 320)) -> list[np.ndarray]:
-    """Smooth random RGB frames with a few flat rectangles (structure for the backbone)."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    frames = []
-    for _ in range(n):
-        low = rng.integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
-        img = cv2.resize(low, (hw[1], hw[0]), interpolation=cv2.INTER_CUBIC)
-        for _ in range(3):
-            y, x = rng.integers(0, hw[0] - 40), rng.integers(0, hw[1] - 40)
-            img[y : y + rng.integers(20, 40), x : x + rng.integers(20, 40)] = rng.integers(0, 256, 3)
-        frames.append(img)
-    return frames
-
-
-def spread_model(name: str, *, seed: int = 0) -> torch.nn.Module:
-    """An untrained detector with live features and spread-out heads, so its scores differ.
-
-    Untrained BatchNorm statistics (mean 0, var 1) leave SSDlite's deep features ~0 and every
-    score tied; one cumulative pass over random frames in train mode sets usable statistics.
-    """
-    torch.manual_seed(seed)
-    model = build_detector(name)
-    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in bns:
-        m.momentum = None  # cumulative average: one pass gives the batch's statistics
-    model.backbone.train()
-    with torch.no_grad():
-        model.backbone(torch.randn(4, 3, *model.avprune_meta["image_size"]))
-    for m in bns:
-        m.momentum = 0.1
-    model.eval()
-    heads = model.roi_heads.box_predictor if hasattr(model, "roi_heads") else model.head
-    with torch.no_grad():
-        for m in heads.modules():
-            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
-                m.weight.normal_(0, 0.05)
-                if m.bias is not None:
-                    m.bias.normal_(0, 0.5)
-    return model
-
-
-def write_pseudo_coco(model: torch.nn.Module, frames: list[np.ndarray], root: Path, *, top: int = 4):
-    """A COCO split whose ground truth is ``model``'s top detections; returns the data set."""
-    import cv2
-
-    from deploy.runtimes.pytorch import PyTorchRuntime
-    from perception.classes import DRIVE_CLASSES
-    from perception.data import CocoDetectionDataset
-
-    (root / "val").mkdir(parents=True, exist_ok=True)
-    dets = PyTorchRuntime(model).infer(frames)
-    images, anns = [], []
-    for i, (f, d) in enumerate(zip(frames, dets, strict=True)):
-        cv2.imwrite(str(root / "val" / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-        images.append({"id": i + 1, "file_name": f"{i:04d}.png", "height": f.shape[0], "width": f.shape[1]})
-        for j in np.argsort(-d.scores)[:top]:
-            x1, y1, x2, y2 = (float(v) for v in d.boxes[j])
-            if x2 - x1 < 2 or y2 - y1 < 2:
-                continue
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(d.labels[j]),
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-    cats = [{"id": k + 1, "name": n} for k, n in enumerate(DRIVE_CLASSES)]
-    ann_file = root / "annotations" / "instances_val.json"
-    ann_file.parent.mkdir(parents=True, exist_ok=True)
-    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return CocoDetectionDataset(root / "val", ann_file)
+# ----------------------------------------------------------------------------- helpers
 
 
 def swap_outputs(src: Path, dest: Path, a: str, b: str) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from pruning import LatencyTable, Pruner, build_controller, metric_drops, scan_layer, sensitivity_scan
 from pruning.latency_model import torch_measure_fn
-from tests.test_pruning_pruner import X, small_net
+from tests.conftest import X, small_net
 
 
 def flops_ms(module: nn.Module, input_shape: tuple[int, ...]) -> float:

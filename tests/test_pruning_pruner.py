@@ -13,58 +13,7 @@ from torch.nn.utils import parametrize
 from pruning import CRITERIA, GRANULARITIES, Pruner, build_controller, write_report
 from pruning.filters import followed_by_batchnorm
 from pruning.masks import stored
-
-
-class SE(nn.Module):
-    """Squeeze-excitation as in MobileNetV3 (hardsigmoid gate)."""
-
-    def __init__(self, c: int, r: int = 4) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Conv2d(c, c // r, 1), nn.Conv2d(c // r, c, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
-
-
-def cbr(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act())
-
-
-class SmallNet(nn.Module):
-    """Residual add, depthwise conv, SE block, BatchNorm and a linear head: every coupling kind."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = cbr(3, 32, s=2)
-        self.expand = cbr(32, 64, k=1)
-        self.dw = cbr(64, 64, groups=64, act=nn.Hardswish)
-        self.se = SE(64)
-        self.project = nn.Sequential(nn.Conv2d(64, 32, 1, bias=False), nn.BatchNorm2d(32))
-        self.tail = cbr(32, 48)
-        self.fc = nn.Linear(48, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = x + self.project(self.se(self.dw(self.expand(x))))  # residual: stem and project coupled
-        x = self.tail(x)
-        return self.fc(x.mean((2, 3)))
-
-
-def small_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = SmallNet()
-    with torch.no_grad():  # non-trivial BN statistics so eval-mode equality is a real check
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.2, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    return net.eval()
-
-
-X = torch.randn(2, 3, 32, 32)
+from tests.conftest import X, small_net
 
 
 def make_pruner(model: nn.Module, importance: str, granularity: str, sparsity: float = 0.5, **kw) -> Pruner:

@@ -21,48 +21,8 @@ from deploy.realtime import (
     SimulatedClock,
     run_stream,
 )
-from deploy.runtimes.base import Prepared, RuntimeInfo
 from deploy.streams.base import DecodeError, Packet, StreamReader
-from perception.detections import Detections
-
-MS = 1_000_000
-
-
-class FakeRuntime:
-    """A model that 'takes' ``model_ms(frame_id)`` on the simulated clock (or sleeps on a real one)."""
-
-    def __init__(self, clock: SimulatedClock | None, model_ms: Callable[[int], float]) -> None:
-        self.clock, self.model_ms = clock, model_ms
-        self.info = RuntimeInfo(backend="fake", device="cpu: test", precision="fp32", version="0")
-        self.calls: list[int] = []
-
-    def __enter__(self) -> FakeRuntime:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def preprocess(self, frames):
-        return Prepared(batch=frames[0], original_sizes=((frames[0].shape[0], frames[0].shape[1]),))
-
-    def run(self, prepared: Prepared):
-        frame_id = int(prepared.batch[0, 0, 0])
-        self.calls.append(frame_id)
-        dt = round(self.model_ms(frame_id) * MS)
-        if self.clock is not None:
-            self.clock.advance(dt)
-        else:
-            import time
-
-            time.sleep(dt / 1e9)
-        return frame_id
-
-    def postprocess(self, raw, prepared):
-        return [Detections(np.array([[0, 0, 2, 2]], np.float32), np.array([0.9], np.float32), np.array([raw % 7 + 1]))]
-
-    def infer(self, frames):
-        prepared = self.preprocess(frames)
-        return self.postprocess(self.run(prepared), prepared)
+from tests.conftest import MS, FakeRuntime
 
 
 class FakeStream(StreamReader):

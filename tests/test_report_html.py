@@ -18,8 +18,8 @@ import pytest
 from deploy.realtime import SimulatedClock
 from deploy.report_html import render
 from deploy.validation import ValidationConfig, parse_fail_on, run_validation, write_report
-from tests.test_streams import make_frames, stamps, write_kitti
-from tests.test_validate_cli import IdRuntime
+from tests.conftest import IdRuntime, stamps, write_kitti
+from tests.conftest import stream_frames as make_frames
 
 pytestmark = pytest.mark.timeout(120)
 

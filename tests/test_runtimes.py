@@ -8,7 +8,8 @@ import pytest
 from deploy.runtimes import Runtime, open_runtime
 from deploy.timing import LatencySummary, measure_latency, summarize
 from perception.detections import Detections
-from tests.test_export import SSD, make_frames, spread_model
+from tests.conftest import SSD, spread_model
+from tests.conftest import export_frames as make_frames
 
 
 @pytest.fixture(scope="module")

@@ -11,46 +11,13 @@ import pytest
 from deploy.streams import StreamError, list_topics, open_stream, parse_stream_spec
 from deploy.streams.image_folder import parse_kitti_timestamp
 from deploy.streams.ros_image import raw_image_to_rgb
-from perception.ros_msgdefs import COMPRESSED_IMAGE_MSGDEF, IMAGE_MSGDEF
+from tests.conftest import RAW_TOPIC, TOPIC, stamps, write_kitti, write_mcap
+from tests.conftest import STREAM_H as H
+from tests.conftest import STREAM_N as N
+from tests.conftest import STREAM_W as W
+from tests.conftest import stream_frames as make_frames
 
 pytestmark = pytest.mark.timeout(60)  # a reader that hangs on a broken file fails instead
-
-N, H, W = 6, 48, 64
-BASE_NS = 1_317_046_945_123_456_789  # 2011-09-26 14:22:25.123456789 UTC, KITTI-like
-PERIOD_NS = 100_000_000  # 10 fps
-TOPIC = "/camera/front/image/compressed"
-RAW_TOPIC = "/camera/front/image_raw"
-
-
-def make_frames(n: int = N) -> list[np.ndarray]:
-    """Smooth RGB frames (codec-friendly) that differ per frame and per channel."""
-    yy, xx = np.mgrid[0:H, 0:W]
-    return [
-        np.stack([(xx * 3 + 20 * i) % 256, (yy * 4 + 10 * i) % 256, np.full_like(xx, 40 * i % 256)], -1).astype(np.uint8)
-        for i in range(n)
-    ]
-
-
-def stamps(n: int = N) -> list[int]:
-    return [BASE_NS + i * PERIOD_NS for i in range(n)]
-
-
-def kitti_line(ns: int) -> str:
-    import time
-
-    sec, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec)) + f".{frac:09d}"
-
-
-def write_kitti(root: Path, frames: list[np.ndarray], ts: list[int], camera: str = "image_02") -> Path:
-    import cv2
-
-    data = root / camera / "data"
-    data.mkdir(parents=True)
-    for i, f in enumerate(frames):
-        cv2.imwrite(str(data / f"{i:010d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    (root / camera / "timestamps.txt").write_text("".join(kitti_line(t) + "\n" for t in ts))
-    return root
 
 
 def write_mp4(path: Path, frames: list[np.ndarray], fps: float = 10.0, fourcc: str = "mp4v") -> Path:
@@ -61,34 +28,6 @@ def write_mp4(path: Path, frames: list[np.ndarray], fps: float = 10.0, fourcc: s
     for f in frames:
         w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     w.release()
-    return path
-
-
-def _header(t: int) -> dict:
-    return {"stamp": {"sec": t // 10**9, "nanosec": t % 10**9}, "frame_id": "camera_front"}
-
-
-def write_mcap(path: Path, frames: list[np.ndarray], ts: list[int], *, corrupt: tuple[int, ...] = ()) -> Path:
-    """CompressedImage JPEG on TOPIC and raw rgb8/bgr8 Image on RAW_TOPIC, with mcap-ros2-support."""
-    import cv2
-    from mcap_ros2.writer import Writer
-
-    with open(path, "wb") as f:
-        writer = Writer(f)
-        compressed = writer.register_msgdef("sensor_msgs/msg/CompressedImage", COMPRESSED_IMAGE_MSGDEF)
-        raw = writer.register_msgdef("sensor_msgs/msg/Image", IMAGE_MSGDEF)
-        for i, (frame, t) in enumerate(zip(frames, ts, strict=True)):
-            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-            data = b"\xff\xd8 not a jpeg" if i in corrupt else jpg.tobytes()
-            # log time lags the capture stamp, as on a real car: readers must use the stamp
-            writer.write_message(TOPIC, compressed, {"header": _header(t), "format": "jpeg", "data": data},
-                                 log_time=t + 7_000_000)
-            enc, pixels = ("bgr8", frame[:, :, ::-1]) if i % 2 else ("rgb8", frame)
-            writer.write_message(RAW_TOPIC, raw, {"header": _header(t), "height": H, "width": W, "encoding": enc,
-                                                  "is_bigendian": 0, "step": W * 3,
-                                                  "data": np.ascontiguousarray(pixels).tobytes()},
-                                 log_time=t + 7_000_000)
-        writer.finish()
     return path
 
 

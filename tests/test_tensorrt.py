@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _OK, reason=_WHY)]
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     from deploy.export import export_onnx
-    from tests.test_export import SSD, make_frames, spread_model
+    from tests.conftest import SSD, spread_model
+    from tests.conftest import export_frames as make_frames
 
     root = tmp_path_factory.mktemp("trt")
     model = spread_model(SSD)

@@ -11,7 +11,7 @@ from perception.data import load_split
 from perception.lr_schedule import lr_at
 from perception.models import build_detector, load_detector
 from perception.train import NonFiniteLossError, StepContext, TrainSettings, default_train_settings, train
-from tests.test_data import write_tiny_coco
+from tests.conftest import write_tiny_coco
 
 SSD = "ssdlite320_mobilenet_v3_large"
 

@@ -11,7 +11,7 @@ import yaml
 from avprune.cli import main
 from avprune.config.base import load_config
 from avprune.config.train import TrainConfig
-from tests.test_data import write_tiny_coco
+from tests.conftest import write_tiny_coco
 
 EXAMPLE = Path(__file__).parents[1] / "avprune" / "config" / "examples" / "train_default.yaml"
 

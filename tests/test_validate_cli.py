@@ -16,19 +16,10 @@ import deploy.realtime
 import deploy.runtimes
 from avprune.cli import main
 from deploy.realtime import SimulatedClock
-from tests.test_realtime import MS, FakeRuntime
-from tests.test_streams import TOPIC, make_frames, stamps, write_kitti, write_mcap
+from tests.conftest import TOPIC, IdRuntime, stamps, write_kitti, write_mcap
+from tests.conftest import stream_frames as make_frames
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class IdRuntime(FakeRuntime):
-    """FakeRuntime for real frames: the frame id is the call count (pixels are not ids here)."""
-
-    def run(self, prepared):
-        self.calls.append(len(self.calls))
-        self.clock.advance(round(self.model_ms(len(self.calls) - 1) * MS))
-        return len(self.calls) - 1
 
 
 @pytest.fixture
