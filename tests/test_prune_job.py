@@ -98,7 +98,8 @@ def _cfg(tmp_path: Path) -> PruneJobConfig:
 
 @pytest.mark.parametrize("controller", ["budget", "cubic"])
 def test_candidates_prune_nothing_during_the_lr_warmup(tmp_path, controller):
-    from avprune.prune_job.records import Candidate, TrialSpec
+    from avprune.prune_job.context import TrialSpec
+    from avprune.prune_job.records import Candidate
     from avprune.prune_job.search import _controller
 
     cfg = _cfg(tmp_path)

@@ -1,7 +1,7 @@
 """`avprune prune`: the Ray-distributed prune job against an mAP floor and a latency budget.
 
-Modules: ``runner`` (stages in order, resume), ``records`` (typed stage records, ``StageContext``,
-``TrialSpec``), ``env`` (``JobEnv``: data, models, mAP, size, latency, once per process),
+Modules: ``runner`` (stages in order, resume), ``records`` (typed stage records), ``context``
+(``StageContext``, ``TrialSpec``), ``env`` (``JobEnv``: data, models, mAP, size, latency, once per process),
 ``ray_exec`` (Ray session, tasks, Tune trials), one module per stage (``baseline``,
 ``latency_table``, ``sensitivity``, ``search``, ``select``, ``finalize``), ``state`` (stage files),
 ``report``, ``progress``, ``memory``, ``errors``.

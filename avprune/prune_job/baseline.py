@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from avprune.prune_job.records import BaselineRecord, ModelSummary, StageContext
+from avprune.prune_job.context import StageContext
+from avprune.prune_job.records import BaselineRecord, ModelSummary
 
 log = logging.getLogger(__name__)
 

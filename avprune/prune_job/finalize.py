@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from avprune.prune_job.context import StageContext
 from avprune.prune_job.records import (
     BaselineRecord,
     FinalizeRecord,
@@ -24,8 +25,7 @@ from avprune.prune_job.records import (
     SearchRecord,
     SelectRecord,
     SensitivityRecord,
-    StageContext,
-)
+    )
 from avprune.prune_job.report import write_report_html, write_report_json
 from perception.io import atomic_write_bytes
 

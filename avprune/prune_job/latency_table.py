@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from avprune.config.prune import PruneJobConfig
-from avprune.prune_job.records import BaselineRecord, LatencyTableRecord, StageContext
+from avprune.prune_job.context import StageContext
+from avprune.prune_job.records import BaselineRecord, LatencyTableRecord
 
 if TYPE_CHECKING:
     from torch import nn

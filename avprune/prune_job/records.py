@@ -6,27 +6,21 @@ optional ones), ``from_dict`` reads it back, including records written before th
 existed (missing optional keys get their defaults), so ``--resume`` of an older job folder works.
 
 The latency budget has one name throughout, ``latency_budget_ms``: the baseline record's
-attribute, the :class:`TrialSpec` a Ray trial receives, the keyword of
+attribute, the :class:`~avprune.prune_job.context.TrialSpec` a Ray trial receives, the keyword of
 :class:`pruning.BudgetController` and its attribute.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from deploy.timing import LatencySummary
 
-if TYPE_CHECKING:
-    from avprune.config.prune import PruneJobConfig
-    from avprune.prune_job.env import JobEnv
-    from avprune.prune_job.progress import JobProgress
-
 #: A record as JSON: the on-disk boundary, the only place values are untyped.
 JSONDict = dict[str, Any]
+F = TypeVar("F")
 
 
 def _opt_float(v: float | str | None) -> float | None:
@@ -35,6 +29,11 @@ def _opt_float(v: float | str | None) -> float | None:
 
 def _opt_int(v: int | str | None) -> int | None:
     return None if v is None else int(v)
+
+
+def _flat(cls: type[F], d: JSONDict) -> F:
+    """A flat dataclass from its JSON: every field by name; absent optional ones keep their defaults."""
+    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def latency_from_dict(d: JSONDict) -> LatencySummary:
@@ -62,8 +61,7 @@ class ModelSummary:
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> ModelSummary:
-        return cls(map=float(d["map"]), map50=float(d["map50"]), p50_ms=float(d["p50_ms"]),
-                   p99_ms=float(d["p99_ms"]), params=int(d["params"]), gmacs=float(d["gmacs"]))
+        return _flat(cls, d)
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,7 @@ class Candidate:
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> Candidate:
-        return cls(candidate_id=str(d["candidate_id"]), index=int(d["index"]), importance=str(d["importance"]),
-                   controller=str(d["controller"]), ramp=float(d["ramp"]), seed=int(d["seed"]))
+        return _flat(cls, d)
 
 
 @dataclass(frozen=True)
@@ -115,9 +112,6 @@ class StageRecord(Protocol):
 
     @property
     def note(self) -> str: ...
-
-
-R = TypeVar("R", bound=StageRecord)
 
 
 @dataclass(frozen=True)
@@ -170,8 +164,7 @@ class LatencyTableRecord:
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> LatencyTableRecord:
-        return cls(path=str(d["path"]), cache=str(d["cache"]), source=str(d["source"]), entries=int(d["entries"]),
-                   overhead_ms=float(d["overhead_ms"]))
+        return _flat(cls, d)
 
 
 @dataclass(frozen=True)
@@ -354,7 +347,7 @@ class MeasuredModel:
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> MeasuredModel:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return _flat(cls, d)
 
 
 @dataclass(frozen=True)
@@ -374,7 +367,7 @@ class Infeasible:
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> Infeasible:
-        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})  # older records: no nearest_* keys
 
     def error_fields(self) -> JSONDict:
         """Keyword arguments of :class:`~avprune.prune_job.errors.InfeasibleBudgetError`."""
@@ -447,72 +440,6 @@ class FinalizeRecord:
         return cls(pruned=ModelSummary.from_dict(d["pruned"]), checkpoint=str(d["checkpoint"]), onnx=str(d["onnx"]),
                    report_json=str(d["report_json"]), report_html=str(d["report_html"]),
                    speedup=float(d.get("speedup", math.nan)))
-
-
-# ----------------------------------------------------------------------------- what a stage sees
-
-
-@dataclass(frozen=True)
-class StageContext:
-    """What a stage sees: the config, the process's job environment, where to write, live progress,
-    and the records of the stages before it (by stage name)."""
-
-    config: PruneJobConfig
-    env: JobEnv
-    out_dir: Path
-    progress: JobProgress
-    results: Mapping[str, StageRecord] = field(default_factory=dict)
-
-    def record(self, kind: type[R]) -> R:
-        """The record of an earlier stage, e.g. ``ctx.record(BaselineRecord)``."""
-        rec = self.find(kind)
-        if rec is None:
-            stage = getattr(kind, "STAGE", kind.__name__)
-            raise ValueError(f"stage {stage!r} has no record yet (records: {', '.join(self.results) or 'none'}); "
-                             "it must run before this stage")
-        return rec
-
-    def find(self, kind: type[R]) -> R | None:
-        """The record of an earlier stage, or None when that stage is not part of this job."""
-        rec = self.results.get(getattr(kind, "STAGE", ""))
-        if rec is not None and not isinstance(rec, kind):
-            raise TypeError(f"record {getattr(kind, 'STAGE', '')!r} is a {type(rec).__name__}, not a {kind.__name__}")
-        return rec
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """Everything one Ray Tune trial needs, picklable; crosses the Tune boundary as ``to_dict()``
-    (Tune stores trial configs as plain data in its experiment state for restores)."""
-
-    candidate: Candidate
-    job: JSONDict  # the validated job config as JSON (rebuilt in the worker)
-    out_dir: str
-    latency_table: str
-    latency_budget_ms: float
-    map_floor: float
-    dense_map: float
-    sensitivity: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # unit -> (sparsity, drop)
-
-    @property
-    def candidate_id(self) -> str:
-        return self.candidate.candidate_id
-
-    def to_dict(self) -> JSONDict:
-        d = asdict(self)
-        d["candidate_id"] = self.candidate_id  # the live progress lines name trials by it
-        return d
-
-    @classmethod
-    def from_dict(cls, d: JSONDict) -> TrialSpec:
-        if "base" in d:  # a Tune experiment started before TrialSpec (its trials restored on --resume)
-            base = d["base"]
-            sens = {k: [(c["sparsity"], c["drop"]) for c in v["curve"]] for k, v in base.get("sensitivity", {}).items()}
-            d = {**d, **{k: base[k] for k in ("latency_budget_ms", "map_floor", "dense_map")}, "sensitivity": sens}
-        return cls(candidate=Candidate.from_dict(d["candidate"]), job=dict(d["job"]), out_dir=str(d["out_dir"]),
-                   latency_table=str(d["latency_table"]), latency_budget_ms=float(d["latency_budget_ms"]),
-                   map_floor=float(d["map_floor"]), dense_map=float(d["dense_map"]),
-                   sensitivity={k: [(float(s), float(m)) for s, m in v] for k, v in d.get("sensitivity", {}).items()})
 
 
 #: The stage record type of each default stage, by stage name (how ``StageStore`` reads them back).

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from avprune.config.prune import PruneJobConfig
+from avprune.prune_job.context import StageContext
 from avprune.prune_job.env import JobEnv
 from avprune.prune_job.errors import InfeasibleBudgetError
 from avprune.prune_job.progress import JobProgress
@@ -28,8 +29,7 @@ from avprune.prune_job.records import (
     JSONDict,
     ModelSummary,
     SelectRecord,
-    StageContext,
-    StageRecord,
+        StageRecord,
 )
 from avprune.prune_job.state import StageStore
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from avprune.config.prune import PruneJobConfig
+from avprune.prune_job.context import StageContext, TrialSpec
 from avprune.prune_job.env import JobEnv, MapScore
 from avprune.prune_job.records import (
     BaselineRecord,
@@ -34,9 +35,7 @@ from avprune.prune_job.records import (
     LatencyTableRecord,
     SearchRecord,
     SensitivityRecord,
-    StageContext,
-    TrialReport,
-    TrialSpec,
+        TrialReport,
 )
 
 if TYPE_CHECKING:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from avprune.prune_job.context import StageContext
 from avprune.prune_job.errors import InfeasibleBudgetError
 from avprune.prune_job.records import (
     BaselineRecord,
@@ -22,8 +23,7 @@ from avprune.prune_job.records import (
     Point,
     SearchRecord,
     SelectRecord,
-    StageContext,
-)
+    )
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from avprune.config.prune import PruneJobConfig
+from avprune.prune_job.context import StageContext
 from avprune.prune_job.env import JobEnv
-from avprune.prune_job.records import CurvePoint, JSONDict, LayerSensitivity, SensitivityRecord, StageContext
+from avprune.prune_job.records import CurvePoint, JSONDict, LayerSensitivity, SensitivityRecord
 
 if TYPE_CHECKING:
     from torch import nn
