@@ -428,7 +428,8 @@ class FinalizeRecord:
 
     @property
     def note(self) -> str:
-        return f"{self.speedup:.2f}x faster, mAP -> {self.pruned.map:.3f}"
+        faster = "" if math.isnan(self.speedup) else f"{self.speedup:.2f}x faster, "  # older records: no speedup
+        return f"{faster}pruned mAP {self.pruned.map:.3f}, p50 {self.pruned.p50_ms:.2f} ms"
 
     def to_dict(self) -> JSONDict:
         return {"pruned": self.pruned.to_dict(), "checkpoint": self.checkpoint, "onnx": self.onnx,
