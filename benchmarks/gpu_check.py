@@ -279,6 +279,7 @@ def part_ort_cuda(res: dict, rows: list, workdir: Path, iters: int) -> None:
     import torch
 
     from deploy.export import export_onnx
+    from deploy.runtimes.ort_session import make_session
     from perception.models import build_detector
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -286,7 +287,7 @@ def part_ort_cuda(res: dict, rows: list, workdir: Path, iters: int) -> None:
     torch.manual_seed(0)
     model = _live(build_detector(MODEL))
     path = export_onnx(model, workdir / "ort_core.onnx", exporter="legacy").path
-    sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+    sess = make_session(path, threads=None, device="cuda")
     if sess.get_providers()[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"CUDA EP did not load (providers: {sess.get_providers()})")
     x = np.random.default_rng(0).standard_normal((BATCH, 3, 320, 320)).astype(np.float32)
