@@ -37,14 +37,8 @@ import torch
 
 from benchmarks import compare_measure as measure
 from benchmarks.compare_baselines import bisect_ratio, tp_channel_prune
-from benchmarks.compare_methods import (
-    MethodContext,
-    TrajectoryPoint,
-    get_method,
-    list_methods,
-    plain_copy,
-    timed,
-)
+from benchmarks.compare_methods import MethodContext, TrajectoryPoint, plain_copy, timed
+from benchmarks.compare_registry import get_method, list_methods
 
 log = logging.getLogger("benchmarks.compare")
 

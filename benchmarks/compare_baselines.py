@@ -28,7 +28,6 @@ from benchmarks.compare_methods import (
     finetune,
     load_base,
     plain_copy,
-    register,
     start_point,
 )
 
@@ -239,9 +238,10 @@ def run_unstructured(ctx: MethodContext) -> MethodOutput:
     return MethodOutput(model.eval(), traj, {"param_sparsity": ctx.param_sparsity, "conv_weight_sparsity": amount})
 
 
-def register_all() -> None:
-    """Add the baselines to the comparison's registry (called once by compare_methods)."""
-    register(MethodSpec("dense", run_dense, "dense", "dense, same steps"))
-    register(MethodSpec("tp_magnitude", run_tp_magnitude, "channel", "Torch-Pruning one-shot L2"))
-    register(MethodSpec("slimming", run_slimming, "channel", "network slimming"))
-    register(MethodSpec("unstructured_l1", run_unstructured, "unstructured", "torch prune L1 unstructured", True))
+#: The baselines, in run order (benchmarks.compare_registry names them).
+METHODS = (
+    MethodSpec("dense", run_dense, "dense", "dense, same steps"),
+    MethodSpec("tp_magnitude", run_tp_magnitude, "channel", "Torch-Pruning one-shot L2"),
+    MethodSpec("slimming", run_slimming, "channel", "network slimming"),
+    MethodSpec("unstructured_l1", run_unstructured, "unstructured", "torch prune L1 unstructured", True),
+)
