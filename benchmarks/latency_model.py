@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         res = run(args.configs, (0.25, 0.5, 0.75, 1.0), layer_repeats=30, model_rounds=50, threads=args.threads)
     ASSETS.mkdir(parents=True, exist_ok=True)
-    res["table"].save(ASSETS / "latency_table_ssdlite320_ort_cpu.json")
-    _scatter(res, ASSETS / "latency_model.png")
     from perception.io import atomic_write_json
 
+    atomic_write_json(ASSETS / "latency_table_ssdlite320_ort_cpu.json", res["table"].to_dict())
+    _scatter(res, ASSETS / "latency_model.png")
     atomic_write_json(ASSETS / "latency_model.json", {k: v for k, v in res.items() if k != "table"})
     path = write_section("latency_model", markdown(res, args.quick, args.threads))
     log.info("wrote %s (MAE %.1f%%)", path, res["mae_pct"])
