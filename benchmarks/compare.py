@@ -173,7 +173,7 @@ def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
         model, example, torch_measure_fn(repeats=5, warmup=1), runtime="pytorch-per-layer", device="cpu",
         fractions=(0.25, 0.5, 1.0), model_latency_ms=dense_ms,
     )
-    table.save(work / "latency_table.json")
+    atomic_write_json(work / "latency_table.json", table.to_dict())
     base_map = measure.probe_map(model, data.feedback)
     setup = {
         "config": cfg.fingerprint(),
