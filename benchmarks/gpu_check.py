@@ -30,6 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks._results import ASSETS
+
 MODEL = "ssdlite320_mobilenet_v3_large"
 BATCH = 8
 
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)
     # a hung CUDA call cannot be interrupted from Python: dump stacks and exit instead of hanging
     faulthandler.dump_traceback_later(args.budget_s + 60, exit=True)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).with_name("results"))
+    out_dir = Path(os.environ.get("OUT") or ASSETS)
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = out_dir / "gpu_check_work"
     workdir.mkdir(exist_ok=True)
