@@ -1,6 +1,6 @@
 """Run every benchmark in its quick (smoke) mode, one after another: ``make bench``.
 
-    python -m benchmarks.run_all                      # all of them (about 15-25 minutes on 2 busy cores)
+    python -m benchmarks.run_all                      # all of them, one after another
     python -m benchmarks.run_all --only latency_model,engine
     python -m benchmarks.run_all --list
 
