@@ -27,6 +27,7 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# Smoke run of every benchmark (--quick; outputs in runs/bench-quick/, RESULTS.md untouched).
 bench: venv
 	$(BIN)/python -m benchmarks.run_all
 

@@ -10,8 +10,12 @@ from pathlib import Path
 
 from perception.io import atomic_write_text
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-ASSETS = Path(__file__).with_name("results")  # PNGs and raw JSON linked from RESULTS.md
+#: Set by ``benchmarks.run_all`` (to ``runs/bench-quick``): smoke runs write their RESULTS.md and
+#: results/ there, so they never replace the numbers of a real run.
+OUT_ENV = "AVPRUNE_BENCH_OUT"
+_HERE = Path(os.environ[OUT_ENV]) if os.environ.get(OUT_ENV) else Path(__file__).parent
+RESULTS = _HERE / "RESULTS.md"
+ASSETS = _HERE / "results"  # PNGs and raw JSON linked from RESULTS.md
 
 _HEADER = (
     "# avprune benchmark results\n\n"
@@ -51,6 +55,7 @@ def write_section(name: str, markdown: str) -> Path:
     """Replace (or add) the section ``name`` of RESULTS.md, keeping the others."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     lock = RESULTS.with_suffix(".lock")
     with open(lock, "w") as lf:
         fcntl.flock(lf, fcntl.LOCK_EX)

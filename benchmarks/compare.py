@@ -37,14 +37,8 @@ import torch
 
 from benchmarks import compare_measure as measure
 from benchmarks.compare_baselines import bisect_ratio, tp_channel_prune
-from benchmarks.compare_methods import (
-    MethodContext,
-    TrajectoryPoint,
-    get_method,
-    list_methods,
-    plain_copy,
-    timed,
-)
+from benchmarks.compare_methods import MethodContext, TrajectoryPoint, plain_copy, timed
+from benchmarks.compare_registry import get_method, list_methods
 
 log = logging.getLogger("benchmarks.compare")
 
@@ -179,7 +173,7 @@ def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
         model, example, torch_measure_fn(repeats=5, warmup=1), runtime="pytorch-per-layer", device="cpu",
         fractions=(0.25, 0.5, 1.0), model_latency_ms=dense_ms,
     )
-    table.save(work / "latency_table.json")
+    atomic_write_json(work / "latency_table.json", table.to_dict())
     base_map = measure.probe_map(model, data.feedback)
     setup = {
         "config": cfg.fingerprint(),

@@ -29,7 +29,6 @@ from benchmarks.compare_methods import (
     TrajectoryPoint,
     finetune,
     load_base,
-    register,
     start_point,
 )
 
@@ -215,8 +214,8 @@ def _budget_runner(importance: str) -> Any:
     return run
 
 
-def register_all() -> None:
-    """Add the avprune methods to the comparison's registry (called once by compare_methods)."""
-    for imp in IMPORTANCES:
-        register(MethodSpec(f"avprune_budget_{imp}", _budget_runner(imp), "channel", f"avprune budget, {imp}"))
-    register(MethodSpec("avprune_cubic", run_cubic, "channel", "avprune cubic ramp, magnitude"))
+#: The avprune methods, in run order (benchmarks.compare_registry names them).
+METHODS = (
+    *(MethodSpec(f"avprune_budget_{imp}", _budget_runner(imp), "channel", f"avprune budget, {imp}") for imp in IMPORTANCES),
+    MethodSpec("avprune_cubic", run_cubic, "channel", "avprune cubic ramp, magnitude"),
+)

@@ -28,39 +28,18 @@ from benchmarks.compare_methods import (
     finetune,
     load_base,
     plain_copy,
-    register,
     start_point,
 )
 
 log = logging.getLogger(__name__)
 
-class DetectorCore(nn.Module):
-    """Backbone + head of a one-stage detector as a tensor-in, tensors-out module.
-
-    Torch-Pruning traces its dependency graph through this module; it shares the detector's
-    submodules, so pruning the core prunes the detector in place. Anchor generation, decoding and
-    NMS depend on no channel count and stay outside.
-    """
-
-    def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
-        if not (hasattr(detector, "backbone") and hasattr(detector, "head")):
-            raise ValueError(
-                f"{type(detector).__name__}: the comparison prunes one-stage detectors (backbone + head: "
-                "SSD, RetinaNet, FCOS); use ssdlite320_mobilenet_v3_large"
-            )
-        self.backbone = detector.backbone
-        self.head = detector.head
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feats = self.backbone(x)
-        feats = list(feats.values()) if isinstance(feats, dict) else [feats]
-        out = self.head(feats)
-        return tuple(out[k] for k in sorted(out))
-
-
 def head_output_convs(detector: nn.Module) -> list[nn.Module]:
     """The convs whose outputs are class scores or box offsets: their widths are fixed by the task."""
+    if not (hasattr(detector, "backbone") and hasattr(detector, "head")):
+        raise ValueError(
+            f"{type(detector).__name__}: the comparison prunes one-stage detectors (backbone + head: "
+            "SSD, RetinaNet, FCOS); use ssdlite320_mobilenet_v3_large"
+        )
     outs: list[nn.Module] = []
     for sub in detector.head.children():  # classification_head, regression_head
         for block in getattr(sub, "module_list", [sub]):
@@ -87,6 +66,8 @@ def tp_channel_prune(
     ``round_to=8`` because odd channel counts slow dense kernels down (FIELD_NOTES).
     """
     import torch_pruning as tp
+
+    from pruning.filters import DetectorCore
 
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
@@ -257,9 +238,10 @@ def run_unstructured(ctx: MethodContext) -> MethodOutput:
     return MethodOutput(model.eval(), traj, {"param_sparsity": ctx.param_sparsity, "conv_weight_sparsity": amount})
 
 
-def register_all() -> None:
-    """Add the baselines to the comparison's registry (called once by compare_methods)."""
-    register(MethodSpec("dense", run_dense, "dense", "dense, same steps"))
-    register(MethodSpec("tp_magnitude", run_tp_magnitude, "channel", "Torch-Pruning one-shot L2"))
-    register(MethodSpec("slimming", run_slimming, "channel", "network slimming"))
-    register(MethodSpec("unstructured_l1", run_unstructured, "unstructured", "torch prune L1 unstructured", True))
+#: The baselines, in run order (benchmarks.compare_registry names them).
+METHODS = (
+    MethodSpec("dense", run_dense, "dense", "dense, same steps"),
+    MethodSpec("tp_magnitude", run_tp_magnitude, "channel", "Torch-Pruning one-shot L2"),
+    MethodSpec("slimming", run_slimming, "channel", "network slimming"),
+    MethodSpec("unstructured_l1", run_unstructured, "unstructured", "torch prune L1 unstructured", True),
+)

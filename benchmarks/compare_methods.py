@@ -7,8 +7,10 @@ Methods never measure their own final row: ``compare.py`` measures every final m
 in one pass, so a method cannot flatter itself with a lucky latency sample.
 
 This module holds what every method shares (context, loading, the fine-tune with trajectory
-probes) and the registry; the methods live in :mod:`benchmarks.compare_baselines` (dense,
-Torch-Pruning one-shot, network slimming, unstructured L1) and :mod:`benchmarks.compare_avprune`.
+probes, :class:`MethodSpec`); the methods live in :mod:`benchmarks.compare_baselines` (dense,
+Torch-Pruning one-shot, network slimming, unstructured L1) and :mod:`benchmarks.compare_avprune`,
+and :mod:`benchmarks.compare_registry` names them all (imports point one way: registry ->
+method modules -> this module).
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- method spec
 
 
 @dataclass(frozen=True)
@@ -177,43 +179,6 @@ class MethodSpec:
     kind: str
     label: str
     needs_sparsity: bool = False
-
-
-_METHODS: dict[str, MethodSpec] = {}
-
-
-def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method; a duplicate name is a programming error."""
-    if spec.name in _METHODS:
-        raise ValueError(f"method {spec.name!r} is already registered")
-    _METHODS[spec.name] = spec
-    return spec
-
-
-def _registry() -> dict[str, MethodSpec]:
-    """The registry, filled on first use (the method modules import this one)."""
-    if not _METHODS:
-        from benchmarks import compare_avprune, compare_baselines
-
-        compare_baselines.register_all()  # first: the run order keeps registration order
-        compare_avprune.register_all()
-    return _METHODS
-
-
-def list_methods() -> list[str]:
-    """Registered method names, in run order (dense first, unstructured last)."""
-    _registry()
-    return [m.name for m in sorted(_METHODS.values(), key=lambda s: (s.needs_sparsity, s.kind != "dense"))]
-
-
-def get_method(name: str) -> MethodSpec:
-    """The method called ``name``; an unknown name raises ValueError listing the valid ones."""
-    try:
-        return _registry()[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}") from None
-
-
 
 
 def timed(spec: MethodSpec, ctx: MethodContext) -> tuple[MethodOutput, float]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare_methods import get_method
+from benchmarks.compare_registry import get_method
 
 EQUAL_LATENCY = 0.05  # "at equal measured latency": within 5% (issue #7)
 TARGET_POINTS = 1.0  # avprune's best must beat Torch-Pruning one-shot by >= 1.0 mAP point

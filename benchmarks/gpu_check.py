@@ -30,6 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks._results import ASSETS
+
 MODEL = "ssdlite320_mobilenet_v3_large"
 BATCH = 8
 
@@ -279,6 +281,7 @@ def part_ort_cuda(res: dict, rows: list, workdir: Path, iters: int) -> None:
     import torch
 
     from deploy.export import export_onnx
+    from deploy.runtimes.ort_session import make_session
     from perception.models import build_detector
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -286,7 +289,7 @@ def part_ort_cuda(res: dict, rows: list, workdir: Path, iters: int) -> None:
     torch.manual_seed(0)
     model = _live(build_detector(MODEL))
     path = export_onnx(model, workdir / "ort_core.onnx", exporter="legacy").path
-    sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+    sess = make_session(path, threads=None, device="cuda")
     if sess.get_providers()[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"CUDA EP did not load (providers: {sess.get_providers()})")
     x = np.random.default_rng(0).standard_normal((BATCH, 3, 320, 320)).astype(np.float32)
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)
     # a hung CUDA call cannot be interrupted from Python: dump stacks and exit instead of hanging
     faulthandler.dump_traceback_later(args.budget_s + 60, exit=True)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).with_name("results"))
+    out_dir = Path(os.environ.get("OUT") or ASSETS)
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = out_dir / "gpu_check_work"
     workdir.mkdir(exist_ok=True)

@@ -27,7 +27,6 @@ import logging
 import random
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,51 +37,6 @@ from benchmarks._results import ASSETS, machine_line, write_section
 log = logging.getLogger("benchmarks.latency_model")
 SIZE = 320
 TARGET_MAE_PCT = 10.0
-
-
-class Core(nn.Module):
-    """SSDlite backbone + heads as one exportable graph (no transform, no box decoding/NMS)."""
-
-    def __init__(self, det: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.head = det.backbone, det.head
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head(list(self.backbone(x).values()))
-        return out["cls_logits"], out["bbox_regression"]
-
-
-def _session(module: nn.Module, shape: tuple[int, ...], threads: int) -> tuple[Any, dict[str, Any]]:
-    import onnxruntime as ort
-
-    x = torch.randn(shape)
-    buf = io.BytesIO()
-    torch.onnx.export(module.eval(), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.log_severity_level = 3
-    # Spinning pool threads keep burning a core after each run; with several sessions timed
-    # round robin they starve the session being timed. deploy's runtimes turn it off too.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
-    return sess, {"x": x.numpy()}
-
-
-def ort_measure_fn(threads: int = 2, repeats: int = 20, warmup: int = 3) -> Callable[[nn.Module, tuple[int, ...]], float]:
-    """``measure_fn(module, input_shape) -> ms`` for :meth:`LatencyTable.measure`: one layer in ORT."""
-
-    def measure(module: nn.Module, shape: tuple[int, ...]) -> float:
-        sess, feed = _session(module, shape, threads)
-        for _ in range(warmup):
-            sess.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-
-    return measure
 
 
 def time_round_robin(sessions: list[tuple[Any, dict[str, Any]]], rounds: int, warmup: int = 3) -> list[float]:
@@ -99,9 +53,11 @@ def time_round_robin(sessions: list[tuple[Any, dict[str, Any]]], rounds: int, wa
 
 def run(n_configs: int, fractions: tuple[float, ...], layer_repeats: int, model_rounds: int, threads: int,
         seed: int = 0) -> dict[str, Any]:
+    from deploy.runtimes.ort_session import layer_measure_fn, module_session
     from perception.models import build_detector
     from pruning import LatencyTable, Pruner
     from pruning.controllers import FixedController
+    from pruning.filters import DetectorCore
     from pruning.groups import Coupling
 
     torch.manual_seed(seed)
@@ -113,7 +69,7 @@ def run(n_configs: int, fractions: tuple[float, ...], layer_repeats: int, model_
     shape = (1, 3, SIZE, SIZE)
     x = torch.randn(shape)
     t0 = time.perf_counter()
-    table = LatencyTable.measure(Core(det), x, ort_measure_fn(threads, layer_repeats), runtime="onnxruntime-cpu",
+    table = LatencyTable.measure(DetectorCore(det), x, layer_measure_fn(threads=threads, repeats=layer_repeats), runtime="onnxruntime-cpu",
                                  device=machine_line(), fractions=fractions)
     table_s = time.perf_counter() - t0
     log.info("table: %d layers, %d entries, %.0f s", len(table.layers), len(table.entries), table_s)
@@ -128,17 +84,17 @@ def run(n_configs: int, fractions: tuple[float, ...], layer_repeats: int, model_
     ref_pruner.update()
     ref_config = ref_pruner.channel_config()
     configs, channel_configs = [], []
-    sessions = [_session(Core(det), shape, threads), _session(Core(ref_pruner.finalize()), shape, threads)]
+    sessions = [module_session(DetectorCore(m), shape, threads=threads) for m in (det, ref_pruner.finalize())]
     for i in range(n_configs):
         model = copy.deepcopy(det)
         ctrl = FixedController({u: rng.uniform(0.0, 0.75) for u in probe.units})
         pruner = Pruner(model, granularity="channel", example_inputs=x, controller=ctrl, coupling=coupling)
         pruner.update()
-        # Core(det) keeps the detector's module names (backbone.*, head.*), so configs line up.
+        # DetectorCore(det) keeps the detector's module names (backbone.*, head.*), so configs line up.
         channel_configs.append(pruner.channel_config())
         plain = pruner.finalize()
-        sessions.append(_session(Core(plain), shape, threads))
-        params = sum(p.numel() for p in Core(plain).parameters())
+        sessions.append(module_session(DetectorCore(plain), shape, threads=threads))
+        params = sum(p.numel() for p in DetectorCore(plain).parameters())
         configs.append({"config": i, "masked_fraction": pruner.masked_fraction(), "params_m": params / 1e6})
     # Dense, reference and test cores are timed in the same round robin; dense + reference fit the
     # table's scale and constant overhead, so calibration and ground truth share one load window.
@@ -217,10 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         res = run(args.configs, (0.25, 0.5, 0.75, 1.0), layer_repeats=30, model_rounds=50, threads=args.threads)
     ASSETS.mkdir(parents=True, exist_ok=True)
-    res["table"].save(ASSETS / "latency_table_ssdlite320_ort_cpu.json")
-    _scatter(res, ASSETS / "latency_model.png")
     from perception.io import atomic_write_json
 
+    atomic_write_json(ASSETS / "latency_table_ssdlite320_ort_cpu.json", res["table"].to_dict())
+    _scatter(res, ASSETS / "latency_model.png")
     atomic_write_json(ASSETS / "latency_model.json", {k: v for k, v in res.items() if k != "table"})
     path = write_section("latency_model", markdown(res, args.quick, args.threads))
     log.info("wrote %s (MAE %.1f%%)", path, res["mae_pct"])

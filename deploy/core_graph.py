@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from perception.detections import Detections
+from pruning.filters import backbone_levels, core_head, detector_core
 
 FAMILIES = ("ssd", "faster_rcnn", "retinanet", "fcos")
 INPUT_NAME = "images"
@@ -125,11 +126,6 @@ def _family(model: nn.Module) -> tuple[str, dict[str, Any]]:
     return detector_spec(meta["name"]).family, meta
 
 
-def _backbone_levels(backbone: nn.Module, images: Tensor) -> OrderedDict[str, Tensor]:
-    feats = backbone(images)
-    return OrderedDict([("0", feats)]) if isinstance(feats, Tensor) else feats
-
-
 def model_meta(model: nn.Module) -> ModelMeta:
     """Describe a factory detector (pruned or dense) for export and post-processing."""
     family, meta = _family(model)
@@ -137,7 +133,7 @@ def model_meta(model: nn.Module) -> ModelMeta:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        feats = _backbone_levels(model.backbone, torch.zeros(1, 3, h, w))
+        feats = backbone_levels(model.backbone, torch.zeros(1, 3, h, w))
     model.train(was_training)
     t = model.transform
     post = {p: _getattr_path(model, p) for p in _POST_ATTRS[family]}
@@ -225,28 +221,28 @@ def to_frame_coords(
 
 
 class CoreModule(nn.Module):
-    """Backbone + heads: the static, NMS-free part that runtimes accelerate."""
+    """Backbone + heads (:func:`pruning.filters.detector_core`): the static, NMS-free part that
+    runtimes accelerate, with each family's outputs flattened and named (see the module docstring)."""
 
     def __init__(self, model: nn.Module, meta: ModelMeta) -> None:
         super().__init__()
         self.family = meta.family
         self.backbone = model.backbone
-        self.head = model.rpn.head if meta.family == "faster_rcnn" else model.head
+        self.head = core_head(model)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         from torchvision.models.detection.rpn import permute_and_flatten
 
-        feats = _backbone_levels(self.backbone, images)
+        feats, out = detector_core(self, images)
         levels = list(feats.values())
         if self.family == "faster_rcnn":
-            objectness, deltas = self.head(levels)
+            objectness, deltas = out
             n = images.shape[0]
             obj = torch.cat([o.permute(0, 2, 3, 1).reshape(n, -1) for o in objectness], dim=1)
             reg = torch.cat(
                 [permute_and_flatten(d, n, d.shape[1] // 4, 4, d.shape[2], d.shape[3]) for d in deltas], dim=1
             )
             return (obj, reg, *levels)
-        out = self.head(levels)
         if self.family == "fcos":
             return out["bbox_regression"], out["cls_logits"], out["bbox_ctrness"]
         return out["bbox_regression"], out["cls_logits"]

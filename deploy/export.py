@@ -102,9 +102,9 @@ def _finish(tmp: Path, meta_json: str) -> None:
 
 def _ort_matches(path: Path, module: nn.Module, example: torch.Tensor, names: tuple[str, ...]) -> str | None:
     """None when ONNX Runtime reproduces the module on ``example``; else the reason."""
-    import onnxruntime as ort
+    from deploy.runtimes.ort_session import make_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = make_session(path, threads=None)
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {INPUT_NAME: example.numpy()}), strict=True))
     with torch.no_grad():
         ref = module(example)

@@ -11,19 +11,27 @@ when any fails:
    equal scores is not defined);
 3. **mAP parity** on the data set with ``perception.evaluate.evaluate``: ``|ΔmAP| <= map_tolerance``.
    This is what catches an export that runs but whose outputs are wired by position (mAP ~ 0).
+
+:func:`export_verified` is the one way the project writes an ONNX (``build-engine`` on a
+checkpoint, the prune job's finalize stage): export, verify, and only then put the file in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
 
 from perception.detections import Detections
+
+if TYPE_CHECKING:
+    from deploy.export import Exporter, ExportResult, Form
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +179,108 @@ def verify_export(
     log.info("verified %s: max diff %s, matched %.1f%%, mAP %.4f vs %.4f", onnx_path.name,
              {k: f"{v:.1e}" for k, v in diffs.items()}, 100 * matched, map_got, map_ref)
     return report
+
+
+@dataclass(frozen=True)
+class VerifiedExport:
+    """An ONNX file (plus Faster R-CNN's stage-2 graph) that passed output and mAP parity."""
+
+    export: ExportResult  # paths are the final ones
+    report: VerifyReport  # raw-output diffs, matched detections, mAP PyTorch vs ONNX Runtime
+    score_thresh: float  # the deployed score threshold the graph and the check ran with
+
+    @property
+    def path(self) -> Path:
+        return self.export.path
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary for reports and sidecars (file names, exporter, parity numbers)."""
+        r = self.report
+        return {
+            "onnx": self.export.path.name, "stage2": self.export.stage2_path.name if self.export.stage2_path else None,
+            "form": self.export.form, "exporter": self.export.exporter_used, "score_thresh": self.score_thresh,
+            "frames": r.frames, "max_abs_diff": r.max_abs_diff, "matched_fraction": r.matched_fraction,
+            "map_pytorch": r.map_pytorch, "map_onnx": r.map_onnx, "map_delta": r.map_delta, "notes": list(r.notes),
+        }
+
+
+def _score_thresh_holder(model: nn.Module) -> Any:
+    """The object holding the detector's final ``score_thresh`` (``roi_heads`` for two-stage ones)."""
+    holder = model.roi_heads if hasattr(model, "roi_heads") else model
+    if not hasattr(holder, "score_thresh"):
+        raise TypeError(f"{type(model).__name__} has no score_thresh (not a torchvision detector?)")
+    return holder
+
+
+def export_verified(
+    model: nn.Module | str | Path,
+    out_onnx: str | Path,
+    val: Any,
+    *,
+    form: Form = "core",
+    exporter: Exporter = "auto",
+    score_thresh: float | None = None,
+    frames: int = 8,
+    max_images: int | None = None,
+    map_tolerance: float = 0.002,
+    threads: int | None = None,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+) -> VerifiedExport:
+    """Export ``model`` to ``out_onnx`` and keep the file only if ONNX Runtime reproduces it.
+
+    Args:
+        model: a factory detector (``perception.models.build_detector``/``load_detector``, dense or
+            physically pruned; it carries its name, classes and input size in ``avprune_meta``), or
+            the path of an avprune checkpoint.
+        out_onnx: destination; Faster R-CNN's core form also writes ``<stem>.stage2.onnx`` beside it.
+        val: the verification data: a ``perception.data.CocoDetectionDataset`` (e.g. the prune
+            job's validation set), or a COCO root whose ``val`` split is loaded (``annotations/
+            instances_val.json`` + ``val/``).
+        form, exporter, opset, dynamic_batch: as in :func:`deploy.export.export_onnx`.
+        score_thresh: the deployed score threshold, in (0, 1); ``None`` keeps the model's. It is
+            exported into the graph's metadata and used on both sides of the check; ``model``
+            keeps its own threshold afterwards.
+        frames, max_images, map_tolerance, threads: as in :func:`verify_export` (``frames`` images
+            for the raw-output and detection checks, ``max_images`` for mAP parity, all if None).
+
+    The export goes to a temporary folder beside ``out_onnx`` and is moved into place only after
+    :func:`verify_export` passed, so a file at ``out_onnx`` has always passed output and mAP
+    parity. Raises :class:`ExportMismatchError` (with ``.report``) otherwise, leaving any earlier
+    file at ``out_onnx`` untouched.
+    """
+    from deploy.export import export_onnx
+    from perception.io import replace_into
+
+    if not isinstance(model, nn.Module):
+        from perception.models import load_detector
+
+        model = load_detector(model)
+    if isinstance(val, str | Path):
+        from perception.data import load_split
+
+        val = load_split(val, "val", train=False)
+    out_onnx = Path(out_onnx)
+    out_onnx.parent.mkdir(parents=True, exist_ok=True)
+    holder = _score_thresh_holder(model)
+    own_thresh = holder.score_thresh
+    if score_thresh is not None and not 0.0 < float(score_thresh) < 1.0:
+        raise ValueError(f"score_thresh {score_thresh!r} must be in (0, 1), e.g. 0.01 or 0.3 (None keeps the model's)")
+    try:
+        if score_thresh is not None:
+            holder.score_thresh = float(score_thresh)
+        with tempfile.TemporaryDirectory(prefix=f".{out_onnx.name}.", dir=out_onnx.parent) as tmp:
+            res = export_onnx(model, Path(tmp) / out_onnx.name, form=form, opset=opset,
+                              dynamic_batch=dynamic_batch, exporter=exporter)
+            report = verify_export(model, res.path, val, frames=frames, max_images=max_images,
+                                   map_tolerance=map_tolerance, threads=threads)
+            stage2 = None
+            if res.stage2_path is not None:  # the graph the main file names goes first
+                stage2 = replace_into(res.stage2_path, out_onnx.with_name(res.stage2_path.name))
+            replace_into(res.path, out_onnx)
+        used = float(holder.score_thresh)
+    finally:
+        holder.score_thresh = own_thresh
+    final = dataclasses.replace(res, path=out_onnx, stage2_path=stage2)
+    report = dataclasses.replace(report, onnx_path=str(out_onnx))
+    return VerifiedExport(export=final, report=report, score_thresh=used)

@@ -56,6 +56,15 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def replace_into(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Move a finished, fsynced file (e.g. written by :func:`atomic_path` in a temporary folder
+    beside ``dest``, same file system) onto ``dest`` atomically, and make the rename durable."""
+    dest = Path(dest)
+    os.replace(src, dest)
+    _fsync_dir(dest.parent)
+    return dest
+
+
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)

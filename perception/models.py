@@ -17,6 +17,7 @@ from torch import nn
 
 from perception.classes import DEFAULT_NUM_CLASSES
 from perception.io import atomic_torch_save
+from pruning.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +47,25 @@ class DetectorSpec:
     default_image_size: tuple[int, int]  # (height, width) at the model input
 
 
-_REGISTRY: dict[str, DetectorSpec] = {}
+# The project's one registry helper (pruning/registry.py: pure Python, and pruning imports no
+# other avprune package, so every layer may use it without an import cycle).
+_DETECTORS: Registry[DetectorSpec] = Registry("detector")
 
 
 def register_detector(spec: DetectorSpec) -> DetectorSpec:
-    """Add a detector to the flat registry; a duplicate name is a programming error."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"detector {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
+    """Add a detector to the flat registry; a duplicate name raises ValueError."""
+    _DETECTORS.add(spec.name, spec)
     return spec
 
 
 def list_detectors() -> list[str]:
     """Names of every registered detector, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(_DETECTORS.names())
 
 
 def detector_spec(name: str) -> DetectorSpec:
     """The registry entry for ``name``; an unknown name raises ValueError listing the valid ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown detector {name!r}; valid names: {', '.join(list_detectors())}") from None
+    return _DETECTORS.get(name)
 
 
 def _tv(fn_name: str) -> Callable[..., nn.Module]:

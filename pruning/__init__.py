@@ -26,7 +26,6 @@ from pruning.importance import CRITERIA, build_criterion
 from pruning.latency_model import LatencyTable
 from pruning.pruner import Pruner
 from pruning.records import LayerRecord, UpdateRecord
-from pruning.report import write_report
 from pruning.sensitivity import metric_drops, scan_layer, sensitivity_scan
 
 __all__ = [
@@ -51,5 +50,4 @@ __all__ = [
     "metric_drops",
     "scan_layer",
     "sensitivity_scan",
-    "write_report",
 ]

@@ -4,15 +4,21 @@ A filter selects layers whose *weights* may be masked (unstructured, N:M) and wh
 channels* may be removed (channel granularity: a coupled group is prunable only if every layer
 whose outputs it removes passes the filter). Detectors must keep their final class/box output
 convs: their channel counts are the number of classes and box coordinates times anchors.
+
+The detector *core* (backbone + heads, no decoding/NMS) is defined here too, once for the whole
+project: it is what pruning traces, and pruning may import nothing else of avprune.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from pruning.groups import flatten_tensors
 
 LayerFilter = Callable[[str, nn.Module], bool]
 
@@ -87,19 +93,56 @@ def by_prefix(*prefixes: str, base: LayerFilter = all_layers) -> LayerFilter:
     return lambda name, module: base(name, module) and any(name.startswith(p) for p in prefixes)
 
 
+def backbone_levels(backbone: nn.Module, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    """A detector backbone's feature maps by level name (a single-map backbone's map is level "0")."""
+    feats = backbone(images)
+    return OrderedDict([("0", feats)]) if isinstance(feats, torch.Tensor) else feats
+
+
+def core_head(model: nn.Module) -> nn.Module:
+    """The head the core runs after the backbone: ``head`` (one-stage) or ``rpn.head`` (Faster R-CNN)."""
+    return model.head if hasattr(model, "head") else model.rpn.head
+
+
+def detector_core(model: nn.Module, images: Any) -> tuple[OrderedDict[str, torch.Tensor], Any]:
+    """The detector's NMS-free core (backbone + heads) on a normalised [B, 3, H, W] batch.
+
+    Returns the backbone levels and the head's raw outputs (a dict for SSD/RetinaNet/FCOS, the RPN
+    head's ``(objectness, deltas)`` lists for Faster R-CNN). This is *the* core forward: pruning
+    traces it, ``deploy.core_graph.CoreModule`` exports it, benchmarks time it. ``model`` is a
+    detector or any module with its ``backbone`` and a ``head`` (e.g. :class:`DetectorCore`).
+    """
+    if isinstance(images, (list, tuple)):
+        images = torch.stack(list(images))
+    levels = backbone_levels(model.backbone, images)
+    return levels, core_head(model)(list(levels.values()))
+
+
 def detector_core_forward(model: nn.Module, images: Any) -> Any:
-    """Forward of a detector's NMS-free core (backbone + heads) on a normalised [B, 3, H, W] batch.
+    """The head outputs of :func:`detector_core`: the ``forward_fn`` pruning traces detectors with.
 
     Tracing the full detector would drag box decoding and NMS into the dependency graph
     (coupling all head outputs through top-k); the core is what gets pruned and exported.
     """
-    if isinstance(images, (list, tuple)):
-        images = torch.stack(list(images))
-    feats = model.backbone(images)
-    feat_list = list(feats.values()) if isinstance(feats, dict) else [feats]
-    if hasattr(model, "head"):
-        return model.head(feat_list)
-    return model.rpn.head(feat_list)
+    return detector_core(model, images)[1]
+
+
+class DetectorCore(nn.Module):
+    """A detector's core as a tensor-in, tensors-out module (what Torch-Pruning and ONNX export trace).
+
+    It shares the detector's submodules (names ``backbone.*``, ``head.*``), so pruning the core
+    prunes the detector in place; outputs are the head's tensors, flattened in order.
+    """
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        if not is_detector(detector):
+            raise ValueError(f"{type(detector).__name__} is not a torchvision-style detector (backbone + head or rpn)")
+        self.backbone = detector.backbone
+        self.head = core_head(detector)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_tensors(detector_core_forward(self, images)))
 
 
 def followed_by_batchnorm(

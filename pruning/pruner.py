@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from pruning import filters as _filters
 from pruning._controller import Controller
 from pruning.bn_stats import BatchNormStatsKeeper
+from pruning.finalize import finalize_model, pruned_root_indices
 from pruning.granularity import (
     MaskResult,
     channel_mask,
@@ -112,6 +114,7 @@ class Pruner:
         self.groups: tuple[ChannelGroup, ...] = ()
         self.step_count = 0
         self.history: list[UpdateRecord] = []
+        self.finalized = False  # set by finalize(): the model is plain from then on
 
         if granularity == "channel":
             if example_inputs is None:
@@ -163,7 +166,7 @@ class Pruner:
     # ------------------------------------------------------------------ training-loop hooks
     def step(self) -> None:
         """Call after ``optimizer.step()``: advance the controller, update masks every ``update_every`` steps."""
-        if getattr(self, "finalized", False):
+        if self.finalized:
             raise ValueError("this pruner was finalized: its model has no masks left to update")
         self.step_count += 1
         self.controller.step()
@@ -372,12 +375,19 @@ class Pruner:
         self.bn_stats.load_state_dict(state.get("bn_stats", {}))
 
     # ------------------------------------------------------------------ finish
-    def finalize(self) -> nn.Module:
-        """Make the pruning permanent and return a plain model (see :func:`pruning.finalize.finalize`)."""
-        from pruning.finalize import finalize
+    @property
+    def channel_keep_vectors(self) -> Mapping[tuple[str, str, int], torch.Tensor]:
+        """``(module, tensor, dim) -> 0/1 keep vector`` of channel granularity (empty otherwise); read-only view."""
+        return MappingProxyType(getattr(self, "_vec_index", {}))
 
+    def finalize(self) -> nn.Module:
+        """Make the pruning permanent and return a plain model, changed in place (see :mod:`pruning.finalize`)."""
+        if self.finalized:
+            raise ValueError("this pruner was already finalized; its model is a plain module now")
         self.criterion.detach()
-        return finalize(self)
+        to_remove = pruned_root_indices(self.groups, self.channel_keep_vectors) if self.granularity == "channel" else {}
+        self.finalized = True  # the masks go first: from here on the model has none to update
+        return finalize_model(self.model, to_remove, example_inputs=self.example_inputs, forward_fn=self.forward_fn)
 
     def mask_of(self, layer: str, tensor: str = "weight") -> torch.Tensor:
         """The current mask of ``layer.tensor`` (1 keep, 0 pruned)."""

@@ -1,4 +1,9 @@
-"""Name -> object registries that refuse duplicates and list valid names in their errors."""
+"""Name -> object registries that refuse duplicates and list valid names in their errors.
+
+The project's one registry helper (pruning's criteria, controllers and granularities, perception's
+detectors, the benchmark's methods). It lives here because pruning imports no other avprune
+package, so every layer can use it without an import cycle; it imports nothing itself.
+"""
 
 from __future__ import annotations
 

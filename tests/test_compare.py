@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import compare, compare_baselines, compare_methods, compare_report
+from benchmarks import compare, compare_baselines, compare_registry, compare_report
 
 TINY = dataclasses.replace(
     compare.QUICK,
@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, dict]) -> None:
     work, data = tiny_run
-    assert sorted(c["method"] for c in data["cells"]) == sorted(compare_methods.list_methods())
+    assert sorted(c["method"] for c in data["cells"]) == sorted(compare_registry.list_methods())
     for cell in data["cells"]:
         f = cell["final"]
         for key in ("p50_ms", "p99_ms", "gmacs"):
@@ -58,14 +58,14 @@ def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, d
     assert by["unstructured_l1"]["nonzero_params"] < 0.9 * by["dense"]["nonzero_params"]
     md = (work / "compare.md").read_text()
     assert "SMOKE RUN" in md and "| method |" in md and (work / "compare.png").stat().st_size > 1000
-    for m in compare_methods.list_methods():
+    for m in compare_registry.list_methods():
         assert f"`{m}`" in md
 
 
 def test_second_run_skips_finished_cells(tiny_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
     work, first = tiny_run
     stamps = {p.name: p.stat().st_mtime_ns for p in (work / "cells").glob("*.json")}
-    assert len(stamps) == len(compare_methods.list_methods())
+    assert len(stamps) == len(compare_registry.list_methods())
 
     def fail(*a: object, **k: object) -> None:
         raise AssertionError("a finished cell was run again")
@@ -84,7 +84,7 @@ def test_changed_settings_in_the_same_work_dir_are_refused(tiny_run: tuple[Path,
 
 def test_unknown_method_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="tp_magnitude"):
-        compare_methods.get_method("magic")
+        compare_registry.get_method("magic")
     with pytest.raises(SystemExit):
         compare.parse_args(["--seeds", "0"])
 

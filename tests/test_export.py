@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from deploy.export import ExportResult, export_onnx, read_onnx_meta
-from deploy.verify import ExportMismatchError, verify_export
+from deploy.verify import ExportMismatchError, export_verified, verify_export
 from tests.conftest import SSD, spread_model, write_pseudo_coco
 from tests.conftest import export_frames as make_frames
 
@@ -117,6 +117,37 @@ def test_swapped_core_features_fail(frcnn_case, tmp_path):
     (tmp_path / core.stage2_path.name).write_bytes(core.stage2_path.read_bytes())
     with pytest.raises(ExportMismatchError, match="features_0"):
         verify_export(model, bad, ds, frames=2)
+
+
+def test_export_verified_puts_only_a_verified_file_in_place(ssd_case, tmp_path):
+    model, ds, _, _ = ssd_case
+    own = model.score_thresh
+    dest = tmp_path / "out" / "model.onnx"
+    res = export_verified(model, dest, ds, exporter="legacy", score_thresh=0.01, frames=2)
+    assert res.path == dest and res.export.path == dest and res.report.onnx_path == str(dest)
+    assert res.report.passed and abs(res.report.map_delta) <= 0.002 and res.report.map_pytorch > 0.3
+    assert read_onnx_meta(dest)["meta"]["post_params"]["score_thresh"] == pytest.approx(0.01)
+    assert res.score_thresh == pytest.approx(0.01) and model.score_thresh == own  # the caller's model is unchanged
+    assert res.to_dict()["onnx"] == "model.onnx" and res.to_dict()["map_onnx"] == res.report.map_onnx
+    assert [p.name for p in dest.parent.iterdir()] == ["model.onnx"]  # no temporary folder left
+
+    # an impossible tolerance fails the real check: the earlier file stays, nothing new appears
+    before = dest.read_bytes()
+    with pytest.raises(ExportMismatchError, match="mAP") as err:
+        export_verified(model, dest, ds, exporter="legacy", frames=2, map_tolerance=-1.0)
+    assert not err.value.report.passed
+    assert dest.read_bytes() == before and [p.name for p in dest.parent.iterdir()] == ["model.onnx"]
+
+
+def test_export_verified_moves_the_stage2_graph_with_it(frcnn_case, tmp_path):
+    from deploy.runtimes import open_runtime
+
+    model, ds, _, _ = frcnn_case
+    res = export_verified(model, tmp_path / "frcnn.onnx", ds.images_dir.parent, exporter="legacy", frames=2)
+    assert res.export.stage2_path == tmp_path / "frcnn.stage2.onnx" and res.export.stage2_path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frcnn.onnx", "frcnn.stage2.onnx"]
+    with open_runtime(res.path) as rt:  # the moved pair still loads together
+        assert len(rt.infer(make_frames(1, seed=3))) == 1
 
 
 def test_pytorch_runtime_reproduces_torchvision(ssd_case, frcnn_case):

@@ -105,22 +105,15 @@ def test_width_pruned_checkpoint_reloads(tmp_path: Path) -> None:
     """Physically drop channels with Torch-Pruning, save, and rebuild through load_detector."""
     import torch_pruning as tp
 
+    from pruning.filters import DetectorCore
+
     torch.manual_seed(2)
     model = build_detector("ssdlite320_mobilenet_v3_large", image_size=96).eval()
     dense = count_parameters(model)
-    class Core(nn.Module):  # backbone + heads: Torch-Pruning traces tensors, not detection outputs
-        def __init__(self, m: nn.Module) -> None:
-            super().__init__()
-            self.backbone, self.head = m.backbone, m.head
-
-        def forward(self, x: torch.Tensor):
-            out = self.head(list(self.backbone(x).values()))
-            return out["bbox_regression"], out["cls_logits"]
-
     # The heads' last 1x1 convs emit anchors x (4 | num_classes) channels: never pruned.
     heads = [seq[-1] for h in (model.head.classification_head, model.head.regression_head) for seq in h.module_list]
     pruner = tp.pruner.MetaPruner(
-        Core(model),
+        DetectorCore(model),  # backbone + heads: Torch-Pruning traces tensors, not detection outputs
         torch.rand(1, 3, 96, 96),
         importance=tp.importance.MagnitudeImportance(p=2),
         pruning_ratio=0.25,

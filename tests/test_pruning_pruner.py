@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pruning import CRITERIA, GRANULARITIES, Pruner, build_controller, write_report
+from pruning import CRITERIA, GRANULARITIES, Pruner, build_controller
 from pruning.filters import followed_by_batchnorm
 from pruning.masks import stored
 from tests.conftest import X, small_net
@@ -94,8 +94,14 @@ def test_channel_finalize_equals_masked_model(round_to: int) -> None:
         y_masked = model(X)
     n_before = sum(p.numel() for p in model.parameters())
     config = pruner.channel_config()
+    pruned_in_groups = sum(int((v == 0).sum()) for (_, t, d), v in pruner.channel_keep_vectors.items() if (t, d) == ("weight", 0))
+    assert not pruner.finalized and pruned_in_groups > 0
     plain = pruner.finalize()
-    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    assert pruner.finalized and not any(parametrize.is_parametrized(m) for m in plain.modules())
+    with pytest.raises(ValueError, match="already finalized"):
+        pruner.finalize()
+    with pytest.raises(ValueError, match="finalized"):
+        pruner.step()
     with torch.no_grad():
         y_final = plain(X)
     torch.testing.assert_close(y_final, y_masked, atol=1e-5, rtol=1e-5)
@@ -180,7 +186,7 @@ def test_state_dict_round_trip_resumes_identically(granularity: str) -> None:
         assert k == k2 and torch.equal(v, v2), k
 
 
-def test_hook_protocol_update_every_and_report(tmp_path) -> None:
+def test_hook_protocol_update_every_and_channel_config() -> None:
     model = small_net()
     pruner = Pruner(model, granularity="channel", example_inputs=X, update_every=3,
                     controller=build_controller("cubic", final_sparsity=0.5, end_step=9),
@@ -196,10 +202,6 @@ def test_hook_protocol_update_every_and_report(tmp_path) -> None:
     cfg = pruner.channel_config()
     assert cfg["expand.0"] == 32 and cfg["fc"] == 10
     assert pruner.layer_channels()["tail.0"][0] == cfg["stem.0"]
-    paths = write_report(pruner.history, tmp_path, sensitivity={"expand.0": [(0.0, 1.0), (0.5, 0.9)]})
-    for kind in ("json", "thresholds", "sparsity", "final_sparsity", "sensitivity"):
-        assert paths[kind].is_file() and paths[kind].stat().st_size > 0
-    assert paths["thresholds"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_pruned_channel_regrows_when_importance_rises() -> None:

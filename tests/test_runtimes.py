@@ -82,3 +82,29 @@ def test_summarize():
     assert s.p50_ms == 3.0 and s.n == 5 and s.p99_ms > s.p90_ms > s.p50_ms
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_ort_session_factory_settings_and_errors(ssd) -> None:
+    """Every ORT session comes from one factory: threads as given, spinning off, level named."""
+    import onnxruntime as ort
+    import torch
+
+    from deploy.runtimes.ort import OrtRuntime
+    from deploy.runtimes.ort_session import layer_measure_fn, make_session, module_session
+
+    _, _, onnx = ssd
+    with OrtRuntime(onnx.path, threads=1) as rt:
+        opts = rt.session.get_session_options()
+        assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)
+        for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+            assert opts.get_session_config_entry(key) == "0"
+        assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess, feed = module_session(torch.nn.Conv2d(8, 16, 3), (1, 8, 12, 12), threads=1)
+    assert sess.run(None, feed)[0].shape == (1, 16, 10, 10)
+    assert layer_measure_fn(threads=1, repeats=2, warmup=1)(torch.nn.Conv2d(8, 8, 1), (1, 8, 4, 4)) > 0
+    with pytest.raises(ValueError, match="in-memory ONNX .*cannot load"):
+        make_session(b"not an onnx graph", threads=1)
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        make_session(onnx.path, threads=0)
+    with pytest.raises(ValueError, match="optimization 'max'"):
+        make_session(onnx.path, threads=1, optimization="max")

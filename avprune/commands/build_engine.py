@@ -67,11 +67,8 @@ def register(sub) -> None:
 
 
 def _export_checkpoint(args: argparse.Namespace, out: Path) -> Path:
-    """Export a .pt to ONNX beside the engine and verify it; returns the ONNX path."""
-    from deploy.export import export_onnx
-    from deploy.verify import verify_export
-    from perception.data import load_split
-    from perception.models import load_detector, set_score_threshold
+    """Export a .pt to a verified ONNX beside the engine (deploy.verify.export_verified); returns its path."""
+    from deploy.verify import export_verified
 
     val = args.val or (args.calib if args.calib and (Path(args.calib) / "annotations").is_dir() else None)
     if val is None:
@@ -79,20 +76,17 @@ def _export_checkpoint(args: argparse.Namespace, out: Path) -> Path:
             f"{args.model} is a checkpoint: its export is verified on a data set; pass --val COCO_ROOT "
             "(e.g. the 'coco' folder of avprune data synth)"
         )
-    dataset = load_split(val, "val", train=False)
-    model = load_detector(args.model)
-    if args.score_thresh is not None:
-        set_score_threshold(model, args.score_thresh)
-    onnx_path = out.with_name(f"{out.stem}.source.onnx")
-    res = export_onnx(model, onnx_path, form=args.form)
-    print(f"exported {args.model} -> {onnx_path} ({res.form} form, {res.exporter_used} exporter"
-          + (f"; dynamo failed: {res.fallback_reason}" if res.fallback_reason else "") + ")")
-    rep = verify_export(model, onnx_path, dataset, max_images=args.verify_images, threads=args.threads)
+    res = export_verified(args.model, out.with_name(f"{out.stem}.source.onnx"), val, form=args.form,
+                          score_thresh=args.score_thresh, max_images=args.verify_images, threads=args.threads)
+    exp, rep = res.export, res.report
+    print(f"exported {args.model} -> {res.path} ({exp.form} form, {exp.exporter_used} exporter"
+          + (f"; dynamo failed: {exp.fallback_reason}" if exp.fallback_reason else "") + ")")
     print(f"verified: max |diff| {max(rep.max_abs_diff.values(), default=0.0):.2e}, "
-          f"detections matched {rep.matched_fraction:.1%}, mAP {rep.map_onnx:.4f} vs PyTorch {rep.map_pytorch:.4f}")
+          f"detections matched {rep.matched_fraction:.1%}, mAP {rep.map_onnx:.4f} vs PyTorch {rep.map_pytorch:.4f} "
+          f"at score threshold {res.score_thresh:g}")
     for note in rep.notes:
         print(f"note: {note}")
-    return onnx_path
+    return res.path
 
 
 def run(args: argparse.Namespace) -> int:

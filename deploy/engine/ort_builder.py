@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from deploy.runtimes.ort_session import make_session
 from perception.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -29,19 +30,9 @@ def check_ort_precision(precision: str) -> None:
 
 def optimize_to(src: str | Path, dest: str | Path, *, threads: int | None = None) -> Path:
     """Save ORT's optimised form of ``src`` to ``dest`` atomically."""
-    import onnxruntime as ort
-
     dest = Path(dest)
     with atomic_path(dest) as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = str(tmp)
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT's own exception types
-            raise ValueError(f"{src}: ONNX Runtime cannot load it ({type(e).__name__}: {e})") from e
+        make_session(src, threads=threads, optimization="extended", optimized_model_path=tmp)
         if tmp.stat().st_size == 0:
             raise RuntimeError(f"ONNX Runtime did not write the optimised model for {src}")
     return dest

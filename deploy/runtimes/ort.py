@@ -12,33 +12,9 @@ from typing import Any
 import numpy as np
 
 from deploy.runtimes.base import DetectorRuntime, Prepared, RuntimeInfo, cpu_name
+from deploy.runtimes.ort_session import make_session
 
 log = logging.getLogger(__name__)
-
-
-def make_session(path: str | Path, *, device: str = "cpu", threads: int | None = None) -> Any:
-    """An InferenceSession on CPU (or CUDA EP + CPU fallback), with a fixed intra-op thread count."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    # ORT's worker threads spin after each run by default; our post-processing (torch) runs right
-    # after the session and would then fight those spinning threads for the same cores
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError(
-                f"device {device!r}: this onnxruntime build has no CUDAExecutionProvider "
-                f"(available: {', '.join(ort.get_available_providers())}); use device='cpu' or install onnxruntime-gpu"
-            )
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as e:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
-        raise ValueError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {e})") from e
 
 
 class OrtRuntime(DetectorRuntime):

@@ -1,0 +1,31 @@
+"""benchmarks.run_all (`make bench`): every benchmark has a smoke run, and smoke runs leave RESULTS.md alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import run_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_benchmark_script_has_a_smoke_run() -> None:
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if "\ndef main(" in p.read_text()}
+    assert scripts - {"run_all"} == set(run_all.BENCHMARKS)
+
+
+def test_smoke_output_goes_to_the_quick_folder_not_results_md(tmp_path: Path) -> None:
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_bytes() if results.exists() else None
+    code = ("from benchmarks._results import ASSETS, write_section; "
+            "print(write_section('pruner_overhead', '## smoke')); print(ASSETS)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AVPRUNE_BENCH_OUT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True,
+                         timeout=60).stdout.split()
+    assert out == [str(tmp_path / "RESULTS.md"), str(tmp_path / "results")]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- BEGIN pruner_overhead -->\n## smoke\n<!-- END pruner_overhead -->" in text
+    assert (results.read_bytes() if results.exists() else None) == before
