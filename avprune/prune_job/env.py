@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from deploy.timing import LatencySummary
+    from deploy.verify import VerifiedExport
     from perception.data import CocoDetectionDataset
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,16 @@ class JobEnv:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         return Path(export_onnx(model, path, form="core", exporter="legacy").path)
+
+    def export_verified(self, model: nn.Module, path: Path, *, max_images: int | None = 64) -> VerifiedExport:
+        """The shipped ONNX: the core graph, kept only once ONNX Runtime reproduces PyTorch's outputs,
+        detections and mAP on validation images (:func:`deploy.verify.export_verified`)."""
+        from deploy.verify import export_verified
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return export_verified(model, path, self.val_set, form="core", exporter="legacy",
+                               score_thresh=self.config.budget.score_thresh, max_images=max_images,
+                               threads=self.config.budget.threads)
 
 
 def _finite(v: float) -> float:

@@ -1,7 +1,7 @@
 """Stage 6, finalize: the artifacts of the selected candidate.
 
     OUT/pruned.pt            avprune checkpoint of the physically smaller model
-    OUT/pruned.onnx          its core graph (deploy.export, form "core")
+    OUT/pruned.onnx          its core graph, verified against PyTorch (outputs, detections, mAP)
     OUT/latency_table.json   the latency table the budget controller predicted with
     OUT/report.json          every number of the job; OUT/report.html the same, with figures
 
@@ -68,7 +68,8 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "map": row.map, "p50_ms": row.p50_ms, "latency_budget_ms": base.latency_budget_ms,
         "map_floor": base.map_floor, "runtime": cfg.budget.runtime, "device": cfg.budget.device,
     }})
-    onnx_path = env.export_core(model, out / f"{stem}.onnx")
+    verified = env.export_verified(model, out / f"{stem}.onnx")  # raises unless outputs and mAP match
+    onnx_path = verified.path
     table_src = Path(ctx.record(LatencyTableRecord).path)
     table = json.loads(table_src.read_text()) if table_src.is_file() else None
     if table_src.is_file():
@@ -100,6 +101,7 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "layers": pruning.get("layers", {}),
         "pruner_history": pruning.get("history", []),
         "artifacts": {"checkpoint": f"{stem}.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},
+        "onnx_verification": verified.to_dict(),
         "config": cfg.model_dump(mode="json"),
     }
     ctx.progress.stage_start("finalize", note="report")

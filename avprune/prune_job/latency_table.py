@@ -9,7 +9,6 @@ dispatch) is calibrated per job against the baseline's measured latency.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 from collections.abc import Callable
@@ -34,36 +33,11 @@ FRACTIONS = (0.25, 0.5, 1.0)
 
 
 def ort_layer_measure_fn(threads: int, device: str = "cpu", repeats: int = 15, warmup: int = 3) -> MeasureFn:
-    """``measure_fn(module, input_shape) -> ms`` that times one layer in ONNX Runtime.
+    """``measure_fn(module, input_shape) -> ms`` that times one layer in ONNX Runtime, in a session
+    from the project's one factory (threads explicit, spinning off), as the deployed graph runs."""
+    from deploy.runtimes.ort_session import layer_measure_fn
 
-    The layer is exported in memory (legacy exporter: fast for a single op) and run in a
-    session with the job's thread count, so the table sees the same kernels as the deployed graph.
-    """
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-
-    def measure(module: nn.Module, input_shape: tuple[int, ...]) -> float:
-        x = torch.randn(input_shape)
-        buf = io.BytesIO()
-        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
-        sess = ort.InferenceSession(buf.getvalue(), sess_options=opts, providers=providers)
-        feed = {"x": x.numpy()}
-        times = []
-        for i in range(warmup + repeats):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            if i >= warmup:
-                times.append((time.perf_counter() - t) * 1e3)
-        return float(np.median(times))
-
-    return measure
+    return layer_measure_fn(threads=threads, device=device, repeats=repeats, warmup=warmup)
 
 
 def measure_fn_for(config: PruneJobConfig) -> MeasureFn:
