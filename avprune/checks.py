@@ -15,9 +15,12 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 def check_checkpoint(path: str | Path) -> None:
     """A .pt/.pth that torch reads safely and that says (or fits) a detector; no model is built."""
+    from perception.io import check_torch_file
+
+    check_torch_file(path)  # text, random bytes, truncated archives: fail before torch is imported
     from perception.models import read_checkpoint
 
-    read_checkpoint(path)  # missing, damaged, pickled-object files: one message each
+    read_checkpoint(path)  # then torch.load(weights_only=True): pickled objects, damaged tensors
 
 
 def check_models(models: list[str]) -> None:
@@ -28,6 +31,11 @@ def check_models(models: list[str]) -> None:
             raise FileNotFoundError(f"model not found: {p}")
         if p.suffix.lower() in CHECKPOINT_SUFFIXES:
             check_checkpoint(p)
+
+
+def check_prune_job(config) -> None:
+    """``avprune prune``: the dense checkpoint reads safely, before Ray starts or OUT is created."""
+    check_checkpoint(config.model.checkpoint)
 
 
 def check_validate_args(args: argparse.Namespace) -> None:

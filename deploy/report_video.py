@@ -88,11 +88,10 @@ def check_video_out(dest: str | Path) -> Path:
     from deploy.streams.base import quiet_native_logs
     from perception.io import check_writable_file
 
-    dest = Path(dest)
+    dest = check_writable_file(dest, what="--video-out")
     if dest.suffix.lower() not in VIDEO_OUT_SUFFIXES:
         raise ValueError(f"--video-out {dest}: unsupported extension {dest.suffix or '(none)'!r}; "
                          f"use one of {', '.join(VIDEO_OUT_SUFFIXES)}")
-    check_writable_file(dest, what="--video-out")
     probe_dir = Path(tempfile.mkdtemp(prefix=".avprune-video-probe."))
     probe = probe_dir / f"probe{dest.suffix.lower()}"
     try:

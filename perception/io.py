@@ -94,11 +94,9 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     """
     import pickle
 
+    path = check_torch_file(path)
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -113,6 +111,34 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         cause = e
     log.debug("%s: torch.load failed: %s: %s", path, type(cause).__name__, str(cause).splitlines()[:1])
     raise CheckpointFileError(f"not a PyTorch checkpoint (or damaged): {path}") from None
+
+
+def check_torch_file(path: str | os.PathLike) -> Path:
+    """The cheap half of :func:`load_torch_file`: the file exists and has a ``torch.save`` layout.
+
+    Decided in microseconds without importing torch, so a text file or random bytes fail at once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not _looks_like_torch_file(path):
+        raise CheckpointFileError(f"not a PyTorch checkpoint (or damaged): {path}")
+    return path
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """``torch.save``'s layouts: a zip archive with a ``data.pkl`` record (since torch 1.6), or the
+    legacy pickle stream (protocol 2+, first byte 0x80). Text, random bytes and truncated archives
+    fail this sniff; anything that passes is still fully checked by ``torch.load``."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+    return head[:1] == b"\x80"
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
@@ -138,8 +164,8 @@ def _json_default(o: Any) -> Any:
 def check_writable_file(dest: str | os.PathLike, *, what: str) -> Path:
     """Fail early, naming ``what`` and the cause, when ``dest`` could not be written later.
 
-    Checks without creating anything: ``dest`` is not a folder, and its folder exists and is
-    writable, or the nearest existing parent is a writable folder (it would be created).
+    Leaves nothing behind: ``dest`` is not a folder, and its folder, or the nearest existing
+    parent (where it would be created), is a folder a probe file can be created in (and removed).
     Raises IsADirectoryError, NotADirectoryError or PermissionError (all OSError).
     """
     dest = Path(dest)
@@ -151,7 +177,11 @@ def check_writable_file(dest: str | os.PathLike, *, what: str) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise NotADirectoryError(f"{what} {dest}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:  # a real probe: os.access says yes to root on a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=".avprune-probe.", dir=existing)
+    except OSError as e:
         where = "its folder" if existing == parent else f"{existing}, where its folder would be created,"
-        raise PermissionError(f"{what} {dest}: {where} is not writable ({existing})")
+        raise PermissionError(f"{what} {dest}: {where} is not writable ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
     return dest

@@ -42,10 +42,12 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from avprune.checks import check_prune_job
     from avprune.config.prune import load_prune_config
     from avprune.prune_job import InfeasibleBudgetError, run_prune_job, summary_table
 
     config = load_prune_config(args.job)  # validated before anything is written
+    check_prune_job(config)  # the checkpoint reads, before Ray starts or OUT is created
     try:
         result = run_prune_job(
             config, out_dir=args.out, address=args.address, resume=args.resume, progress=not args.no_progress
