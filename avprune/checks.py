@@ -23,14 +23,23 @@ def check_checkpoint(path: str | Path) -> None:
     read_checkpoint(path)  # then torch.load(weights_only=True): pickled objects, damaged tensors
 
 
-def check_models(models: list[str]) -> None:
-    """Every model exists; checkpoints among them are readable (a reference model included)."""
+def check_models(models: list[str], *, full: bool = True) -> None:
+    """Every model exists; checkpoints among them are readable (a reference model included).
+
+    ``full=False`` only sniffs the files (no torch import): the cheap checks of every input run
+    first, so a bad stream or path is reported in a second, not after torch has loaded.
+    """
+    from perception.io import check_torch_file
+
     for m in models:
         p = Path(m)
         if not p.exists():
             raise FileNotFoundError(f"model not found: {p}")
         if p.suffix.lower() in CHECKPOINT_SUFFIXES:
-            check_checkpoint(p)
+            if full:
+                check_checkpoint(p)
+            else:
+                check_torch_file(p)
 
 
 def check_prune_job(config) -> None:
@@ -46,7 +55,7 @@ def check_validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-frames must be >= 1; got {args.max_frames}")
     if args.fps is not None and not args.fps > 0:
         raise ValueError(f"--fps must be > 0; got {args.fps}")
-    check_models(list(args.models))
+    check_models(list(args.models), full=False)  # cheapest first: no torch import yet
     preflight(list(args.stream), fps=args.fps)
     if args.video_out:
         from deploy.report_video import check_video_out
@@ -56,6 +65,7 @@ def check_validate_args(args: argparse.Namespace) -> None:
         from perception.io import check_writable_file
 
         check_writable_file(Path(args.report) / "report.json", what="--report")
+    check_models(list(args.models))  # torch.load(weights_only=True) of every checkpoint
 
 
 def check_build_engine_args(args: argparse.Namespace) -> None:
@@ -68,6 +78,8 @@ def check_build_engine_args(args: argparse.Namespace) -> None:
     is_checkpoint = model.suffix.lower() in CHECKPOINT_SUFFIXES
     if not is_checkpoint and model.suffix.lower() != ".onnx":
         raise ValueError(f"MODEL {model}: expected an exported .onnx or a .pt/.pth checkpoint")
+    if is_checkpoint:
+        check_models([str(model)], full=False)
     for name in ("workspace", "calib_frames"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")

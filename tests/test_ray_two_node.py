@@ -145,13 +145,31 @@ def _watch(cluster: TwoNodes, out: Path, seen: dict[str, list[tuple[int, str]]],
         time.sleep(0.2)
 
 
-def test_job_survives_losing_the_worker_node(assets, tmp_path):  # noqa: F811 - the imported fixture
-    out = tmp_path / "job"
-    job = tmp_path / "job.yaml"
+def make_assets(base: Path) -> dict[str, Path]:
+    """The tiny job's assets outside pytest (the benchmark's run): a COCO folder and a dense checkpoint."""
+    import torch
+
+    from perception.models import build_detector, save_checkpoint
+    from tests.test_prune_job import _quiet_head, _write_coco
+
+    base.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = build_detector("ssdlite320_mobilenet_v3_large", image_size=128)
+    _quiet_head(model)
+    save_checkpoint(base / "dense.pt", model)
+    return {"coco": _write_coco(base / "coco"), "ckpt": base / "dense.pt", "base": base}
+
+
+def run_node_loss(work: Path, assets: dict[str, Path] | None = None) -> dict:  # noqa: F811 - not the fixture
+    """Run the tiny job on two nodes, lose the worker node mid-search; what happened, as data."""
+    assets = assets or make_assets(work / "assets")
+    out = work / "job"
+    job = work / "job.yaml"
     job.write_text(yaml.safe_dump(tiny_job(assets, out, **{"search.max_failures": 3})))
     seen: dict[str, list[tuple[int, str]]] = {}
     killed: list[int] = []
     stop: list[bool] = []
+    t0 = time.monotonic()
     with two_nodes() as cluster:
         proc = subprocess.Popen([PY, "-m", "avprune", "prune", str(job), "--no-progress", "--address", cluster.address],
                                 cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -166,19 +184,31 @@ def test_job_survives_losing_the_worker_node(assets, tmp_path):  # noqa: F811 - 
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        assert proc.returncode == 0, stderr[-4000:]
-        nodes = {node for runs in seen.values() for _, node in runs}
-        assert nodes == {"head", "worker"}, seen  # the trials were spread over both nodes
-        assert killed, f"no trial ran long enough on the worker node to be killed there: {seen}"
-        lost = [cid for cid, runs in seen.items() if any(node == "worker" for _, node in runs)]
-        # the trial that lost its node was restarted, on the head (the only node left), and finished
-        retried = [cid for cid in lost if seen[cid][-1][1] == "head"]
-        assert retried, seen
-        report = json.loads((out / "report.json").read_text())
-        status = {c["candidate_id"]: c["status"] for c in report["candidates"]}
-        assert all(status[cid] == "done" for cid in retried), status
-        selected = json.loads((out / "stages" / "select.json").read_text())["result"]["candidate_id"]
-        assert selected.split("@")[0] in status and f"candidate {selected}" in stdout
-        print(f"two-node run: trials {seen}, raylet {killed[0]} killed, retried {retried}, selected {selected}")
-        survivors = cluster
-    assert not survivors.processes(), [p.cmdline()[:2] for p in survivors.processes()]  # no orphans
+    seconds = time.monotonic() - t0
+    left = [" ".join(p.cmdline()[:2]) for p in cluster.processes()]
+    lost = [cid for cid, runs in seen.items() if any(node == "worker" for _, node in runs)]
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    select = out / "stages" / "select.json"
+    return {
+        "exit_code": proc.returncode, "seconds": round(seconds, 1), "stdout": stdout, "stderr_tail": stderr[-4000:],
+        "trial_nodes": {cid: [node for _, node in runs] for cid, runs in seen.items()},
+        "raylet_killed": killed[0] if killed else None,
+        "lost": lost, "retried": [cid for cid in lost if seen[cid][-1][1] == "head"],
+        "status": {c["candidate_id"]: c["status"] for c in report.get("candidates", [])},
+        "selected": json.loads(select.read_text())["result"]["candidate_id"] if select.is_file() else None,
+        "processes_left": left,
+    }
+
+
+def test_job_survives_losing_the_worker_node(assets, tmp_path):  # noqa: F811 - the imported fixture
+    run = run_node_loss(tmp_path, assets)
+    assert run["exit_code"] == 0, run["stderr_tail"]
+    assert {n for nodes in run["trial_nodes"].values() for n in nodes} == {"head", "worker"}, run  # spread
+    assert run["raylet_killed"], f"no trial ran long enough on the worker node to be killed there: {run}"
+    # the trial that lost its node was restarted on the head (the only node left) and finished
+    assert run["retried"] and all(run["status"][cid] == "done" for cid in run["retried"]), run
+    selected = run["selected"]
+    assert selected and selected.split("@")[0] in run["status"] and f"candidate {selected}" in run["stdout"]
+    assert not run["processes_left"], run["processes_left"]  # every process of both nodes stopped: no orphans
+    print(f"two-node run: {run['trial_nodes']}, raylet {run['raylet_killed']} killed, retried {run['retried']}, "
+          f"selected {selected}, {run['seconds']} s")

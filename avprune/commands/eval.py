@@ -55,6 +55,11 @@ def print_metrics(metrics, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from perception.io import check_torch_file
+
+    check_torch_file(args.checkpoint)  # a damaged file fails before torch and the data set load
+    if not args.data.is_dir():
+        raise FileNotFoundError(f"--data {args.data}: COCO folder not found")
     from perception.data import load_split, subset
     from perception.evaluate import evaluate_model
     from perception.io import atomic_write_json
