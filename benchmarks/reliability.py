@@ -206,7 +206,15 @@ def run_case(case: Case) -> Outcome:
                    one_line, found, left, unsafe, case.replays, ok)
 
 
-def _markdown(outcomes: list[Outcome], node_loss: dict | None) -> str:
+def torch_import_seconds() -> float:
+    """Seconds a fresh interpreter takes to ``import torch`` right now: the floor of any case
+    that must read a checkpoint's tensors, and a gauge of how loaded the machine is."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, timeout=300)
+    return round(time.perf_counter() - t0, 2)
+
+
+def _markdown(outcomes: list[Outcome], node_loss: dict | None, context: dict) -> str:
     bad = [o for o in outcomes if not o.replays]
     fast = sum(o.seconds < TARGET_S for o in bad)
     lines = [
@@ -220,6 +228,10 @@ def _markdown(outcomes: list[Outcome], node_loss: dict | None) -> str:
         f"(median {np.median([o.seconds for o in bad]):.2f} s, max {max(o.seconds for o in bad):.2f} s), "
         "all before any export, fine-tune or replay. Exit codes: 0 ok, 1 gate failed, 2 input or usage error, "
         "3 internal error.",
+        "",
+        f"Machine state during the run: load average {context['load_before']} before, {context['load_after']} after "
+        f"(2 cores shared with other jobs); a fresh `python -c 'import torch'` took {context['torch_import_s']:.2f} s. "
+        "Cases that must read a checkpoint's tensors (a pickled-object file, prune's job validation) pay that import.",
         "",
         "| case | exit (expected) | seconds | ok | message |",
         "|---|---:|---:|:-:|---|",
@@ -244,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-loss", action="store_true", help="also run the two-node Ray node-loss scenario")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="avprune-reliability."))
+    context = {"load_before": _load()}
     try:
         cases = build_cases(work)
         outcomes = []
@@ -252,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.append(o)
             print(f"{'ok ' if o.ok else 'BAD'} {o.seconds:6.2f} s  exit {o.exit_code}  {o.name}: {o.message[:100]}",
                   flush=True)
+        context["torch_import_s"] = torch_import_seconds()
+        context["load_after"] = _load()
         node_loss = None
         if args.node_loss:
             from tests.test_ray_two_node import run_node_loss
@@ -260,12 +275,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"node loss: {node_loss}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = {"target_s": TARGET_S, "machine": machine_line(), "cases": [asdict(o) for o in outcomes],
+    doc = {"target_s": TARGET_S, "machine": machine_line(), **context, "cases": [asdict(o) for o in outcomes],
            "node_loss": node_loss}
     atomic_write_json(ASSETS / "reliability.json", doc)
-    path = write_section("reliability", _markdown(outcomes, node_loss))
+    path = write_section("reliability", _markdown(outcomes, node_loss, context))
     print(f"wrote {ASSETS / 'reliability.json'} and the reliability section of {path}")
     return 0 if all(o.ok for o in outcomes) else 1
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":
