@@ -55,16 +55,22 @@ LIBRARIES = ("avprune", "numpy", "torch", "torchvision", "onnxruntime", "onnxrun
 
 @dataclass(frozen=True)
 class FailRule:
-    """``p99`` (latency metric > budget fails) or ``miss-rate:0.01`` (miss ratio > 0.01 fails)."""
+    """``p99`` (latency metric > budget fails), ``miss-rate:0.01`` (miss ratio > 0.01 fails) or
+    ``decode-errors:N`` (more than N measured frames that did not decode fail)."""
 
-    metric: str  # one of LATENCY_METRICS or "miss-rate"
-    threshold: float | None = None  # miss-rate only
+    metric: str  # one of LATENCY_METRICS, "miss-rate" or "decode-errors"
+    threshold: float | None = None  # miss-rate ratio, decode-errors count
 
     def __str__(self) -> str:
         return self.metric if self.threshold is None else f"{self.metric}:{self.threshold:g}"
 
     def violation(self, stats: LatencyStats) -> str | None:
         """Why ``stats`` break this rule, or None when they hold."""
+        if self.metric == "decode-errors":  # a data fault, gated apart from latency
+            limit = int(self.threshold or 0)
+            if stats.decode_failures > limit:
+                return f"{stats.decode_failures} frames failed to decode > {limit} allowed"
+            return None
         if self.metric == "miss-rate":
             limit = self.threshold or 0.0
             if stats.miss_ratio > limit:
@@ -86,9 +92,13 @@ def parse_fail_on(specs: str | Sequence[str]) -> tuple[FailRule, ...]:
         if item in LATENCY_METRICS:
             rules.append(FailRule(item))
             continue
+        if (d := re.fullmatch(r"decode-errors:([0-9]+)", item)) is not None:
+            rules.append(FailRule("decode-errors", float(d.group(1))))
+            continue
         m = re.fullmatch(r"miss-rate:([0-9.]+)(%?)", item)
         if m is None:
-            raise ValueError(f"--fail-on {item!r}: expected one of {', '.join(LATENCY_METRICS)} or miss-rate:RATIO")
+            raise ValueError(f"--fail-on {item!r}: expected one of {', '.join(LATENCY_METRICS)}, miss-rate:RATIO "
+                             "or decode-errors:N")
         ratio = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"--fail-on {item!r}: the miss-rate ratio must be within 0..1 (or 0..100%)")

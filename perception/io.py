@@ -1,15 +1,23 @@
-"""Durable file writes: nothing half-written ever looks finished."""
+"""Durable file writes (nothing half-written ever looks finished) and safe checkpoint reads."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointFileError(ValueError):
+    """A file that is not a PyTorch checkpoint avprune can read safely; the message names it."""
 
 
 def _read_umask() -> int:
@@ -85,6 +93,63 @@ def atomic_torch_save(dest: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear error for a bad file.
+
+    Random bytes, a text file, a truncated archive: "not a PyTorch checkpoint (or damaged): PATH".
+    A file of pickled Python objects (``torch.save(model)``) is refused with what to save instead;
+    avprune never unpickles code, so the message never suggests ``weights_only=False``.
+    Every command reads checkpoints through this function.
+    """
+    import pickle
+
+    path = check_torch_file(path)
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if zipfile.is_zipfile(path) and "weights only load failed" in str(e).lower():
+            log.debug("%s: weights-only load refused: %s", path, str(e).splitlines()[0])
+            raise CheckpointFileError(
+                f"{path} holds pickled Python objects (a whole saved model?), which avprune never loads: "
+                "save an avprune checkpoint (avprune train writes one) or the model's state_dict()"
+            ) from None
+        cause = e
+    except Exception as e:  # noqa: BLE001 - zip, pickle and tensor errors come in many types
+        cause = e
+    log.debug("%s: torch.load failed: %s: %s", path, type(cause).__name__, str(cause).splitlines()[:1])
+    raise CheckpointFileError(f"not a PyTorch checkpoint (or damaged): {path}") from None
+
+
+def check_torch_file(path: str | os.PathLike) -> Path:
+    """The cheap half of :func:`load_torch_file`: the file exists and has a ``torch.save`` layout.
+
+    Decided in microseconds without importing torch, so a text file or random bytes fail at once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not _looks_like_torch_file(path):
+        raise CheckpointFileError(f"not a PyTorch checkpoint (or damaged): {path}")
+    return path
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """``torch.save``'s layouts: a zip archive with a ``data.pkl`` record (since torch 1.6), or the
+    legacy pickle stream (protocol 2+, first byte 0x80). Text, random bytes and truncated archives
+    fail this sniff; anything that passes is still fully checked by ``torch.load``."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+    return head[:1] == b"\x80"
+
+
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,3 +168,29 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def check_writable_file(dest: str | os.PathLike, *, what: str) -> Path:
+    """Fail early, naming ``what`` and the cause, when ``dest`` could not be written later.
+
+    Leaves nothing behind: ``dest`` is not a folder, and its folder, or the nearest existing
+    parent (where it would be created), is a folder a probe file can be created in (and removed).
+    Raises IsADirectoryError, NotADirectoryError or PermissionError (all OSError).
+    """
+    dest = Path(dest)
+    if dest.is_dir():
+        raise IsADirectoryError(f"{what} {dest} is a folder; give a file path")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {dest}: {existing} is a file, not a folder")
+    try:  # a real probe: os.access says yes to root on a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=".avprune-probe.", dir=existing)
+    except OSError as e:
+        where = "its folder" if existing == parent else f"{existing}, where its folder would be created,"
+        raise PermissionError(f"{what} {dest}: {where} is not writable ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return dest

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from perception.classes import DEFAULT_NUM_CLASSES
-from perception.io import atomic_torch_save
+from perception.io import atomic_torch_save, load_torch_file
 from pruning.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,7 @@ def save_checkpoint(
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file (ours or a plain torchvision state_dict) safely."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors have many types
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    obj = load_torch_file(path)  # one error surface for missing, damaged and pickled-object files
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return obj
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -46,9 +46,9 @@ def test_tiny_synth_run_writes_the_layout(tmp_path, capsys):
     (["--drives", "-2"], "drives must be an integer >= 0"),
     (["--val-fraction", "1.5"], "val_fraction"),
 ])
-def test_bad_values_exit_1_with_a_message(tmp_path, capsys, extra, message):
+def test_bad_values_exit_2_with_a_message(tmp_path, capsys, extra, message):
     rc = main(["data", "synth", "--out", str(tmp_path / "o"), "-q", *extra])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "avprune data: error:" in err and message in err
     assert not (tmp_path / "o" / "manifest.json").exists()
@@ -58,7 +58,7 @@ def test_unwritable_out_dir_is_reported(tmp_path, capsys):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
     rc = main(["data", "synth", "--out", str(blocker / "x"), "--images", "5", "--drives", "0", "-q"])
-    assert rc == 1
+    assert rc == 2
     assert "cannot create output folder" in capsys.readouterr().err
 
 
@@ -88,5 +88,5 @@ def test_import_kitti_errors_are_reported(monkeypatch, capsys):
     fake.kitti_to_coco = broken
     monkeypatch.setitem(sys.modules, "perception.kitti", fake)
     rc = main(["data", "import-kitti", "--labels", "nowhere", "--images", "I", "--out", "o.json"])
-    assert rc == 1
+    assert rc == 2
     assert "label folder nowhere does not exist" in capsys.readouterr().err

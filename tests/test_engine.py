@@ -234,7 +234,7 @@ def test_cli_build_engine_states_backend(case, tmp_path, capsys):
     assert "backend: onnxruntime" in out and "using ONNX Runtime (CPU)" in out
     assert "2:4 pattern:" in out and sidecar_path(tmp_path / "cli.engine").is_file()
     rc = main(["build-engine", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "x.engine")])
-    assert rc == 1 and "not found" in capsys.readouterr().err
+    assert rc == 2 and "not found" in capsys.readouterr().err
 
 
 def test_cli_build_engine_score_threshold(case, tmp_path, capsys):
@@ -252,5 +252,5 @@ def test_cli_build_engine_score_threshold(case, tmp_path, capsys):
     meta = onnx_meta(read_onnx_meta(tmp_path / "t.onnx"))
     assert meta.post_params["score_thresh"] == pytest.approx(0.2)
     rc = main(["build-engine", str(core.path), "--out", str(tmp_path / "u.onnx"), "--score-thresh", "0.2"])
-    assert rc == 1 and "--score-thresh applies when MODEL is a .pt" in capsys.readouterr().err
+    assert rc == 2 and "--score-thresh applies when MODEL is a .pt" in capsys.readouterr().err
     assert not (tmp_path / "u.onnx").exists()

@@ -149,18 +149,18 @@ def _bad_files(tmp_path: Path, ckpt: Path) -> dict[str, tuple[str | dict, str]]:
 
 
 @pytest.mark.parametrize("case", ["bad_yaml", "not_mapping", "unknown_key", "missing_checkpoint", "missing_data"])
-def test_cli_bad_job_exits_1_and_writes_nothing(tmp_path, ckpt, capsys, case):
+def test_cli_bad_job_exits_2_and_writes_nothing(tmp_path, ckpt, capsys, case):
     content, words = _bad_files(tmp_path, ckpt)[case]
     path = _write(tmp_path, content)
     out = tmp_path / "out"
-    assert main(["prune", str(path), "--out", str(out), "--no-progress"]) == 1
+    assert main(["prune", str(path), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("avprune prune: error:") and words in err, err
     assert not out.exists()
 
 
 def test_cli_missing_job_file(tmp_path, capsys):
-    assert main(["prune", str(tmp_path / "nope.yaml")]) == 1
+    assert main(["prune", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
 
 

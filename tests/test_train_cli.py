@@ -48,16 +48,16 @@ def test_help_explains(capsys) -> None:
     assert "example:" in capsys.readouterr().out
 
 
-def test_bad_input_is_one_line_exit_1(tmp_path: Path, capsys) -> None:
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     cfg = yaml.safe_load(_config(tmp_path).read_text())
     cfg["train"]["learning_rate"] = 0.1
     cfg["model"]["name"] = "yolo"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(bad)]) == 1
+    assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "train.learning_rate: unknown key" in err and "model.name: must be one of" in err
-    assert main(["eval", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]) == 1
+    assert main(["eval", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
 

@@ -90,8 +90,10 @@ def _export_checkpoint(args: argparse.Namespace, out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from avprune.checks import check_build_engine_args
     from deploy.engine.build import build_engine
 
+    check_build_engine_args(args)  # options, inputs and output paths before any export
     model, out = Path(args.model), Path(args.out)
     if not model.exists():
         raise FileNotFoundError(f"model not found: {model}")

@@ -93,7 +93,7 @@ def register(sub) -> None:
     s.add_argument("--workers", type=int, default=2,
                    help="processes rendering COCO images (default 2; output is identical for any value)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=_synth, error_exit_code=1)
+    s.set_defaults(func=_synth)
 
     k = dsub.add_parser("import-kitti", help="convert KITTI label_2 files to a COCO instances JSON",
                         description="Convert KITTI object labels (label_2/*.txt) with their images to COCO "
@@ -101,4 +101,4 @@ def register(sub) -> None:
     k.add_argument("--labels", required=True, help="folder of KITTI label_2 .txt files")
     k.add_argument("--images", required=True, help="folder of the matching image_2 images")
     k.add_argument("--out", required=True, help="COCO instances JSON to write")
-    k.set_defaults(func=_import_kitti, error_exit_code=1)
+    k.set_defaults(func=_import_kitti)

@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from avprune.cli import EXIT_ERROR, EXIT_OK
+from avprune.errors import EXIT_OK
 
 HELP = """\
 Score a detector checkpoint with COCO mAP (pycocotools) on a COCO-format split.
@@ -55,6 +55,11 @@ def print_metrics(metrics, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from perception.io import check_torch_file
+
+    check_torch_file(args.checkpoint)  # a damaged file fails before torch and the data set load
+    if not args.data.is_dir():
+        raise FileNotFoundError(f"--data {args.data}: COCO folder not found")
     from perception.data import load_split, subset
     from perception.evaluate import evaluate_model
     from perception.io import atomic_write_json
@@ -89,4 +94,4 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the metrics as JSON")
-    p.set_defaults(func=run, error_exit_code=EXIT_ERROR)
+    p.set_defaults(func=run)

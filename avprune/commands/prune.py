@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_INFEASIBLE = 2
+from avprune.errors import EXIT_GATE_FAILED as EXIT_INFEASIBLE  # the one exit-code table
 
 _EPILOG = """\
 stages (each recorded in OUT/stages/NAME.json; --resume skips the finished ones):
@@ -16,8 +16,8 @@ stages (each recorded in OUT/stages/NAME.json; --resume skips the finished ones)
   select         highest-mAP candidate whose re-measured latency meets the budget
   finalize       pruned checkpoint, ONNX, report.json, report.html, latency table
 
-exit codes: 0 done, 1 error, 2 infeasible budget (the message gives the best trade-off
-reached and the nearest feasible budget), 130 interrupted.
+An infeasible budget exits 1 (budget not met): the message gives the best trade-off reached
+and the nearest feasible budget.
 Example job files: avprune/config/examples/prune_default.yaml, prune_tiny.yaml.
 """
 
@@ -42,6 +42,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from avprune.checks import check_prune_job
     from avprune.config.prune import load_prune_config
     from avprune.prune_job import (
         InfeasibleBudgetError,
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     config = load_prune_config(args.job)  # validated before anything is written
+    check_prune_job(config)  # the checkpoint reads, before Ray starts or OUT is created
     try:
         result = run_prune_job(
             config, out_dir=args.out, address=args.address, resume=args.resume, progress=not args.no_progress

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from avprune.cli import EXIT_ERROR, EXIT_OK
+from avprune.errors import EXIT_OK
 
 log = logging.getLogger(__name__)
 
@@ -87,4 +87,4 @@ def register(sub) -> None:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from DIR/last.pt when it exists (default: yes)")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="override train.steps")
-    p.set_defaults(func=run, error_exit_code=EXIT_ERROR)
+    p.set_defaults(func=run)

@@ -46,8 +46,8 @@ def register(sub) -> None:
     p.add_argument("--drop-policy", choices=("drop", "queue"), default="drop",
                    help="frames arriving while the model is busy: drop all but the newest (default) or queue them")
     p.add_argument("--fail-on", action="append", metavar="RULE",
-                   help="p50|p90|p99|p99.9|max (latency > budget fails) or miss-rate:RATIO; comma-separated "
-                        "or repeated (default p99)")
+                   help="p50|p90|p99|p99.9|max (latency > budget fails), miss-rate:RATIO or decode-errors:N "
+                        "(more than N frames that did not decode fail); comma-separated or repeated (default p99)")
     p.add_argument("--report", metavar="DIR", help="write DIR/report.json and DIR/report.html")
     p.add_argument("--video-out", metavar="FILE.mp4", help="write the stream(s) with detections drawn")
     p.add_argument("--threads", type=int, metavar="N",
@@ -92,6 +92,10 @@ def _run(args: argparse.Namespace) -> int:
         fail_on=parse_fail_on(args.fail_on or ["p99"]), max_frames=args.max_frames, fps=args.fps,
         device=args.device, threads=args.threads,
     )
+
+    from avprune.checks import check_validate_args
+
+    check_validate_args(args)  # models, each stream's first frame, output paths: before any replay
 
     def progress(model: int, stream: int, stats) -> None:
         err.print(f"[dim]{Path(args.models[model]).name} on {args.stream[stream]}: {stats.processed} frames, "
@@ -174,5 +178,6 @@ def _write_videos(args: argparse.Namespace, outcome, config) -> None:
     for si, spec in enumerate(args.stream):
         target = dest if len(args.stream) == 1 else dest.with_name(f"{dest.stem}_{si}{dest.suffix}")
         runs = [model_runs[si] for model_runs in outcome.runs]
-        write_annotated_video(spec, runs, labels, target, fps=args.fps, budget_ns=round(config.budget_ms * 1e6))
+        write_annotated_video(spec, runs, labels, target, fps=args.fps, budget_ns=round(config.budget_ms * 1e6),
+                              max_frames=args.max_frames)
         print(f"video: {target}", file=sys.stdout)

@@ -19,6 +19,7 @@ and the frame or byte offset when a recording cannot be read on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.streams.base import (
@@ -39,9 +40,11 @@ __all__ = [
     "StreamError",
     "StreamReader",
     "TopicInfo",
+    "StreamCheck",
     "list_topics",
     "open_stream",
     "parse_stream_spec",
+    "preflight",
 ]
 
 
@@ -105,6 +108,38 @@ def open_stream(spec: str, *, fps: float | None = None) -> StreamReader:
     from deploy.streams.image_folder import ImageFolderReader
 
     return ImageFolderReader(path, topic, fps=fps)
+
+
+@dataclass(frozen=True)
+class StreamCheck:
+    """What :func:`preflight` found: the reader kind and the first frame's size."""
+
+    spec: str
+    kind: str
+    height: int
+    width: int
+
+
+def preflight(specs: list[str] | tuple[str, ...], *, fps: float | None = None) -> list[StreamCheck]:
+    """Open every stream and decode its first frame, before anything expensive runs.
+
+    A missing file, an unknown format or topic, a recording that does not open, one with no
+    frames, or a first frame that does not decode raises here (FileNotFoundError / StreamError
+    naming the stream), so a bad second stream fails in milliseconds instead of after the first
+    one has been replayed in real time. Costs one open and one decode per stream.
+    """
+    checks = []
+    for spec in specs:
+        with open_stream(spec, fps=fps) as reader:
+            first = next(iter(reader.packets()), None)
+            if first is None:
+                raise StreamError(f"stream {spec} holds no frames")
+            try:
+                image = first.decode()
+            except DecodeError as e:
+                raise StreamError(f"stream {spec}: its first frame does not decode ({e})") from None
+            checks.append(StreamCheck(spec, reader.kind, int(image.shape[0]), int(image.shape[1])))
+    return checks
 
 
 def list_topics(path: str | Path) -> list[TopicInfo]:

@@ -18,7 +18,11 @@ Two kinds of failure are kept apart on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -211,3 +215,39 @@ class StreamReader(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def quiet_native_logs(what: str) -> Iterator[None]:
+    """Silence FFmpeg's and OpenCV's own log lines while a recording is opened, then restore them.
+
+    FFmpeg prints "moov atom not found" and OpenCV "backend ... can't be used to capture by name"
+    straight to file descriptor 2, above the one clean error avprune raises. OpenCV's level is set
+    to silent (``cv2.utils.logging``) and ``OPENCV_FFMPEG_LOGLEVEL`` to quiet (-8) for the call; what still reaches fd 2
+    (FFmpeg reads its level only once per process) is captured and logged at DEBUG (``-vv``).
+    """
+    import cv2
+
+    old_env = {k: os.environ.get(k) for k in ("OPENCV_LOG_LEVEL", "OPENCV_FFMPEG_LOGLEVEL")}
+    os.environ.update({"OPENCV_LOG_LEVEL": "SILENT", "OPENCV_FFMPEG_LOGLEVEL": "-8"})
+    cv_log = cv2.utils.logging
+    old_level = cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)  # returns the previous level
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            cv_log.setLogLevel(old_level)
+            for k, v in old_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                log.debug("native log lines while opening %s:\n%s", what, text)

@@ -64,8 +64,9 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def kitti_cameras(folder: Path) -> list[str]:
-    """Names of the KITTI camera folders (``image_0X`` with timestamps.txt) inside ``folder``."""
-    return sorted(p.name for p in folder.glob("image_*") if (p / "timestamps.txt").is_file())
+    """Names of the KITTI camera folders inside ``folder``: ``image_0X`` with timestamps.txt or a
+    ``data/`` folder (a copy that lost its timestamps.txt is still a camera, played with --fps)."""
+    return sorted(p.name for p in folder.glob("image_*") if (p / "timestamps.txt").is_file() or (p / "data").is_dir())
 
 
 def resolve_camera_folder(folder: Path, topic: str | None) -> Path:
@@ -112,10 +113,13 @@ class ImageFolderReader(StreamReader):
                     f"{stamps_file} has {len(self.stamps)} timestamps for {len(self.images)} images in {image_dir}"
                 )
         else:
-            if not fps or fps <= 0:
+            if fps is None:
                 raise StreamError(
-                    f"image folder {image_dir} has no timestamps.txt: give its frame rate (--fps)"
+                    f"image folder {image_dir} holds {len(self.images)} images but no timestamps.txt "
+                    f"(looked for {stamps_file}): pass --fps F to play them as an image sequence at F frames per second"
                 )
+            if not fps > 0:
+                raise StreamError(f"--fps must be > 0 to play the image folder {image_dir}; got {fps}")
             self.stamps = [round(i * 1e9 / fps) for i in range(len(self.images))]
             self.notes.append(f"timestamps are frame index / {fps:g} FPS (no timestamps.txt)")
 

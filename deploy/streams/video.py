@@ -23,7 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.streams.base import DecodeError, Packet, StreamError, StreamReader, as_rgb_frame, check_file
+from deploy.streams.base import (
+    DecodeError,
+    Packet,
+    StreamError,
+    StreamReader,
+    as_rgb_frame,
+    check_file,
+    quiet_native_logs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +48,8 @@ class VideoReader(StreamReader):
         check_file(self.path, "video")
         import cv2
 
-        self._cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        with quiet_native_logs(str(self.path)):
+            self._cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
         if not self._cap.isOpened():
             size = self.path.stat().st_size
             raise StreamError(

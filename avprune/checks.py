@@ -1,0 +1,139 @@
+"""Checks every command runs on its inputs before the expensive part (export, fine-tune, replay).
+
+Each check raises the error a CLI user can act on (ValueError / OSError naming the value, the
+file and the fix; exit code 2). They cost milliseconds to about a second: opening files, reading
+a checkpoint's tensors, decoding one frame per stream. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """A .pt/.pth that torch reads safely and that says (or fits) a detector; no model is built."""
+    from perception.io import check_torch_file
+
+    check_torch_file(path)  # text, random bytes, truncated archives: fail before torch is imported
+    from perception.models import read_checkpoint
+
+    read_checkpoint(path)  # then torch.load(weights_only=True): pickled objects, damaged tensors
+
+
+def check_models(models: list[str], *, full: bool = True) -> None:
+    """Every model exists; checkpoints among them are readable (a reference model included).
+
+    ``full=False`` only sniffs the files (no torch import): the cheap checks of every input run
+    first, so a bad stream or path is reported in a second, not after torch has loaded.
+    """
+    from perception.io import check_torch_file
+
+    for m in models:
+        p = Path(m)
+        if not p.exists():
+            raise FileNotFoundError(f"model not found: {p}")
+        if p.suffix.lower() in CHECKPOINT_SUFFIXES:
+            if full:
+                check_checkpoint(p)
+            else:
+                check_torch_file(p)
+
+
+def check_prune_job(config) -> None:
+    """``avprune prune``: the dense checkpoint reads safely, before Ray starts or OUT is created."""
+    check_checkpoint(config.model.checkpoint)
+
+
+def check_validate_args(args: argparse.Namespace) -> None:
+    """``avprune validate``: models, every stream's first frame, and ``--video-out``, before replay."""
+    from deploy.streams import preflight
+
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max-frames must be >= 1; got {args.max_frames}")
+    if args.fps is not None and not args.fps > 0:
+        raise ValueError(f"--fps must be > 0; got {args.fps}")
+    check_models(list(args.models), full=False)  # cheapest first: no torch import yet
+    preflight(list(args.stream), fps=args.fps)
+    if args.video_out:
+        from deploy.report_video import check_video_out
+
+        check_video_out(args.video_out)
+    if args.report:
+        from perception.io import check_writable_file
+
+        check_writable_file(Path(args.report) / "report.json", what="--report")
+    check_models(list(args.models))  # torch.load(weights_only=True) of every checkpoint
+
+
+def check_build_engine_args(args: argparse.Namespace) -> None:
+    """``avprune build-engine``: option combinations, inputs and output paths, before any export."""
+    from perception.io import check_writable_file
+
+    model = Path(args.model)
+    if not model.exists():
+        raise FileNotFoundError(f"model not found: {model}")
+    is_checkpoint = model.suffix.lower() in CHECKPOINT_SUFFIXES
+    if not is_checkpoint and model.suffix.lower() != ".onnx":
+        raise ValueError(f"MODEL {model}: expected an exported .onnx or a .pt/.pth checkpoint")
+    if is_checkpoint:
+        check_models([str(model)], full=False)
+    for name in ("workspace", "calib_frames"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    for name in ("verify_images", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.precision == "int8":
+        if args.calib is None:
+            raise ValueError("--precision int8 needs --calib DATA (a COCO root or a recorded stream) to "
+                             "calibrate on; nothing was exported")
+        _check_calib(args.calib)
+    from deploy.engine.build import choose_backend
+
+    backend, _ = choose_backend(args.backend)  # --backend tensorrt without TensorRT fails here, not after export
+    if backend == "onnxruntime":
+        from deploy.engine.ort_builder import check_ort_precision
+
+        check_ort_precision(args.precision)
+    if args.shapes:
+        from deploy.engine.shapes import parse_shapes
+
+        parse_shapes(args.shapes)
+    out = Path(args.out)
+    if out.resolve() == model.resolve():
+        raise ValueError(f"--out {out} would overwrite the source model; pick another path")
+    check_writable_file(out, what="--out")
+    if args.timing_cache:
+        check_writable_file(args.timing_cache, what="--timing-cache")
+    if is_checkpoint:
+        val = args.val or (args.calib if args.calib and (Path(args.calib) / "annotations").is_dir() else None)
+        if val is None:
+            raise ValueError(f"{model} is a checkpoint: its export is verified on a data set; pass --val COCO_ROOT "
+                             "(e.g. the 'coco' folder of avprune data synth)")
+        _check_coco_root(val, "--val")
+        check_checkpoint(model)
+    elif args.score_thresh is not None:
+        raise ValueError(f"--score-thresh applies when MODEL is a .pt checkpoint; {model} is already exported "
+                         "with its threshold: rebuild from the checkpoint")
+
+
+def _check_coco_root(root: str | Path, option: str) -> None:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{option} {root}: COCO folder not found")
+    if not (root / "annotations").is_dir():
+        raise ValueError(f"{option} {root}: not a COCO folder (no annotations/ inside)")
+
+
+def _check_calib(calib: str) -> None:
+    """A COCO root, or a recorded stream whose first frame decodes."""
+    path = Path(calib)
+    if path.is_dir() and (path / "annotations").is_dir():
+        return
+    from deploy.streams import preflight
+
+    preflight([calib])
