@@ -28,6 +28,7 @@ from avprune.prune_job.records import Point
 from avprune.prune_job.runner import Stage, run_stages
 from avprune.prune_job.select import choose, pareto_front
 from avprune.prune_job.state import StageStore
+from tests.conftest import write_tiny_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -526,7 +527,8 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     # files that exist here to validate, then swapped back).
     stored = json.loads((out / "job.json").read_text())
     ckpt, coco = tmp_path / "dense.pt", tmp_path / "coco"
-    (coco / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):  # finalize verifies the shipped ONNX on validation images
+        write_tiny_coco(coco, split, n=6, size=(128, 128), seed=int(split == "val"))
     save_checkpoint(ckpt, build_detector("ssdlite320_mobilenet_v3_large", num_classes=8, image_size=128))
     data = json.loads(json.dumps(stored["config"]))
     data["model"]["checkpoint"], data["data"]["root"], data["output_dir"] = str(ckpt), str(coco), str(out)
