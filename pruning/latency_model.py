@@ -202,32 +202,40 @@ class LatencyTable:
         high = e(i1, o0) + (e(i1, o1) - e(i1, o0)) * wo
         return max(0.0, low + (high - low) * wi)
 
+    def resolve_one(self, name: str, config: Mapping[str, int | tuple[int, int]]) -> tuple[int, int]:
+        """(in, out) channels of one measured layer for a config of kept output channels (or (in, out) pairs).
+
+        Input channels follow the kept fraction of each producer recorded in ``in_sources`` (the next
+        layer's input change HALP counts in a channel group's marginal latency).
+        """
+        spec = self.layers[name]
+        v = config.get(name)
+        if isinstance(v, (tuple, list)):
+            return int(v[0]), int(v[1])
+        cout = spec.out_channels if v is None else int(v)
+        if spec.depthwise:
+            return cout, cout
+        if not spec.in_sources:
+            return spec.in_channels, cout
+        frac = 0.0
+        for src, n in spec.in_sources:
+            full = self.layers[src].out_channels if src in self.layers else None
+            kept = config.get(src, full)
+            kept = kept[1] if isinstance(kept, (tuple, list)) else kept
+            frac += n * ((kept / full) if full and kept is not None else 1.0)
+        return max(1, int(round(frac))), cout
+
     def resolve(self, config: Mapping[str, int | tuple[int, int]]) -> dict[str, tuple[int, int]]:
         """(in, out) channels per measured layer for a config of kept output channels (or (in, out) pairs)."""
-        outs: dict[str, int] = {}
+        return {name: self.resolve_one(name, config) for name in self.layers}
+
+    def consumers(self) -> dict[str, tuple[str, ...]]:
+        """Per producer layer, the measured layers whose input channels it feeds (from ``in_sources``)."""
+        out: dict[str, list[str]] = {}
         for name, spec in self.layers.items():
-            v = config.get(name, spec.out_channels)
-            outs[name] = int(v[1]) if isinstance(v, (tuple, list)) else int(v)
-        result = {}
-        for name, spec in self.layers.items():
-            v = config.get(name)
-            if isinstance(v, (tuple, list)):
-                result[name] = (int(v[0]), int(v[1]))
-                continue
-            if spec.depthwise:
-                cin = outs[name]
-            elif spec.in_sources:
-                frac = 0.0
-                for src, n in spec.in_sources:
-                    full = self.layers[src].out_channels if src in self.layers else None
-                    kept = config.get(src, full)
-                    kept = kept[1] if isinstance(kept, (tuple, list)) else kept
-                    frac += n * ((kept / full) if full and kept is not None else 1.0)
-                cin = max(1, int(round(frac)))
-            else:
-                cin = spec.in_channels
-            result[name] = (cin, outs[name])
-        return result
+            for src, _ in spec.in_sources:
+                out.setdefault(src, []).append(name)
+        return {k: tuple(v) for k, v in out.items()}
 
     def layer_sum(self, config: Mapping[str, int | tuple[int, int]]) -> float:
         """Σ of the per-layer table entries for a channel configuration (uncalibrated)."""
