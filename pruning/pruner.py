@@ -67,6 +67,12 @@ class Pruner:
 
     A *unit* is what one threshold governs: a layer (``unstructured``, ``nm``) or a coupled
     channel group named by its root layer (``channel``).
+
+    ``channel_multiple`` (older name ``round_to``): channels go in whole groups of this many, so
+    every pruned layer keeps a multiple of it (the runtime's channel block; see
+    :mod:`pruning.alignment` to measure it). A controller with ``allocate`` (e.g.
+    :class:`pruning.allocation_controller.AllocationController`) decides kept channels per group
+    at each update instead of one target sparsity per unit.
     """
 
     def __init__(
