@@ -149,19 +149,19 @@ def calibrate(table: Any, ckpt: Path, rounds: int, threads: int) -> dict[str, fl
             "scale": table.scale, "fit_scale": fit_scale, "fit_overhead_ms": fit_overhead}
 
 
-def finetune(model: Any, train_set: Any, steps: int, seed: int, hooks: tuple = ()) -> float:
+def finetune(model: Any, train_set: Any, steps: int, seed: int, hooks: tuple = (), threads: int = 2) -> float:
     """The fine-tune every variant gets: same steps, seed (so same batches), optimizer and rate."""
     from perception.train import TrainSettings, train
 
     settings = TrainSettings(steps=steps, batch_size=8, optimizer="adamw", lr=1e-3, warmup_steps=min(20, steps // 10),
-                             seed=seed, augment=False, num_threads=2, checkpoint_every=max(1, steps))
+                             seed=seed, augment=False, num_threads=threads, checkpoint_every=max(1, steps))
     t0 = time.perf_counter()
     train(model, train_set, settings, hooks=hooks, resume=False, progress=False)
     return time.perf_counter() - t0
 
 
 def pruned_variant(kind: str, ckpt: Path, table: Any, budget_ms: float, train_set: Any, steps: int, seed: int,
-                   distill: bool, ramp: float) -> tuple[Any, dict[str, Any]]:
+                   distill: bool, ramp: float, threads: int) -> tuple[Any, dict[str, Any]]:
     """Prune the dense checkpoint to ``budget_ms`` (predicted) with ``kind`` allocation while fine-tuning."""
     import torch
 
@@ -180,7 +180,7 @@ def pruned_variant(kind: str, ckpt: Path, table: Any, budget_ms: float, train_se
         from perception.distill import DistilledDetector
 
         trained = DistilledDetector(model, load_detector(ckpt))
-    secs = finetune(trained, train_set, steps, seed, hooks=(pruner,))
+    secs = finetune(trained, train_set, steps, seed, hooks=(pruner,), threads=threads)
     pruner.update()  # the final allocation at the held budget
     last = ctrl.last
     sizes = {g.root: g.size for g in pruner.groups}
@@ -255,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     for kind, distill in variants:
         name = f"{kind}+distill" if distill else kind
         log.info("variant %s: pruning to %.2f ms predicted over %d steps", name, budget, steps)
-        models[name], infos[name] = pruned_variant(kind, ckpt, table, budget, train_set, steps, args.seed, distill, args.ramp)
+        models[name], infos[name] = pruned_variant(kind, ckpt, table, budget, train_set, steps, args.seed, distill, args.ramp,
+                                                    args.threads)
         log.info("variant %s done: %s", name, {k: v for k, v in infos[name].items() if k not in ("kept", "thresholds")})
     dense_long = load_detector(ckpt)
     torch.manual_seed(args.seed)
-    secs = finetune(dense_long, train_set, steps, args.seed)
+    secs = finetune(dense_long, train_set, steps, args.seed, threads=args.threads)
     models = {"dense_long": dense_long.eval(), **models}
     infos["dense_long"] = {"finetune_s": round(secs, 1), "params": sum(p.numel() for p in dense_long.parameters())}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import statistics
 import time
 
@@ -16,6 +17,10 @@ from pruning import LatencyTable, Pruner, build_controller
 from pruning.allocation_controller import AllocationController
 
 ort = pytest.importorskip("onnxruntime")
+# Wall-clock bound on a real runtime: meaningful on a quiet machine only (on a CPU shared with other
+# jobs, per-layer timings swing several-fold). Opt in with AVPRUNE_TIMING_TESTS=1.
+pytestmark = pytest.mark.skipif(os.environ.get("AVPRUNE_TIMING_TESTS") != "1",
+                                reason="timing test: set AVPRUNE_TIMING_TESTS=1 on a quiet machine")
 MULTIPLE = 16
 X = torch.randn(1, 3, 96, 96)
 
