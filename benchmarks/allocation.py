@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=60, help="interleaved ORT timing rounds")
     p.add_argument("--ramp", type=float, default=RAMP, help="fraction of the fine-tune the target shrinks over "
                    "(0: one-shot at the first step)")
+    p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit each layer's table entries (MACs + traffic) before allocating (default on)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--distill", action="store_true", help="also run latency-aware + distillation from dense")
     p.add_argument("--seed", type=int, default=0)
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         train_set, val_set = subset(train_set, 64), subset(val_set, 16)
     t_start = time.perf_counter()
     table = latency_table(load_detector(ckpt), args.quick, args.threads)
+    if args.smooth:
+        table.smooth()  # per-layer least-squares fit: the knapsack must not chase timing noise
     cal = calibrate(table, ckpt, rounds, args.threads)
     log.info("table calibrated: %s", cal)
     from benchmarks.latency_model import ort_measure_fn
@@ -277,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         r["prediction_error"] = r["predicted_ms"] / r["graph_ms"] - 1.0
     record = {
         "machine": machine_line(), "quick": args.quick, "steps": steps, "seed": args.seed, "rounds": rounds,
-        "channel_multiple": MULTIPLE, "target_speedup_predicted": TARGET_SPEEDUP, "ramp_fraction": args.ramp,
+        "channel_multiple": MULTIPLE, "target_speedup_predicted": TARGET_SPEEDUP, "ramp_fraction": args.ramp, "table_smoothed": args.smooth,
         "budget_predicted_ms": budget, "dense_predicted_ms": dense_pred, "calibration": cal,
         "auto_multiple": {"multiple": choice.multiple, "reason": choice.reason, "measured": choice.measured},
         "val_images": len(val_set), "train_images": len(train_set), "wall_s": round(time.perf_counter() - t_start, 1),

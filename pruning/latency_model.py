@@ -182,6 +182,40 @@ class LatencyTable:
         self.scale, self.overhead_ms = float(scale), float(my - scale * mx)
         return self.scale, self.overhead_ms
 
+    def smooth(self) -> int:
+        """Replace each layer's grid entries by a robust fit ``a + b·cin·cout + c·cin + d·cout``.
+
+        A table timed on a shared machine carries outliers (one grid point caught behind another
+        job); a knapsack then "saves" milliseconds that only exist in the noise, cutting the layer
+        whose full-width entry happened to be slow. The fit keeps the shape runtimes follow (MACs,
+        plus input and output traffic) and drops the noise. Depthwise layers fit ``a + b·c``.
+        Entries never go below 0. Returns the number of layers refitted.
+        """
+        done = 0
+        for spec in self.layers.values():
+            if spec.depthwise:
+                pairs = [(c, c) for c in spec.grid_out]
+                rows = [[1.0, float(c)] for c, _ in pairs]
+            else:
+                pairs = [(ci, co) for ci in spec.grid_in for co in spec.grid_out]
+                rows = [[1.0, float(ci * co), float(ci), float(co)] for ci, co in pairs]
+            if len(pairs) <= len(rows[0]):
+                continue  # too few points to fit without reproducing them exactly
+            a = torch.tensor(rows, dtype=torch.float64)
+            y = torch.tensor([self.entries[spec.key(ci, co)] for ci, co in pairs], dtype=torch.float64)
+            w = torch.ones_like(y)
+            for _ in range(8):  # iteratively reweighted (Cauchy): an outlier loses its pull on the fit
+                sw = w.sqrt().unsqueeze(1)
+                coef = torch.linalg.lstsq(a * sw, y.unsqueeze(1) * sw).solution
+                r = y - (a @ coef).squeeze(1)
+                scale = float(r.abs().median()) * 1.5 + 1e-3 * float(y.abs().mean()) + 1e-12
+                w = 1.0 / (1.0 + (r / scale) ** 2)
+            for (ci, co), v in zip(pairs, (a @ coef).squeeze(1).tolist(), strict=True):
+                self.entries[spec.key(ci, co)] = max(0.0, float(v))
+            done += 1
+        self.meta["smoothed"] = True
+        return done
+
     # ------------------------------------------------------------------ prediction
     def layer_latency(self, name: str, cin: int, cout: int) -> float:
         """Bilinear interpolation of one layer's latency at ``cin``/``cout`` channels."""

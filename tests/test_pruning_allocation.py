@@ -200,3 +200,18 @@ def test_auto_channel_multiple_picks_the_fastest_with_a_reason() -> None:
     assert dict(choice.measured)[1] > dict(choice.measured)[16] and "lowest time per MAC" in choice.reason
     with pytest.raises(ValueError, match="at least one layer"):
         choose_channel_multiple(blocked_ms, [])
+
+
+def test_smoothing_removes_a_timing_outlier_the_knapsack_would_chase() -> None:
+    _, table, units = _two_branch()
+    spec = table.layers["a"]
+    full = spec.key(spec.grid_in[-1], spec.grid_out[-1])
+    clean = table.entries[full]
+    table.entries[full] = 20 * clean  # one grid point timed behind another job
+    scores = {"a": torch.ones(32), "b": torch.ones(32)}
+    noisy = allocate_latency(units, scores, table, 0.9 * table.predict({}), channel_multiple=8)
+    assert table.smooth() == len(table.layers)
+    assert table.entries[full] < 5 * clean  # the outlier is pulled back toward the layer's trend
+    smoothed = allocate_latency(units, scores, table, 0.9 * table.predict({}), channel_multiple=8)
+    assert noisy.kept["a"] < noisy.kept["b"]  # the outlier made a's groups look expensive
+    assert smoothed.kept["b"] <= smoothed.kept["a"]  # after smoothing, b (5x5) is cut first again
