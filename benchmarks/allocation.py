@@ -17,6 +17,13 @@
    cores, timed in interleaved rounds.
 
 Results: ``benchmarks/results/allocation.json`` and the ``allocation`` section of RESULTS.md.
+
+Known (2026-11-29, --quick on an untrained model, latency only): at the same 2x *predicted* budget
+uniform ran 2.47x measured, latency-aware 0.86x. The isolated-layer ORT table credits the 160x160
+expansion block with about half of the network's latency (in isolation each layer pays NCHWc
+reorders of its large maps), so the knapsack cut that block 64 -> 16 and little else, which the
+graph does not reward. Latency-aware allocation on ORT CPU needs in-graph costs (e.g. the whole
+core timed with one group thinned) before this benchmark can show its accuracy gain.
 """
 
 from __future__ import annotations
