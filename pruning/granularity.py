@@ -100,10 +100,44 @@ def kept_channels(channels: int, sparsity: float, round_to: int = 1) -> int:
     return min(channels, keep)
 
 
+def check_channel_multiple(value: object, what: str = "channel_multiple") -> int:
+    """Return ``value`` if it is an int >= 1, else raise naming the field and the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1 (16 for ORT's NCHWc blocks on AVX-512, 8 on AVX2, "
+                         f"32 for INT8 / tensor cores); got {value!r}")
+    return value
+
+
+def aligned_levels(channels: int, multiple: int) -> list[int]:
+    """The kept counts a layer may take, widest first: all channels, then every multiple below it.
+
+    Channels go in whole groups of ``multiple`` (ORT's NCHWc block, a tensor-core tile): a layer
+    of 72 channels with multiple 16 may keep 72, 64, 48, 32 or 16. A layer no wider than one group
+    is never pruned (it cannot lose a group and stay non-empty).
+    """
+    check_channel_multiple(multiple)
+    if channels <= multiple:
+        return [channels]
+    top = (channels - 1) // multiple * multiple
+    return [channels, *range(top, 0, -multiple)]
+
+
 def channel_mask(scores: torch.Tensor, sparsity: float, round_to: int = 1) -> MaskResult:
-    """Keep the most important channels of a coupled group (``scores`` is [C])."""
+    """Keep the most important channels of a coupled group (``scores`` is [C]).
+
+    Keeping the top ``k`` channels (``k`` a multiple of ``round_to``) is keeping the top ``k /
+    round_to`` groups when a group is ``round_to`` channels consecutive in importance rank, and a
+    group's importance is the sum over its channels: the rank cut and the group cut agree.
+    """
+    return channel_mask_kept(scores, kept_channels(scores.numel(), sparsity, round_to))
+
+
+def channel_mask_kept(scores: torch.Tensor, kept: int) -> MaskResult:
+    """Keep exactly the ``kept`` most important channels (``scores`` is [C]); e.g. from an allocation."""
     c = scores.numel()
-    n_prune = c - kept_channels(c, sparsity, round_to)
+    if not 1 <= kept <= c:
+        raise ValueError(f"kept channels must be in [1, {c}]; got {kept}")
+    n_prune = c - kept
     keep, thr = _rank_cut(normalise(scores), n_prune)
     return MaskResult(keep, thr, n_prune / c)
 

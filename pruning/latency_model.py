@@ -182,6 +182,40 @@ class LatencyTable:
         self.scale, self.overhead_ms = float(scale), float(my - scale * mx)
         return self.scale, self.overhead_ms
 
+    def smooth(self) -> int:
+        """Replace each layer's grid entries by a robust fit ``a + b·cin·cout + c·cin + d·cout``.
+
+        A table timed on a shared machine carries outliers (one grid point caught behind another
+        job); a knapsack then "saves" milliseconds that only exist in the noise, cutting the layer
+        whose full-width entry happened to be slow. The fit keeps the shape runtimes follow (MACs,
+        plus input and output traffic) and drops the noise. Depthwise layers fit ``a + b·c``.
+        Entries never go below 0. Returns the number of layers refitted.
+        """
+        done = 0
+        for spec in self.layers.values():
+            if spec.depthwise:
+                pairs = [(c, c) for c in spec.grid_out]
+                rows = [[1.0, float(c)] for c, _ in pairs]
+            else:
+                pairs = [(ci, co) for ci in spec.grid_in for co in spec.grid_out]
+                rows = [[1.0, float(ci * co), float(ci), float(co)] for ci, co in pairs]
+            if len(pairs) <= len(rows[0]):
+                continue  # too few points to fit without reproducing them exactly
+            a = torch.tensor(rows, dtype=torch.float64)
+            y = torch.tensor([self.entries[spec.key(ci, co)] for ci, co in pairs], dtype=torch.float64)
+            w = torch.ones_like(y)
+            for _ in range(8):  # iteratively reweighted (Cauchy): an outlier loses its pull on the fit
+                sw = w.sqrt().unsqueeze(1)
+                coef = torch.linalg.lstsq(a * sw, y.unsqueeze(1) * sw).solution
+                r = y - (a @ coef).squeeze(1)
+                scale = float(r.abs().median()) * 1.5 + 1e-3 * float(y.abs().mean()) + 1e-12
+                w = 1.0 / (1.0 + (r / scale) ** 2)
+            for (ci, co), v in zip(pairs, (a @ coef).squeeze(1).tolist(), strict=True):
+                self.entries[spec.key(ci, co)] = max(0.0, float(v))
+            done += 1
+        self.meta["smoothed"] = True
+        return done
+
     # ------------------------------------------------------------------ prediction
     def layer_latency(self, name: str, cin: int, cout: int) -> float:
         """Bilinear interpolation of one layer's latency at ``cin``/``cout`` channels."""
@@ -202,32 +236,40 @@ class LatencyTable:
         high = e(i1, o0) + (e(i1, o1) - e(i1, o0)) * wo
         return max(0.0, low + (high - low) * wi)
 
+    def resolve_one(self, name: str, config: Mapping[str, int | tuple[int, int]]) -> tuple[int, int]:
+        """(in, out) channels of one measured layer for a config of kept output channels (or (in, out) pairs).
+
+        Input channels follow the kept fraction of each producer recorded in ``in_sources`` (the next
+        layer's input change HALP counts in a channel group's marginal latency).
+        """
+        spec = self.layers[name]
+        v = config.get(name)
+        if isinstance(v, (tuple, list)):
+            return int(v[0]), int(v[1])
+        cout = spec.out_channels if v is None else int(v)
+        if spec.depthwise:
+            return cout, cout
+        if not spec.in_sources:
+            return spec.in_channels, cout
+        frac = 0.0
+        for src, n in spec.in_sources:
+            full = self.layers[src].out_channels if src in self.layers else None
+            kept = config.get(src, full)
+            kept = kept[1] if isinstance(kept, (tuple, list)) else kept
+            frac += n * ((kept / full) if full and kept is not None else 1.0)
+        return max(1, int(round(frac))), cout
+
     def resolve(self, config: Mapping[str, int | tuple[int, int]]) -> dict[str, tuple[int, int]]:
         """(in, out) channels per measured layer for a config of kept output channels (or (in, out) pairs)."""
-        outs: dict[str, int] = {}
+        return {name: self.resolve_one(name, config) for name in self.layers}
+
+    def consumers(self) -> dict[str, tuple[str, ...]]:
+        """Per producer layer, the measured layers whose input channels it feeds (from ``in_sources``)."""
+        out: dict[str, list[str]] = {}
         for name, spec in self.layers.items():
-            v = config.get(name, spec.out_channels)
-            outs[name] = int(v[1]) if isinstance(v, (tuple, list)) else int(v)
-        result = {}
-        for name, spec in self.layers.items():
-            v = config.get(name)
-            if isinstance(v, (tuple, list)):
-                result[name] = (int(v[0]), int(v[1]))
-                continue
-            if spec.depthwise:
-                cin = outs[name]
-            elif spec.in_sources:
-                frac = 0.0
-                for src, n in spec.in_sources:
-                    full = self.layers[src].out_channels if src in self.layers else None
-                    kept = config.get(src, full)
-                    kept = kept[1] if isinstance(kept, (tuple, list)) else kept
-                    frac += n * ((kept / full) if full and kept is not None else 1.0)
-                cin = max(1, int(round(frac)))
-            else:
-                cin = spec.in_channels
-            result[name] = (cin, outs[name])
-        return result
+            for src, _ in spec.in_sources:
+                out.setdefault(src, []).append(name)
+        return {k: tuple(v) for k, v in out.items()}
 
     def layer_sum(self, config: Mapping[str, int | tuple[int, int]]) -> float:
         """Σ of the per-layer table entries for a channel configuration (uncalibrated)."""

@@ -16,6 +16,7 @@ importance rises again come back (Dynamic Network Surgery, Guo et al., NeurIPS 2
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -31,6 +32,8 @@ from pruning.finalize import finalize_model, pruned_root_indices
 from pruning.granularity import (
     MaskResult,
     channel_mask,
+    channel_mask_kept,
+    check_channel_multiple,
     check_granularity,
     kept_channels,
     nm_layer_mask,
@@ -66,6 +69,12 @@ class Pruner:
 
     A *unit* is what one threshold governs: a layer (``unstructured``, ``nm``) or a coupled
     channel group named by its root layer (``channel``).
+
+    ``channel_multiple`` (older name ``round_to``): channels go in whole groups of this many, so
+    every pruned layer keeps a multiple of it (the runtime's channel block; see
+    :mod:`pruning.alignment` to measure it). A controller with ``allocate`` (e.g.
+    :class:`pruning.allocation_controller.AllocationController`) decides kept channels per group
+    at each update instead of one target sparsity per unit.
     """
 
     def __init__(
@@ -78,7 +87,8 @@ class Pruner:
         example_inputs: Any = None,
         layer_filter: Callable[[str, nn.Module], bool] | None = None,
         update_every: int = 1,
-        round_to: int = 8,
+        channel_multiple: int | None = None,
+        round_to: int | None = None,
         nm: tuple[int, int] = (2, 4),
         importance_kwargs: Mapping[str, Any] | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
@@ -92,12 +102,17 @@ class Pruner:
             raise TypeError(f"controller must be a pruning.controllers.Controller; got {type(controller).__name__}")
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an int >= 1; got {update_every!r}")
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be an int >= 1 (8 typical, 32 for INT8); got {round_to!r}")
+        # ``round_to`` is the older name of ``channel_multiple`` (kept for existing callers).
+        if channel_multiple is not None and round_to is not None and channel_multiple != round_to:
+            raise ValueError(f"channel_multiple={channel_multiple!r} and round_to={round_to!r} disagree; pass "
+                             "channel_multiple only")
+        chosen = channel_multiple if channel_multiple is not None else round_to if round_to is not None else 8
+        channel_multiple = check_channel_multiple(chosen, "channel_multiple" if channel_multiple is not None else "round_to")
         n, m = nm
         check_nm(n, m)
         self.model, self.importance, self.granularity = model, importance, granularity
-        self.controller, self.update_every, self.round_to, self.nm = controller, update_every, round_to, (n, m)
+        self.controller, self.update_every, self.nm = controller, update_every, (n, m)
+        self.channel_multiple = channel_multiple
         self.example_inputs = example_inputs
         if forward_fn is None and _filters.is_detector(model):
             forward_fn = _filters.detector_core_forward
@@ -146,6 +161,18 @@ class Pruner:
         bn_after = find_following_bn(model, list(self.layers), example_inputs, forward_fn) if needs_bn else {}
         self.criterion.attach(self.layers, bn_after)
         self.controller.bind(self.units, self.config_at)
+        if hasattr(self.controller, "bind_groups"):  # allocating controllers decide kept channels per group
+            if granularity != "channel":
+                raise ValueError(f"{type(controller).__name__} allocates channel groups; it needs "
+                                 f"granularity='channel', not {granularity!r}")
+            from pruning.allocation import Unit
+
+            self.controller.bind_groups([Unit(g.root, g.size, g.out_layers) for g in self.groups], channel_multiple)
+
+    @property
+    def round_to(self) -> int:
+        """The older name of :attr:`channel_multiple`."""
+        return self.channel_multiple
 
     # ------------------------------------------------------------------ setup
     def _add_masks(self, straight_through: bool) -> None:
@@ -202,17 +229,25 @@ class Pruner:
     @torch.no_grad()
     def update(self) -> UpdateRecord:
         """Recompute importance and masks now, at the controller's current targets; record and return it."""
-        targets = self.controller.targets()
         records: dict[str, LayerRecord] = {}
         if self.granularity == "channel":
             dirty: set[tuple[str, str]] = set()
+            all_scores = {g.root: self._group_scores(g) for g in self.groups}
+            allocate = getattr(self.controller, "allocate", None)
+            alloc = allocate(all_scores) if allocate is not None else None
+            targets = self.controller.targets()
             for g in self.groups:
-                scores = self._group_scores(g)
-                res = channel_mask(scores, targets[g.root], self.round_to)
+                scores = all_scores[g.root]
+                if alloc is not None:  # per-layer kept counts; threshold = weakest kept group's importance
+                    res = dataclasses.replace(channel_mask_kept(scores, alloc.kept[g.root]),
+                                              threshold=alloc.thresholds[g.root])
+                else:
+                    res = channel_mask(scores, targets[g.root], self.channel_multiple)
                 dirty |= self._scatter_group(g, res.mask)
                 records[g.root] = self._record(targets[g.root], res, scores, channels=int(res.mask.sum()))
             self._compose_channel_masks(dirty)
         else:
+            targets = self.controller.targets()
             n, m = self.nm
             for name in self.units:
                 mod = self.layers[name]
@@ -293,7 +328,7 @@ class Pruner:
         """Kept output channels per layer if every unit were at ``sparsity`` (for latency prediction)."""
         config = {name: _out_channels(mod) for name, mod in self.modules.items() if isinstance(mod, PRUNABLE_TYPES)}
         for g in self.groups:
-            kept = kept_channels(g.size, sparsity, self.round_to)
+            kept = kept_channels(g.size, sparsity, self.channel_multiple)
             for layer in g.out_layers:
                 config[layer] = kept
         return config

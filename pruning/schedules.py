@@ -62,3 +62,25 @@ def linear(step: int, *, final_sparsity: float, begin_step: int = 0, end_step: i
         raise ValueError(f"end_step must be > begin_step; got begin_step={begin_step}, end_step={end_step}")
     progress = min(1.0, max(0.0, (step - begin_step) / (end_step - begin_step)))
     return float(final_sparsity * progress)
+
+
+LATENCY_SCHEDULES = ("exponential", "cubic")
+
+
+def latency_target(step: int, *, dense_ms: float, budget_ms: float, end_step: int, kind: str = "exponential") -> float:
+    """A latency target shrinking from ``dense_ms`` at step 0 to ``budget_ms`` at ``end_step``, then held.
+
+    ``exponential`` (HALP's schedule) moves by the same *ratio* every step: T = D·(B/D)^p;
+    ``cubic`` follows Zhu & Gupta's shape on latency: T = B + (D − B)(1 − p)³ (fast early, slow late).
+    ``end_step <= 0`` is one-shot: the budget from the first step.
+    """
+    if kind not in LATENCY_SCHEDULES:
+        raise ValueError(f"latency schedule must be one of {LATENCY_SCHEDULES}; got {kind!r}")
+    if not (dense_ms > 0 and budget_ms > 0):
+        raise ValueError(f"dense_ms and budget_ms must be > 0; got {dense_ms!r}, {budget_ms!r}")
+    if end_step <= 0 or step >= end_step:
+        return float(budget_ms)
+    p = max(0.0, step / end_step)
+    if kind == "exponential":
+        return float(dense_ms * (budget_ms / dense_ms) ** p)
+    return float(budget_ms + (dense_ms - budget_ms) * (1.0 - p) ** 3)

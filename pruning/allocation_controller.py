@@ -1,0 +1,212 @@
+"""Allocation controller: a moving latency target, allocated across layers at every mask update.
+
+The HALP recipe (Shen et al., "Structural Pruning via Latency-Saliency Knapsack", NeurIPS 2022) as
+a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` consults:
+
+- **Moving target.** The predicted-latency target shrinks from the dense prediction to the budget
+  over ``ramp_fraction`` of the fine-tune steps (exponential, HALP's schedule, or cubic), then holds,
+  so the network spends the rest of the fine-tune recovering.
+- **Allocation.** At every mask update the pruner hands over each channel group's importance and
+  :func:`pruning.allocation.allocate_latency` (or ``allocate_uniform``, the one-global-ratio
+  baseline) decides how many aligned channels each keeps; each layer's threshold is the importance
+  of its weakest kept group.
+- **Latency feedback.** Every ``measure_every`` steps ``measure()`` returns measured (latency ms,
+  mAP). A discrete PI in velocity form on the relative error against the scheduled target,
+  ``Δc = kp·(e_t − e_{t−1}) + ki·e_t``, shrinks (or widens) the predicted target by ``(1 − c)``,
+  correcting table error and aligned-count overshoot as :class:`~pruning.budget.BudgetController` does.
+- **mAP feedback per layer.** Under ``map_floor`` the target holds (a fresh cut dips, fine-tuning
+  recovers it) and the layers cut since the previous measurement get their importance scaled up in
+  proportion to their cut, so their groups are the first to regrow; ``set_sensitivity`` does the
+  same up front from a sensitivity scan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from pruning._controller import CONTROLLERS, Controller
+from pruning.allocation import ALLOCATIONS, Allocation, Unit
+from pruning.granularity import check_channel_multiple, check_sparsity
+from pruning.latency_model import LatencyTable
+from pruning.schedules import latency_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AllocationPoint:
+    """One allocation (and, at measurement steps, what was measured)."""
+
+    step: int
+    target_ms: float  # predicted-latency target handed to the allocator
+    predicted_ms: float
+    latency_ms: float | None = None
+    map: float | None = None
+
+
+@CONTROLLERS.register("allocation")
+class AllocationController(Controller):
+    """Per-layer kept channels from a latency-saliency knapsack under a scheduled latency target."""
+
+    def __init__(
+        self,
+        table: LatencyTable,
+        latency_budget_ms: float,
+        *,
+        total_steps: int,
+        allocation: str = "latency",
+        ramp_fraction: float = 0.5,
+        schedule: str = "exponential",
+        measure: Callable[[], tuple[float, float]] | None = None,
+        measure_every: int = 100,
+        map_floor: float | None = None,
+        kp: float = 0.1,
+        ki: float = 0.5,
+        deadband: float = 0.02,
+        max_correction: float = 0.5,
+        max_unit_sparsity: float = 0.9,
+        dip_gain: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {sorted(ALLOCATIONS)}; got {allocation!r}")
+        if not latency_budget_ms > 0:
+            raise ValueError(f"latency_budget_ms must be > 0; got {latency_budget_ms!r}")
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an int >= 1 (the fine-tune length); got {total_steps!r}")
+        if not 0.0 <= ramp_fraction <= 1.0:
+            raise ValueError(f"ramp_fraction must be in [0, 1] (0 = one-shot); got {ramp_fraction!r}")
+        if measure_every < 1:
+            raise ValueError(f"measure_every must be >= 1; got {measure_every}")
+        check_sparsity(max_unit_sparsity, "max_unit_sparsity")
+        latency_target(0, dense_ms=1.0, budget_ms=1.0, end_step=1, kind=schedule)  # validates the name now
+        self.table, self.budget, self.allocation_kind = table, float(latency_budget_ms), allocation
+        self.total_steps, self.ramp_fraction, self.schedule = total_steps, float(ramp_fraction), schedule
+        self.measure, self.measure_every, self.map_floor = measure, measure_every, map_floor
+        self.kp, self.ki, self.deadband, self.max_correction = kp, ki, deadband, max_correction
+        self.max_unit_sparsity, self.dip_gain = max_unit_sparsity, dip_gain
+        self.dense_ms = float(table.predict({}))
+        self.channel_multiple = 1
+        self.unit_specs: tuple[Unit, ...] = ()
+        self.weights: dict[str, float] = {}
+        self.correction = 0.0
+        self.prev_error: float | None = None
+        self.under_floor = False
+        self.kept: dict[str, int] = {}
+        self.kept_at_measure: dict[str, int] = {}
+        self.last: Allocation | None = None
+        self.points: list[AllocationPoint] = []
+
+    # ------------------------------------------------------------------ binding
+    def bind_groups(self, units: Sequence[Unit], channel_multiple: int) -> None:
+        """Called by the pruner (channel granularity): the coupled groups and the channel multiple."""
+        self.unit_specs = tuple(units)
+        self.channel_multiple = check_channel_multiple(channel_multiple)
+        self.kept = {u.name: u.size for u in units}
+        self.kept_at_measure = dict(self.kept)
+        for u in units:
+            self.weights.setdefault(u.name, 1.0)
+
+    def set_sensitivity(self, drops: Mapping[str, float], strength: float = 1.0) -> None:
+        """Scale each unit's importance by ``1 + strength · drop / max(drop)`` (a sensitivity scan's mAP drops)."""
+        top = max((float(d) for d in drops.values()), default=0.0)
+        if top <= 0:
+            return
+        for unit, drop in drops.items():
+            if unit in self.weights and drop > 0:
+                self.weights[unit] *= 1.0 + strength * float(drop) / top
+
+    # ------------------------------------------------------------------ loop
+    def ramp_end(self) -> int:
+        return int(round(self.ramp_fraction * self.total_steps))
+
+    def scheduled_ms(self, step: int | None = None) -> float:
+        """The target before feedback: dense prediction shrinking to the budget, then held."""
+        step = self.last_step if step is None else step
+        return latency_target(step, dense_ms=self.dense_ms, budget_ms=self.budget, end_step=self.ramp_end(),
+                              kind=self.schedule)
+
+    def target_ms(self) -> float:
+        """The predicted-latency target the next allocation must meet."""
+        t = self.scheduled_ms() * (1.0 - self.correction)
+        if self.under_floor and self.last is not None:
+            t = max(t, self.last.target_ms)  # hold while the model recovers from a dip
+        return t
+
+    def step(self) -> None:
+        super().step()
+        if self.measure is not None and self.last_step % self.measure_every == 0:
+            self._on_measurement(*self.measure())
+
+    def _on_measurement(self, latency_ms: float, map_value: float) -> None:
+        sched = self.scheduled_ms()
+        error = (float(latency_ms) - sched) / sched
+        if abs(error) > self.deadband:
+            prev = error if self.prev_error is None else self.prev_error
+            c = self.correction + self.kp * (error - prev) + self.ki * error
+            self.correction = max(-self.max_correction, min(self.max_correction, c))  # clip = anti-windup
+        self.prev_error = error
+        if self.map_floor is not None and map_value < self.map_floor:
+            self.under_floor = True
+            cuts = {u: 1.0 - self.kept[u] / self.kept_at_measure[u] for u in self.kept if self.kept_at_measure[u]}
+            top = max(cuts.values(), default=0.0)
+            if top > 0:
+                for u, cut in cuts.items():
+                    if cut > 0:
+                        self.weights[u] *= 1.0 + self.dip_gain * cut / top
+                log.info("mAP %.4f under floor %.4f: importance of %d recently cut layers scaled up",
+                         map_value, self.map_floor, sum(1 for c in cuts.values() if c > 0))
+        else:
+            self.under_floor = False
+        self.kept_at_measure = dict(self.kept)
+        self.points.append(AllocationPoint(self.last_step, self.target_ms(),
+                                           self.last.predicted_ms if self.last else self.dense_ms,
+                                           float(latency_ms), float(map_value)))
+
+    def allocate(self, scores: Mapping[str, torch.Tensor]) -> Allocation:
+        """Kept channels per unit for the current target, from the pruner's per-unit importance."""
+        if not self.unit_specs:
+            raise ValueError("AllocationController is not bound to channel groups: pass it to a Pruner with "
+                             "granularity='channel'")
+        fn = ALLOCATIONS[self.allocation_kind]
+        kw: dict[str, Any] = {"channel_multiple": self.channel_multiple, "max_unit_sparsity": self.max_unit_sparsity}
+        if self.allocation_kind == "latency":
+            kw["weights"] = self.weights
+        self.last = fn(self.unit_specs, scores, self.table, self.target_ms(), **kw)
+        self.kept = dict(self.last.kept)
+        self.points.append(AllocationPoint(self.last_step, self.last.target_ms, self.last.predicted_ms))
+        if len(self.points) > 10_000:
+            del self.points[: len(self.points) - 10_000]
+        return self.last
+
+    # ------------------------------------------------------------------ outputs
+    def target(self, unit: str) -> float:
+        spec = next((u for u in self.unit_specs if u.name == unit), None)
+        if spec is None or unit not in self.kept:
+            return 0.0
+        return 1.0 - self.kept[unit] / spec.size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "correction": self.correction, "prev_error": self.prev_error, "under_floor": self.under_floor,
+            "weights": dict(self.weights), "kept": dict(self.kept), "kept_at_measure": dict(self.kept_at_measure),
+            "last": None if self.last is None else asdict(self.last),
+            "points": [asdict(p) for p in self.points],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.correction, self.prev_error = float(state["correction"]), state["prev_error"]
+        self.under_floor = bool(state["under_floor"])
+        self.weights = {k: float(v) for k, v in state["weights"].items()}
+        self.kept = {k: int(v) for k, v in state["kept"].items()}
+        self.kept_at_measure = {k: int(v) for k, v in state["kept_at_measure"].items()}
+        last = state.get("last")
+        self.last = None if last is None else Allocation(**{**last, "order": tuple(last.get("order", ()))})
+        self.points = [AllocationPoint(**p) for p in state["points"]]

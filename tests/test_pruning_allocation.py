@@ -1,0 +1,217 @@
+"""Aligned channel groups and latency-aware allocation (HALP) on toy models with a deterministic latency table."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pruning import LatencyTable, Pruner, build_controller
+from pruning.alignment import choose_channel_multiple
+from pruning.allocation import Unit, allocate_latency, allocate_uniform
+from pruning.allocation_controller import AllocationController
+from pruning.granularity import aligned_levels, kept_channels
+from pruning.latency_model import LayerSpec
+from pruning.schedules import latency_target
+from tests.test_pruning_latency import flops_ms
+from tests.test_pruning_pruner import X, small_net
+
+
+class TwoBranch(nn.Module):
+    """Two independent branches of equal width; branch b's first conv is 5x5, a's 3x3 (25 vs 9 MACs per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.b = nn.Conv2d(3, 32, 5, padding=2)
+        self.ha, self.hb = nn.Conv2d(32, 8, 1), nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ha(torch.relu(self.a(x))) + self.hb(torch.relu(self.b(x)))
+
+
+def _two_branch() -> tuple[nn.Module, LatencyTable, list[Unit]]:
+    model = TwoBranch()
+    table = LatencyTable.measure(model, torch.zeros(1, 3, 16, 16), flops_ms, runtime="synthetic", device="test",
+                                 fractions=(0.25, 0.5, 0.75, 1.0), multiple=8)
+    return model, table, [Unit("a", 32, ("a",)), Unit("b", 32, ("b",))]
+
+
+def _controller(table: LatencyTable, budget: float, **kw) -> AllocationController:
+    return AllocationController(table, budget, total_steps=kw.pop("total_steps", 10), ramp_fraction=kw.pop("ramp", 0.0),
+                                **kw)
+
+
+def test_aligned_levels_and_bad_multiple() -> None:
+    assert aligned_levels(72, 16) == [72, 64, 48, 32, 16]
+    assert aligned_levels(64, 16) == [64, 48, 32, 16]
+    assert aligned_levels(16, 16) == [16]  # too narrow to lose a group: never pruned
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="channel_multiple must be an int >= 1"):
+            Pruner(small_net(), example_inputs=X, controller=build_controller("fixed", sparsity=0.5),
+                   channel_multiple=bad)
+    with pytest.raises(ValueError, match="disagree"):
+        Pruner(small_net(), example_inputs=X, controller=build_controller("fixed"), channel_multiple=8, round_to=16)
+    assert Pruner(small_net(), example_inputs=X, controller=build_controller("fixed"), round_to=16).channel_multiple == 16
+
+
+def test_allocation_meets_target_with_multiples_and_per_layer_thresholds() -> None:
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    dense = table.predict({})
+    ctrl = _controller(table, 0.45 * dense, max_unit_sparsity=0.5)
+    pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8)
+    rec = pruner.update()
+    config = pruner.channel_config()
+    assert table.predict(config) <= 0.45 * dense + 1e-9
+    assert ctrl.last is not None and ctrl.last.feasible
+    sizes = {g.root: g.size for g in pruner.groups}
+    for root, kept in ctrl.last.kept.items():
+        assert kept == sizes[root] or kept % 8 == 0, (root, kept)
+    pruned = {u: r for u, r in rec.layers.items() if r.sparsity > 0}
+    assert len(pruned) >= 2
+    ratios = {round(r.sparsity, 3) for r in pruned.values()}
+    assert len(ratios) >= 2  # layers pruned at different ratios: not one global level
+    thresholds = {round(r.threshold, 4) for r in pruned.values()}
+    assert len(thresholds) >= 2 and all(t > 0 for t in thresholds)
+    small = pruner.finalize()
+    plain = {n: m.out_channels for n, m in small.named_modules() if isinstance(m, nn.Conv2d)}
+    for root, kept in ctrl.last.kept.items():
+        if kept < sizes[root]:
+            assert plain[root] == kept and plain[root] % 8 == 0
+
+
+def test_latency_allocation_cuts_the_layer_with_more_latency_per_importance() -> None:
+    _, table, units = _two_branch()
+    scores = {"a": torch.ones(32), "b": torch.ones(32)}
+    target = 0.85 * table.predict({})
+    alloc = allocate_latency(units, scores, table, target, channel_multiple=8)
+    assert alloc.feasible and alloc.predicted_ms <= target
+    assert alloc.kept["b"] < alloc.kept["a"]  # b's 5x5 groups save more ms for the same importance
+    # Importance scaled up on b (mAP feedback): its groups are now the last to go.
+    weighted = allocate_latency(units, scores, table, target, channel_multiple=8, weights={"b": 50.0})
+    assert weighted.feasible and weighted.kept["b"] > alloc.kept["b"] and weighted.kept["a"] < alloc.kept["a"]
+
+
+def test_uniform_allocation_is_one_global_ratio() -> None:
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    pruner = Pruner(copy.deepcopy(model), example_inputs=X, controller=build_controller("fixed"), channel_multiple=8)
+    units = [Unit(g.root, g.size, g.out_layers) for g in pruner.groups]
+    scores = {u.name: torch.rand(u.size, generator=torch.Generator().manual_seed(1)) for u in units}
+    target = 0.6 * table.predict({})
+    alloc = allocate_uniform(units, scores, table, target, channel_multiple=8)
+    assert alloc.feasible
+    ratio = next(r / 200 for r in range(181) if all(
+        alloc.kept[u.name] == kept_channels(u.size, r / 200, 8) for u in units))
+    assert ratio > 0
+    # and it is the smallest such ratio: one step less misses the target
+    prev = {u.name: kept_channels(u.size, ratio - 0.005, 8) for u in units}
+    assert prev == alloc.kept or table.predict({lay: prev[u.name] for u in units for lay in u.out_layers}) > target
+
+
+def test_mask_regrows_when_a_layers_importance_is_scaled_up() -> None:
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    ctrl = _controller(table, 0.5 * table.predict({}))
+    pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8)
+    pruner.update()
+    first = dict(ctrl.last.kept)
+    sizes = {g.root: g.size for g in pruner.groups}
+    cut = max((u for u in first if first[u] < sizes[u]), key=lambda u: sizes[u] - first[u])
+    before = int(pruner.mask_of(cut).flatten(1).amax(1).sum())
+    ctrl.set_sensitivity({cut: 1.0}, strength=100.0)
+    pruner.update()
+    assert ctrl.last.kept[cut] > first[cut]
+    assert int(pruner.mask_of(cut).flatten(1).amax(1).sum()) > before  # masked filters came back
+
+
+def test_map_dip_scales_up_recently_cut_layers_and_holds_target() -> None:
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    readings = iter([(1.0, 0.1)])
+    ctrl = _controller(table, 0.5 * table.predict({}), measure=lambda: next(readings), measure_every=2,
+                       map_floor=0.5, ki=0.0, kp=0.0)
+    pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8)
+    pruner.step()  # step 1: allocation cuts some layers
+    cut = {u for u, k in ctrl.kept.items() if k < ctrl.kept_at_measure[u]}
+    assert cut
+    pruner.step()  # step 2: measurement under the floor
+    assert ctrl.under_floor
+    assert all(ctrl.weights[u] > 1.0 for u in cut)
+    assert all(ctrl.weights[u] == 1.0 for u in ctrl.weights if u not in cut)
+
+
+def test_target_schedule_shrinks_then_holds_and_pi_corrects_from_measurement() -> None:
+    for kind in ("exponential", "cubic"):
+        ts = [latency_target(s, dense_ms=10.0, budget_ms=5.0, end_step=50, kind=kind) for s in range(0, 101, 10)]
+        assert ts[0] == 10.0 and all(a >= b for a, b in zip(ts, ts[1:], strict=False)) and ts[5:] == [5.0] * 6
+    with pytest.raises(ValueError, match="latency schedule"):
+        latency_target(1, dense_ms=10.0, budget_ms=5.0, end_step=5, kind="linear")
+    _, table, _ = _two_branch()
+    dense = table.predict({})
+    ctrl = AllocationController(table, 0.5 * dense, total_steps=100, ramp_fraction=0.5,
+                                measure=lambda: (0.6 * dense, 0.9), measure_every=60)
+    ctrl.bind_groups([Unit("a", 32, ("a",)), Unit("b", 32, ("b",))], 8)
+    for _ in range(25):
+        ctrl.step()
+    assert 0.5 * dense < ctrl.target_ms() < dense  # mid-ramp
+    for _ in range(35):
+        ctrl.step()  # step 60: measured 20% over the budget
+    assert ctrl.target_ms() < 0.5 * dense  # the PI shrank the predicted target
+
+
+def test_resume_round_trip_gives_identical_masks_and_allocations() -> None:
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+
+    def make(m: nn.Module) -> Pruner:
+        ctrl = AllocationController(table, 0.5 * table.predict({}), total_steps=20, ramp_fraction=0.5)
+        return Pruner(m, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=2)
+
+    a = make(copy.deepcopy(model))
+    for _ in range(6):
+        a.step()
+    a.controller.set_sensitivity({a.units[0]: 1.0})
+    state = copy.deepcopy(a.state_dict())
+    b = make(copy.deepcopy(model))
+    b.load_state_dict(state)
+    assert b.controller.weights == a.controller.weights and b.controller.kept == a.controller.kept
+    for _ in range(8):
+        a.step()
+        b.step()
+    assert a.controller.last == b.controller.last
+    for key, wm in a.masks.items():
+        assert torch.equal(wm.mask, b.masks[key].mask), key
+
+
+def test_auto_channel_multiple_picks_the_fastest_with_a_reason() -> None:
+    def blocked_ms(module: nn.Module, shape: tuple[int, ...]) -> float:
+        """A runtime with 16-channel blocks: counts are padded up to the block."""
+        pad = lambda c: -(-c // 16) * 16  # noqa: E731
+        return 1e-6 * pad(module.in_channels) * pad(module.out_channels) * shape[-1] * shape[-2]
+
+    spec = LayerSpec(type="conv", in_channels=96, out_channels=192, kernel=(1, 1), stride=(1, 1), padding=(0, 0),
+                     groups=1, input_hw=(8, 8), batch=1)
+    choice = choose_channel_multiple(blocked_ms, [spec])
+    assert choice.multiple == 16
+    assert dict(choice.measured)[1] > dict(choice.measured)[16] and "lowest time per MAC" in choice.reason
+    with pytest.raises(ValueError, match="at least one layer"):
+        choose_channel_multiple(blocked_ms, [])
+
+
+def test_smoothing_removes_a_timing_outlier_the_knapsack_would_chase() -> None:
+    _, table, units = _two_branch()
+    spec = table.layers["a"]
+    full = spec.key(spec.grid_in[-1], spec.grid_out[-1])
+    clean = table.entries[full]
+    table.entries[full] = 20 * clean  # one grid point timed behind another job
+    scores = {"a": torch.ones(32), "b": torch.ones(32)}
+    noisy = allocate_latency(units, scores, table, 0.9 * table.predict({}), channel_multiple=8)
+    assert table.smooth() == len(table.layers)
+    assert table.entries[full] < 5 * clean  # the outlier is pulled back toward the layer's trend
+    smoothed = allocate_latency(units, scores, table, 0.9 * table.predict({}), channel_multiple=8)
+    assert noisy.kept["a"] < noisy.kept["b"]  # the outlier made a's groups look expensive
+    assert smoothed.kept["b"] <= smoothed.kept["a"]  # after smoothing, b (5x5) is cut first again
