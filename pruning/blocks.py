@@ -27,6 +27,7 @@ their strided/channel-changing siblings are not.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import operator
 import statistics
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 MeasureFn = Callable[[nn.Module], float]
+MeasureAllFn = Callable[[Sequence[nn.Module]], Sequence[float]]
 EvaluateFn = Callable[[nn.Module], float]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -298,26 +300,49 @@ def blocks_removed(model: nn.Module, blocks: Iterable[Block | str]) -> Iterator[
 
 
 def block_latency(
-    model: nn.Module, measure: MeasureFn, blocks: Sequence[Block | str], *, rounds: int = 3
+    model: nn.Module,
+    measure: MeasureFn | None,
+    blocks: Sequence[Block | str],
+    *,
+    rounds: int = 3,
+    measure_all: MeasureAllFn | None = None,
 ) -> dict[str, BlockLatency]:
     """Each block's latency: ``measure(model)`` with all blocks minus with that block removed.
 
     ``measure(model) -> ms`` is injected (ONNX Runtime, TensorRT, eager...). Each round times the
     dense model and then every removal, and a block's saving is the median over rounds of the
     paired difference, so drift on a shared machine hits both sides of a pair alike.
+
+    ``measure_all(models) -> [ms, ...]`` (instead of ``measure``) receives the dense model and one
+    copy per block with that block removed, all at once, so it can time them interleaved run by
+    run (much steadier under load than one model after another); it is called once per round.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1; got {rounds}")
+    if (measure is None) == (measure_all is None):
+        raise ValueError("pass exactly one of measure(model) -> ms and measure_all(models) -> [ms]")
     names = _names(blocks)
     if not names:
         raise ValueError(f"no blocks given to time for {type(model).__name__}; see require_blocks()")
     dense, saved = [], {n: [] for n in names}
+    variants = None
+    if measure_all is not None:
+        variants = [model] + [remove_blocks(copy.deepcopy(model), [n]) for n in names]
     for _ in range(rounds):
-        d = float(measure(model))
+        if variants is not None:
+            ms = [float(v) for v in measure_all(variants)]
+            if len(ms) != len(variants):
+                raise ValueError(f"measure_all returned {len(ms)} latencies for {len(variants)} models")
+            d, without = ms[0], ms[1:]
+        else:
+            d = float(measure(model))
+            without = []
+            for n in names:
+                with blocks_removed(model, [n]):
+                    without.append(float(measure(model)))
         dense.append(d)
-        for n in names:
-            with blocks_removed(model, [n]):
-                saved[n].append(d - float(measure(model)))
+        for n, w in zip(names, without, strict=True):
+            saved[n].append(d - w)
     dense_ms = statistics.median(dense)
     return {
         n: BlockLatency(name=n, ms=statistics.median(s), share=statistics.median(s) / dense_ms, dense_ms=dense_ms)

@@ -1,0 +1,232 @@
+"""Benchmark: what removing residual blocks buys SSDlite320's core on ONNX Runtime CPU (issue #14).
+
+    python -m benchmarks.depth            # 3 latency-share rounds, 5 x 100 interleaved final rounds
+    python -m benchmarks.depth --quick    # smoke run (1 share round, 2 x 20 final rounds); no RESULTS.md
+
+1. The removable blocks are found from the graph (:func:`pruning.blocks.require_blocks`).
+2. Each block's latency share comes from :func:`pruning.blocks.block_latency` with an injected
+   ``measure_all(models) -> [ms]``: the dense core and one core per single removal, exported the
+   way deploy exports them (``deploy.export.export_onnx``, legacy exporter, batch 1) and timed in
+   ORT interleaved round by round (one model after another was hopeless at load average 14).
+3. The k = 3 and 6 blocks with the highest share are removed (``pruning.blocks.remove_blocks``),
+   and the dense, k=3 and k=6 cores are timed **interleaved** (one run of each per round), so load
+   from other processes on this shared machine hits all three alike: the paired ratios hold even
+   where absolute milliseconds move 30-50% between runs (FIELD_NOTES).
+
+ORT: CPU provider, 2 intra-op threads, 1 inter-op thread, spinning off (as deploy's runtimes).
+Weights are random, but BatchNorm statistics are calibrated on a few random batches so
+activations have realistic magnitudes (untrained statistics give ~1e-15 activations, i.e.
+denormals, which distort CPU timings). MACs are counted by ``torch.utils.flop_counter`` (FLOPs/2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks._results import ASSETS, machine_line, write_section
+from pruning.blocks import BlockLatency, block_latency, remove_blocks, require_blocks
+from pruning.filters import detector_core_forward
+
+log = logging.getLogger("benchmarks.depth")
+MODEL = "ssdlite320_mobilenet_v3_large"
+SIZE = 320
+THREADS = 2
+KS = (3, 6)
+
+
+def build_model() -> nn.Module:
+    """SSDlite320 with random weights and calibrated BatchNorm statistics (see the module docstring)."""
+    from perception.models import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector(MODEL)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            detector_core_forward(model, torch.randn(4, 3, SIZE, SIZE))
+    return model.eval()
+
+
+def macs(model: nn.Module) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        detector_core_forward(model, torch.randn(1, 3, SIZE, SIZE))
+    return fc.get_total_flops() / 2
+
+
+def session(onnx_path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    so.log_severity_level = 3
+    # Spinning pool threads keep burning a core after each run and starve the next session timed.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+
+def export(model: nn.Module, dest: Path) -> Path:
+    from deploy.export import export_onnx
+
+    return export_onnx(copy.deepcopy(model).eval(), dest, form="core", exporter="legacy", dynamic_batch=False).path
+
+
+def ort_measure_all(rounds: int):  # noqa: ANN201 - returns MeasureAllFn
+    """``measure_all(models) -> [ms]``: export every core, then time them interleaved (median per model)."""
+
+    def measure_all(models: list[nn.Module]) -> list[float]:
+        with tempfile.TemporaryDirectory(prefix="depth-") as d:
+            sessions = {str(i): session(export(m, Path(d) / f"{i}.onnx")) for i, m in enumerate(models)}
+            times = interleaved(sessions, rounds, repeats=1)
+        return [times[str(i)][0] for i in range(len(models))]
+
+    return measure_all
+
+
+def interleaved(sessions: dict[str, Any], rounds: int, repeats: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Per repeat, the median ms of each session over ``rounds`` rounds of one run each."""
+    feed = {"images": np.random.default_rng(1).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)}
+    out: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for r in range(warmup + rounds):
+            for k, sess in sessions.items():
+                t = time.perf_counter()
+                sess.run(None, feed)
+                if r >= warmup:
+                    times[k].append((time.perf_counter() - t) * 1e3)
+        for k in sessions:
+            out[k].append(statistics.median(times[k]))
+    return out
+
+
+def run(share_rounds: int, share_runs: int, rounds: int, repeats: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model = build_model()
+    blocks = require_blocks(model)
+    log.info("%d removable blocks: %s", len(blocks), [b.name for b in blocks])
+    lat: dict[str, BlockLatency] = block_latency(model, None, blocks, rounds=share_rounds,
+                                                 measure_all=ort_measure_all(share_runs))
+    ranked = sorted(lat.values(), key=lambda b: b.share, reverse=True)
+    dense_macs = macs(model)
+    variants: dict[str, nn.Module] = {"dense": model}
+    removed: dict[str, list[str]] = {"dense": []}
+    for k in KS:
+        names = [b.name for b in ranked[:k]]
+        variants[f"k{k}"] = remove_blocks(copy.deepcopy(model), names)
+        removed[f"k{k}"] = names
+    with tempfile.TemporaryDirectory(prefix="depth-") as d:
+        paths = {k: export(m, Path(d) / f"{k}.onnx") for k, m in variants.items()}
+        sessions = {k: session(p) for k, p in paths.items()}
+        x = torch.randn(1, 3, SIZE, SIZE)
+        parity = {}
+        for k, m in variants.items():  # the exported graph still computes the (finalized) torch model
+            with torch.no_grad():
+                want = detector_core_forward(m, x)  # outputs named by meaning, as the export names them
+            names = [o.name for o in sessions[k].get_outputs()]
+            got = sessions[k].run(names, {"images": x.numpy()})
+            parity[k] = max(float(np.abs(g - want[n].numpy()).max()) for n, g in zip(names, got, strict=True))
+        import onnx
+
+        nodes = {k: len(onnx.load(str(p)).graph.node) for k, p in paths.items()}
+        times = interleaved(sessions, rounds, repeats)
+    dense = times["dense"]
+    rows = []
+    for k in KS:
+        key = f"k{k}"
+        ratios = [a / b for a, b in zip(dense, times[key], strict=True)]
+        rows.append({
+            "k": k,
+            "blocks": removed[key],
+            "predicted_share": sum(lat[n].share for n in removed[key]),
+            "ms_median": statistics.median(times[key]),
+            "speedup_median": statistics.median(ratios),
+            "speedup_min": min(ratios),
+            "speedup_max": max(ratios),
+            "mac_ratio": dense_macs / macs(variants[key]),
+            "onnx_nodes": nodes[key],
+            "ort_vs_torch_max_abs": parity[key],
+        })
+    return {
+        "model": MODEL, "input": [1, 3, SIZE, SIZE], "threads": THREADS, "machine": machine_line(),
+        "share_rounds": share_rounds, "share_runs": share_runs, "rounds": rounds, "repeats": repeats,
+        "dense_ms_median": statistics.median(dense), "dense_macs": dense_macs, "dense_onnx_nodes": nodes["dense"],
+        "dense_ort_vs_torch_max_abs": parity["dense"],
+        "blocks": [{"name": b.name, "ms": b.ms, "share": b.share, "dense_ms": b.dense_ms} for b in ranked],
+        "removed": rows, "seconds": time.perf_counter() - t0,
+    }
+
+
+def markdown(res: dict[str, Any], quick: bool) -> str:
+    lines = [
+        "## depth: removing residual blocks (SSDlite320 core, ORT CPU)",
+        "",
+        f"`python -m benchmarks.depth{' --quick' if quick else ''}` on {res['machine']}. "
+        f"ORT {res['threads']} intra-op threads, spinning off; random weights, calibrated BN. "
+        f"Blocks found from the graph: {len(res['blocks'])}. Latency share of each block: "
+        f"`pruning.blocks.block_latency` (dense minus without it; the dense core and the 10 single removals "
+        f"timed interleaved, median of {res['share_runs']} rounds). "
+        f"Final timing: dense / k=3 / k=6 interleaved, {res['repeats']} x {res['rounds']} rounds; the speed-up "
+        "range is over the repeats. The CPU is shared with other jobs: absolute ms move, paired ratios hold.",
+        "",
+        "| removed | blocks (highest share first) | sum of single shares | speed-up (median, min-max) | MAC ratio | ONNX nodes | ORT vs torch |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| dense | - | - | 1.00x ({res['dense_ms_median']:.2f} ms) | 1.00x | {res['dense_onnx_nodes']} | "
+        f"{res['dense_ort_vs_torch_max_abs']:.1e} |",
+    ]
+    for r in res["removed"]:
+        short = ", ".join(n.replace("backbone.features.", "") for n in r["blocks"])
+        lines.append(
+            f"| k={r['k']} | {short} | {100 * r['predicted_share']:.1f}% | {r['speedup_median']:.2f}x "
+            f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}x) | {r['mac_ratio']:.2f}x | {r['onnx_nodes']} | "
+            f"{r['ort_vs_torch_max_abs']:.1e} |"
+        )
+    lines += ["", "| block | saving ms | share |", "|---|---:|---:|"]
+    lines += [f"| {b['name']} | {b['ms']:.2f} | {100 * b['share']:.1f}% |" for b in res["blocks"]]
+    lines += ["", "Raw numbers: `benchmarks/results/depth.json`."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run; writes depth_quick.json, not RESULTS.md")
+    ap.add_argument("--share-runs", type=int, default=60, help="interleaved rounds timing the 1 + 10 single removals")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of 100 interleaved rounds of dense / k=3 / k=6")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("torch.onnx", "deploy.export"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    torch.set_num_threads(THREADS)
+    torch.set_flush_denormal(True)
+    if args.quick:
+        res = run(share_rounds=1, share_runs=10, rounds=20, repeats=2)
+    else:
+        res = run(share_rounds=1, share_runs=args.share_runs, rounds=100, repeats=args.repeats)
+    from perception.io import atomic_write_json
+
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(ASSETS / ("depth_quick.json" if args.quick else "depth.json"), res)
+    if not args.quick:
+        write_section("depth", markdown(res, args.quick))
+    for r in res["removed"]:
+        log.info("k=%d: %.2fx (%.2f-%.2f) for MAC ratio %.2fx", r["k"], r["speedup_median"], r["speedup_min"],
+                 r["speedup_max"], r["mac_ratio"])
+
+
+if __name__ == "__main__":
+    main()
