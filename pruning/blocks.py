@@ -254,7 +254,7 @@ def require_blocks(
     blocks = discover_blocks(model, example_inputs, forward_fn)
     if not blocks:
         raise ValueError(
-            f"{type(model).__name__} has no removable residual block (a submodule whose output is its "
+            f"{_model_label(model)} has no removable residual block (a submodule whose output is its "
             "input plus a branch, with equal shapes); use granularity='channel' for this model"
         )
     return blocks
@@ -262,6 +262,17 @@ def require_blocks(
 
 def _names(blocks: Iterable[Block | str]) -> list[str]:
     return [b.name if isinstance(b, Block) else str(b) for b in blocks]
+
+
+def _outermost(names: Iterable[str]) -> list[str]:
+    """Drop names nested in another listed block: removing the outer one removes them too."""
+    names = list(dict.fromkeys(names))
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def _model_label(model: nn.Module) -> str:
+    name = (getattr(model, "avprune_meta", None) or {}).get("name")
+    return f"{type(model).__name__} ({name})" if name else type(model).__name__
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -278,7 +289,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str]) -> nn.Module:
     Also rebuilds a finalized architecture from the dense one before loading its state_dict
     (the removed blocks' keys are gone from it).
     """
-    for name in _names(blocks):
+    for name in _outermost(_names(blocks)):
         parent, last = _parent(model, name)
         setattr(parent, last, nn.Identity())
     return model
@@ -289,7 +300,7 @@ def blocks_removed(model: nn.Module, blocks: Iterable[Block | str]) -> Iterator[
     """Temporarily replace ``blocks`` by ``nn.Identity``; the originals (with their hooks) come back after."""
     saved = []
     try:
-        for name in _names(blocks):
+        for name in _outermost(_names(blocks)):
             parent, last = _parent(model, name)
             saved.append((parent, last, parent._modules[last]))
             setattr(parent, last, nn.Identity())

@@ -153,8 +153,14 @@ def test_discovery_is_structural_not_by_class() -> None:
         AddRes(8, "torch.add"), AddRes(8, "method"), AddRes(8, "relu_after"), AddRes(8, "bias"),
         Wrap(8), nn.Conv2d(8, 16, 3, stride=2),
     )
-    names = [b.name for b in discover_blocks(net, torch.randn(2, 3, 16, 16))]
+    x = torch.randn(2, 3, 16, 16)
+    names = [b.name for b in discover_blocks(net, x)]
     assert sorted(names) == ["1", "2", "5", "5.inner"]
+    # removing an outer block together with the one nested in it: the outer one's identity wins
+    net.eval()
+    with torch.no_grad():
+        want = net[6](net[4](net[3](net[0](x))))
+        assert torch.equal(remove_blocks(net, ["5.inner", "1", "5", "2"])(x), want)
 
 
 def test_no_removable_block_empty_and_refused() -> None:
