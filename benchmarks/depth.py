@@ -232,8 +232,20 @@ def markdown(res: dict[str, Any], quick: bool) -> str:
               "|---|---:|---:|---:|"]
     lines += [f"| {b['name'].replace('backbone.features.', '')} | {b['cpu_ms']:.2f} | {100 * b['share']:.1f}% "
               f"| {100 * b['wall_p10_share']:.1f}% |" for b in res["blocks"]]
-    lines += ["", "Raw numbers: `benchmarks/results/depth.json`."]
+    pred = ", ".join(f"k={r['k']} {1 / max(1e-9, 1 - r['sum_single_shares']):.2f}x predicted vs "
+                     f"{r['cpu_time_ratio']['median']:.2f}x measured" for r in res["removed"])
+    lines += ["", f"Single-block CPU shares summed give {pred} (CPU time): removals are roughly but not "
+              "exactly additive, and single shares of a few percent are within this machine's noise "
+              "(a negative share is noise), so a budget should re-time the chosen set, not trust the sum.",
+              "", "Raw numbers: `benchmarks/results/depth.json`."]
     return "\n".join(lines)
+
+
+def rewrite_section(path: Path = ASSETS / "depth.json") -> None:
+    """Re-render the RESULTS.md section from a saved run (no timing)."""
+    import json
+
+    write_section("depth", markdown(json.loads(path.read_text()), quick=False))
 
 
 def main(argv: list[str] | None = None) -> None:
