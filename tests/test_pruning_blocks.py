@@ -292,6 +292,20 @@ def test_taylor_importance_is_the_gate_derivative() -> None:
     assert gates.importance == pytest.approx(first, rel=1e-4)
 
 
+def test_gated_model_pickles_and_copies_follow_live_gates() -> None:
+    import pickle
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), AddRes(8, "plus"), AddRes(8, "plus")).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gates = BlockGates(net, example_inputs=x)
+    twin = copy.deepcopy(net)  # e.g. the copy an exporter or a sensitivity probe makes
+    gates.set_gate("2", 0.0)
+    with torch.no_grad():
+        assert torch.equal(twin(x), net(x)) and torch.equal(net(x), net[1](net[0](x)))
+        assert torch.equal(pickle.loads(pickle.dumps(net))(x), net(x))
+
+
 # -- latency and sensitivity ----------------------------------------------------------------
 def test_block_latency_and_sensitivity_are_paired_differences() -> None:
     torch.manual_seed(0)
