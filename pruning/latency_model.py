@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning._atomic import atomic_write_json
 from pruning.groups import flatten_tensors, run_forward
 
 log = logging.getLogger(__name__)
@@ -288,10 +287,6 @@ class LatencyTable:
             "overhead_ms": self.overhead_ms, "scale": self.scale, "meta": self.meta,
             "layers": {k: asdict(v) for k, v in self.layers.items()}, "entries": self.entries,
         }
-
-    def save(self, path: str | Path) -> Path:
-        """Write the table as JSON atomically."""
-        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path, *, runtime: str | None = None, device: str | None = None) -> LatencyTable:

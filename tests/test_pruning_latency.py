@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from perception.io import atomic_write_json
 from pruning import LatencyTable, Pruner, build_controller, metric_drops, scan_layer, sensitivity_scan
 from pruning.latency_model import torch_measure_fn
 from tests.conftest import X, small_net
@@ -95,7 +96,8 @@ def test_save_load_round_trip_and_tags(tmp_path) -> None:
     model = small_net()
     table = LatencyTable.measure(model, X, flops_ms, runtime="onnxruntime-cpu", device="test-box",
                                  model_latency_ms=5.0)
-    path = table.save(tmp_path / "table.json")
+    path = tmp_path / "table.json"
+    atomic_write_json(path, table.to_dict())  # pruning writes no files: callers persist to_dict()
     assert json.loads(path.read_text())["runtime"] == "onnxruntime-cpu"
     loaded = LatencyTable.load(path, runtime="onnxruntime-cpu", device="test-box")
     cfg = {"stem.0": 16, "expand.0": 32}

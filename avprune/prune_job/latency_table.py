@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from avprune.config.prune import PruneJobConfig
 from avprune.prune_job.context import StageContext
 from avprune.prune_job.records import BaselineRecord, LatencyTableRecord
+from perception.io import atomic_write_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,7 +45,9 @@ def measure_fn_for(config: PruneJobConfig) -> MeasureFn:
     """The per-layer measuring callable for the budget's runtime."""
     b = config.budget
     if b.runtime == "onnxruntime":
-        return ort_layer_measure_fn(b.threads, b.device)
+        from deploy.runtimes.ort_session import layer_measure_fn
+
+        return layer_measure_fn(threads=b.threads, device=b.device)
     if b.runtime == "pytorch":
         import torch
 
@@ -86,10 +89,10 @@ def run(ctx: StageContext) -> LatencyTableRecord:
                                      runtime=b.runtime, device=b.device, fractions=FRACTIONS)
         table.meta.update({"model": cfg.model.name, "input_size": list(b.input_size), "batch": b.batch,
                            "threads": b.threads, "measure_s": round(time.perf_counter() - t0, 1)})
-        table.save(cached)
+        atomic_write_json(cached, table.to_dict())
         source = "measured"
     overhead = table.calibrate(ctx.record(BaselineRecord).dense.p50_ms)
     path = ctx.out_dir / "work" / "latency_table.json"
-    table.save(path)
+    atomic_write_json(path, table.to_dict())
     return LatencyTableRecord(path=str(path), cache=str(cached), source=source, entries=len(table.entries),
                               overhead_ms=overhead)
