@@ -119,7 +119,7 @@ def latency_table(dense: Any, quick: bool, threads: int) -> Any:
         runtime="onnxruntime-cpu", device="this-machine", multiple=MULTIPLE,
         fractions=(0.25, 0.5, 1.0) if quick else (0.125, 0.25, 0.5, 0.75, 1.0))
     table.meta["measure_s"] = round(time.perf_counter() - t0, 1)
-    table.save(path)
+    atomic_write_json(path, table.to_dict())
     return table
 
 
