@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from deploy.realtime import SimulatedClock
-from deploy.report_html import render
-from deploy.validation import ValidationConfig, parse_fail_on, run_validation, write_report
+from deploy.report_html import render, write_report
+from deploy.validation import ValidationConfig, parse_fail_on, run_validation
 from tests.test_streams import make_frames, stamps, write_kitti
 from tests.test_validate_cli import IdRuntime
 
@@ -74,6 +74,7 @@ def test_report_is_self_contained_and_complete(outcome):
         assert f"<h2>{title}</h2>" in page
     assert "PASS: cand.onnx meets the budget" in page and "(not gating): FAIL" in page
     assert "#7" in page  # the corrupt frame is listed among the decode failures
+    assert "<h2>Paired speed-up</h2>" in page and "cand.onnx is 2.50x as fast as ref.onnx" in page
     import cv2
 
     timeline = parsed.images["timeline"]
