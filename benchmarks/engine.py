@@ -79,6 +79,11 @@ def one_shot_prune(model: Any, ratio: float = 0.5, round_to: int = 16) -> Any:
     return model.eval()
 
 
+def _alternate(args: argparse.Namespace, n: int) -> dict[str, int]:
+    """``args.blocks`` rounds over ``n`` inputs, the models alternating input by input (one input per block)."""
+    return {"blocks": max(2, args.blocks * n), "block_size": 1, "warmup": 1}
+
+
 # ----------------------------------------------------------------------------- the path before this change
 
 
@@ -137,7 +142,7 @@ def host_stages(rt: Any, frames: list[np.ndarray], args: argparse.Namespace) -> 
             "after": lambda i: _after_call(rt, raws[i], "float32")(frames[i]),
             "after_uint8": lambda i: _after_call(rt, raws[i], "uint8")(frames[i]),
         }
-        timing = time_paired(calls, list(range(len(frames))), reference="before", blocks=args.blocks, warmup=1)
+        timing = time_paired(calls, list(range(len(frames))), reference="before", **_alternate(args, len(frames)))
         survivors = _survivors(rt, raws, thr)
         out[str(thr)] = {**timing.to_dict(), "survivors_per_frame_p50": survivors}
     rt.post.model.score_thresh = 0.01
@@ -181,7 +186,7 @@ def nms_alternatives(rt: Any, frames: list[np.ndarray], args: argparse.Namespace
         "cv2.dnn.NMSBoxesBatched": cv,
     }
     with rt._host_threads():
-        timing = time_paired(calls, sets, reference="torchvision.ops.batched_nms", blocks=args.blocks, warmup=1)
+        timing = time_paired(calls, sets, reference="torchvision.ops.batched_nms", **_alternate(args, len(sets)))
         exact = {name: all(set(fn(s).tolist()) == set(batched_nms(s[0], s[1], s[2], iou).tolist()) for s in sets)
                  for name, fn in calls.items()}
     return {**timing.to_dict(), "exact": exact, "candidates_per_frame_p50": float(np.median([len(s[1]) for s in sets]))}
@@ -232,11 +237,11 @@ def frame_vs_graph(dense: Any, pruned: Any, frames: list[np.ndarray], args: argp
     from deploy.timing import time_paired, time_runtimes
 
     rts = {"dense": dense, "pruned": pruned}
-    graph = time_runtimes(rts, frames, end_to_end=False, reference="dense", blocks=args.blocks, warmup=1)
-    frame = time_runtimes(rts, frames, reference="dense", blocks=args.blocks, warmup=1)
+    graph = time_runtimes(rts, frames, end_to_end=False, reference="dense", **_alternate(args, len(frames)))
+    frame = time_runtimes(rts, frames, reference="dense", **_alternate(args, len(frames)))
 
     frame_old = time_paired({"dense": _before_call(dense), "pruned": _before_call(pruned)}, frames, reference="dense",
-                            blocks=args.blocks, warmup=1)
+                            **_alternate(args, len(frames)))
     return {"graph": graph.to_dict(), "frame": frame.to_dict(), "frame_before": frame_old.to_dict(),
             "graph_speedup": graph.ratios["pruned"].to_dict(), "frame_speedup": frame.ratios["pruned"].to_dict(),
             "frame_speedup_before": frame_old.ratios["pruned"].to_dict()}
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense", type=Path, default=None, help="dense checkpoint (default: train_default's)")
     p.add_argument("--data", default=None, help="COCO root (default: benchmarks/_work synthetic data)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--blocks", type=int, default=None, help="interleaved blocks per paired comparison")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="rounds over the frames per paired comparison (models alternate frame by frame)")
     p.add_argument("--frames", type=int, default=None, help="val frames each paired block runs")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--max-images", type=int, default=None)
@@ -351,8 +357,8 @@ def _markdown(r: dict[str, Any], args: argparse.Namespace, val: Any, dense_ckpt:
         f"## engine{' (--quick smoke run)' if args.quick else ''}",
         "",
         f"SSDlite320 on ONNX Runtime CPU ({args.threads} intra-op threads; pre/post-processing on 1 torch thread, as "
-        f"deployed), batch 1, {r['frames']} val frames of {w}x{h}, every comparison paired: {args.blocks} interleaved "
-        f"blocks, order rotated; ratios with a bootstrap 95% interval. Machine: {r['machine']}. "
+        f"deployed), batch 1, {r['frames']} val frames of {w}x{h}, every comparison paired: {args.blocks} rounds, the "
+        f"models alternating frame by frame, order rotated; ratios with a bootstrap 95% interval. Machine: {r['machine']}. "
         f"Dense: {dense_ckpt or 'untrained'}. Other jobs shared the 2 cores during this run: the milliseconds are "
         "inflated, the paired ratios are not.",
         "",

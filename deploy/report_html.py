@@ -106,10 +106,11 @@ def _paired_block(report: dict) -> str:
                        "decode+NMS p50"], rows)]
     parts += [hk.note(n) for n in p.get("notes", [])]
     parts.append(hk.paragraph(
-        f"Both models ran interleaved on the same {p['frames']} decoded frames ({p['blocks']} blocks, order "
-        "rotated every block, back to back, no pacing; stream decoding excluded), so drift on a shared machine "
-        "hits both alike. Speed-up = reference p50 / candidate p50; the interval is a seeded bootstrap over "
-        "blocks. The realtime replay above is unpaired (one model after the other)."))
+        f"Both models ran on the same {p['frames']} decoded frames, {p.get('rounds', p['blocks'])} rounds, "
+        "alternating frame by frame (order rotated every frame; back to back, no pacing; stream decoding "
+        "excluded), so drift on a shared machine hits both alike. Speed-up = reference p50 / candidate p50; the "
+        "interval is a seeded bootstrap over the alternating pairs. The realtime replay above is unpaired (one "
+        "model after the other)."))
     return Raw("\n".join(parts))
 
 

@@ -17,6 +17,8 @@ models run in alternating blocks on the same frames, the order rotated every blo
 hits all of them alike; the ratio reference p50 / candidate p50 comes with a bootstrap interval
 that resamples whole blocks (Efron & Tibshirani 1993, ch. 8: resample the independent unit,
 which here is a block holding every model's samples of the same moment), seeded, numpy only.
+The shorter the blocks, the closer in time the paired samples: on a loaded machine use
+``block_size=1`` (the models alternate input by input, ABBA...) with ``blocks = rounds x inputs``.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def time_paired(
     ``inputs``), one callable after the other, the order rotated by one each block. ``warmup``
     untimed rounds of every callable come first. A callable may return a mapping ``stage -> ms``
     (see :func:`runtime_call`); those are summarised per stage. ``reference`` (default: the first
-    name) is the denominator-free side of every ratio: ratio = reference p50 / candidate p50.
+    name) is the numerator of every ratio: ratio = reference p50 / candidate p50 (> 1: faster).
     """
     names = list(calls)
     if len(names) < 2:

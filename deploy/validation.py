@@ -136,14 +136,14 @@ class ValidationConfig:
     threads: int | None = None
     samples: int = 3  # frames per stream drawn with detections in the report
     paired_frames: int = 16  # decoded frames (from all streams) the paired comparison times
-    paired_blocks: int = 12  # interleaved blocks; each times every model on every paired frame
+    paired_rounds: int = 12  # passes over the paired frames; on each frame the models alternate (ABBA...)
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
             raise ValueError(f"budget_ms must be > 0; got {self.budget_ms}")
-        if self.paired_frames < 1 or self.paired_blocks < 2:
-            raise ValueError(f"paired timing needs paired_frames >= 1 and paired_blocks >= 2; got "
-                             f"{self.paired_frames}, {self.paired_blocks}")
+        if self.paired_frames < 1 or self.paired_rounds < 1 or self.paired_frames * self.paired_rounds < 2:
+            raise ValueError(f"paired timing needs paired_frames >= 1, paired_rounds >= 1 and two timed calls per "
+                             f"model; got {self.paired_frames}, {self.paired_rounds}")
         parse_warmup(self.warmup)
 
     def pacing(self) -> PacingConfig:
@@ -156,7 +156,7 @@ class ValidationConfig:
         return {"budget_ms": self.budget_ms, "mode": self.mode, "drop_policy": self.drop_policy,
                 "warmup_frames": frames, "warmup_s": ns / 1e9, "fail_on": [str(r) for r in self.fail_on],
                 "max_frames": self.max_frames, "fps": self.fps, "device": self.device, "threads": self.threads,
-                "paired_frames": self.paired_frames, "paired_blocks": self.paired_blocks}
+                "paired_frames": self.paired_frames, "paired_rounds": self.paired_rounds}
 
 
 # ----------------------------------------------------------------------------- results
@@ -251,11 +251,14 @@ def _paired(runtimes: Sequence[Runtime], model_docs: list[dict[str, Any]], strea
     frames = _paired_frames(streams, config)
     cand, ref = (d["label"] for d in model_docs)
     clock = clock or realtime.MonotonicClock()  # looked up at call time: the replays' clock
+    # one frame per block: the two models alternate call by call (order rotated every frame), so a
+    # load spike on a shared machine lands on both; the bootstrap resamples these pairs
     timing = time_runtimes({cand: runtimes[0], ref: runtimes[1]}, frames, reference=ref,
-                           blocks=config.paired_blocks, warmup=1, clock_ns=clock.now_ns)
+                           blocks=config.paired_rounds * len(frames), block_size=1, warmup=1, clock_ns=clock.now_ns)
     ratio = timing.ratios[cand]
     return {
-        "candidate": cand, "reference": ref, "frames": len(frames), "blocks": timing.blocks,
+        "candidate": cand, "reference": ref, "frames": len(frames), "rounds": config.paired_rounds,
+        "blocks": timing.blocks,
         "speedup": ratio.ratio, "speedup_low": ratio.low, "speedup_high": ratio.high,
         "confidence": ratio.confidence, "resamples": ratio.resamples, "seed": 0,
         "summaries": {k: v.to_dict() for k, v in timing.summaries.items()},

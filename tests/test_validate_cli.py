@@ -119,7 +119,7 @@ def test_reference_model_does_not_gate(sim, kitti, tmp_path):
     paired = report["paired"]
     assert (paired["candidate"], paired["reference"]) == ("m20.onnx", "m250x3.onnx")
     assert paired["speedup"] == pytest.approx(2.5) and paired["speedup_low"] <= 2.5 <= paired["speedup_high"]
-    assert paired["frames"] == 16 and paired["blocks"] == 12 and paired["notes"] == []
+    assert (paired["frames"], paired["rounds"], paired["blocks"], paired["notes"]) == (16, 12, 16 * 12, [])
     assert paired["summaries"]["m20.onnx"]["n"] == 16 * 12
     assert "Paired speed-up" in html and "2.50x as fast as m250x3.onnx" in html
 
@@ -189,7 +189,7 @@ def test_real_ssdlite_checkpoint(tmp_path):
     # Throughput mode and a 60 s budget: the outcome cannot depend on how loaded the machine is.
     code = validate(str(ckpt), str(ref), "--stream", str(kitti), "--budget-ms", "60000", "--mode", "throughput",
                     "--warmup", "1", "--threads", "1", "--report", str(report_dir), "--paired-frames", "2",
-                    "--paired-blocks", "3")
+                    "--paired-rounds", "3")
     assert code == 0
     report = json.loads((report_dir / "report.json").read_text())
     paired = report["paired"]

@@ -59,8 +59,9 @@ def register(sub) -> None:
     p.add_argument("--fps", type=float, metavar="F", help="frame rate of plain image folders (no timestamps.txt)")
     p.add_argument("--paired-frames", type=int, default=16, metavar="N",
                    help="with a reference model: decoded frames the paired speed-up is timed on (default 16)")
-    p.add_argument("--paired-blocks", type=int, default=12, metavar="N",
-                   help="with a reference model: interleaved blocks of the paired timing (default 12)")
+    p.add_argument("--paired-rounds", type=int, default=12, metavar="N",
+                   help="with a reference model: passes over the paired frames, the models alternating on each "
+                        "frame (default 12)")
     p.add_argument("--list-topics", action="store_true", help="list each stream's topics and exit")
     p.set_defaults(func=run, error_exit_code=EXIT_ERROR)
 
@@ -99,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
         budget_ms=args.budget_ms, mode=args.mode, drop_policy=args.drop_policy, warmup=args.warmup,
         fail_on=parse_fail_on(args.fail_on or ["p99"]), max_frames=args.max_frames, fps=args.fps,
         device=args.device, threads=args.threads, paired_frames=args.paired_frames,
-        paired_blocks=args.paired_blocks,
+        paired_rounds=args.paired_rounds,
     )
 
     def progress(model: int, stream: int, stats) -> None:
@@ -162,7 +163,7 @@ def _print_table(report: dict, out) -> None:
         out.print(f"paired speed-up: {paired['candidate']} is [bold]{paired['speedup']:.2f}x[/bold] as fast as "
                   f"{paired['reference']} per frame (p50, {100 * paired['confidence']:.0f}% interval "
                   f"{paired['speedup_low']:.2f}-{paired['speedup_high']:.2f}x, {paired['frames']} frames x "
-                  f"{paired['blocks']} interleaved blocks)")
+                  f"{paired['rounds']} rounds, the models alternating frame by frame)")
         for note in paired["notes"]:
             out.print(f"[yellow]note:[/yellow] {note}")
     v = report["verdict"]
