@@ -156,7 +156,7 @@ def time_paired(
     seed: int = 0,
     clock_ns: Callable[[], int] = time.perf_counter_ns,
 ) -> PairedTiming:
-    """Time two or more callables interleaved on the same inputs.
+    """Time two or more callables interleaved on the same inputs (one alone: its blocks' spread, no ratio).
 
     Block ``b`` feeds every callable the same ``block_size`` inputs (continuing cyclically through
     ``inputs``), one callable after the other, the order rotated by one each block. ``warmup``
@@ -165,8 +165,8 @@ def time_paired(
     name) is the numerator of every ratio: ratio = reference p50 / candidate p50 (> 1: faster).
     """
     names = list(calls)
-    if len(names) < 2:
-        raise ValueError(f"paired timing needs two or more models; got {names}")
+    if not names:
+        raise ValueError("paired timing needs at least one model")
     reference = names[0] if reference is None else reference
     if reference not in calls:
         raise ValueError(f"reference {reference!r} is not one of the timed models {names}")

@@ -86,8 +86,10 @@ def test_runtimes_each_with_its_own_stages():
 def test_errors():
     clock = Clock()
     calls = _calls(clock, {"a": 1.0, "b": 1.0}, [])
-    with pytest.raises(ValueError, match="two or more"):
-        time_paired({"a": calls["a"]}, [0])
+    with pytest.raises(ValueError, match="at least one model"):
+        time_paired({}, [0])
+    alone = time_paired({"a": calls["a"]}, [0, 1], blocks=5, clock_ns=clock.now_ns)  # a baseline: blocks' spread
+    assert alone.ratios == {} and alone.block_p50_ms["a"] == (1.0,) * 5
     with pytest.raises(ValueError, match="reference 'c'"):
         time_paired(calls, [0], reference="c")
     with pytest.raises(ValueError, match="at least one input"):
