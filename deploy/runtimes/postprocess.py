@@ -71,18 +71,23 @@ class SSDPost:
                 f"{tuple(cls_logits.shape)}, anchors {tuple(self.anchors.shape)}; re-export the model"
             )
         img, anchor, cls, score = self._candidates(torch.softmax(cls_logits, dim=-1)[:, :, 1:])
-        # Candidates grouped by image, best first: greedy NMS decides each box from the higher-scored
-        # boxes only, so NMS over each image's best `limit` candidates decides those exactly. Once an
-        # image keeps detections_per_img of them, its lower-scored candidates cannot make the output.
-        order = torch.sort(score, descending=True, stable=True).indices
-        if n > 1:
-            order = order[torch.sort(img[order], stable=True).indices]
-        img_sorted = img[order]
-        rank = torch.arange(order.numel()) - torch.searchsorted(img_sorted, img_sorted)
         per_image = torch.bincount(img, minlength=n)
         limit = max(2 * self.detections_per_img, 1)
+        # Greedy NMS decides each box from the higher-scored boxes only, so NMS over each image's best
+        # `limit` candidates decides those exactly. Once an image keeps detections_per_img of them,
+        # its lower-scored candidates cannot make the output. (Usually every candidate fits at once.)
+        order = rank = None
         while True:
-            take = order[rank < limit]
+            if int(per_image.max()) <= limit:
+                take = torch.arange(score.numel())
+            else:
+                if order is None:  # candidates grouped by image, best first, and their rank in the image
+                    order = torch.sort(score, descending=True, stable=True).indices
+                    if n > 1:
+                        order = order[torch.sort(img[order], stable=True).indices]
+                    img_sorted = img[order]
+                    rank = torch.arange(order.numel()) - torch.searchsorted(img_sorted, img_sorted)
+                take = order[rank < limit]
             boxes = self._decode(bbox_regression[img[take], anchor[take]], self.anchors[anchor[take]])
             kept = _nms_grouped(boxes, score[take], img[take] * (c - 1) + cls[take], self.nms_thresh)
             kept_per_image = torch.bincount(img[take][kept], minlength=n)
@@ -94,9 +99,9 @@ class SSDPost:
             limit = max(2 * limit, int(1.25 * limit * self.detections_per_img / worst) + 1)
         take_k = take[kept]
         img_k, boxes, score_k, labels = img[take_k], boxes[kept], score[take_k], cls[take_k] + 1
-        # kept is sorted by score (descending); a stable sort by image keeps that order inside each image
-        by_image = torch.sort(img_k, stable=True).indices
-        img_k, boxes, score_k, labels = img_k[by_image], boxes[by_image], score_k[by_image], labels[by_image]
+        if n > 1:  # kept is sorted by score (descending); a stable sort by image keeps that order per image
+            by_image = torch.sort(img_k, stable=True).indices
+            img_k, boxes, score_k, labels = img_k[by_image], boxes[by_image], score_k[by_image], labels[by_image]
         out, start = [], 0
         for count in kept_per_image.tolist():
             stop = start + min(count, self.detections_per_img)
