@@ -2,9 +2,9 @@
 
 Definitions (all over measured frames; warm-up excluded):
 
-* percentiles are **nearest-rank** (the smallest observed latency with at least q% of frames at or
-  below it), so every reported figure is a latency some frame really had; p99.9 of fewer than
-  1000 frames is therefore the maximum, which is the honest answer for a short run;
+* percentiles are :func:`deploy.timing.percentile`, the project's one definition (numpy's
+  ``linear`` method, Hyndman & Fan type 7): between two frames' latencies it interpolates, so a
+  p99.9 of fewer than 1000 frames lies just under the maximum (``max`` is reported beside it);
 * **jitter** is the mean absolute difference between the latencies of consecutive processed frames
   (RFC 3550's inter-arrival jitter without its smoothing);
 * **late** frames were processed but finished more than the budget after they arrived;
@@ -17,13 +17,13 @@ Definitions (all over measured frames; warm-up excluded):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from deploy.realtime import DECODE_FAILED, DROPPED, PROCESSED, FrameRecord
+from deploy.timing import percentile
 
 PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9))
 STAGES: tuple[str, ...] = ("queue", "decode", "preprocess", "inference", "postprocess", "end_to_end")
@@ -63,15 +63,6 @@ class LatencyStats:
         return getattr(self, key)
 
 
-def percentile_nearest_rank(sorted_values: np.ndarray, q: float) -> float:
-    """Nearest-rank percentile of an ascending array (q in 0..100)."""
-    n = len(sorted_values)
-    if n == 0:
-        raise ValueError("percentile of no values")
-    rank = max(1, math.ceil(q / 100.0 * n - 1e-9))
-    return float(sorted_values[min(rank, n) - 1])
-
-
 def longest_run(flags: Sequence[bool]) -> int:
     """Length of the longest run of True."""
     best = run = 0
@@ -107,15 +98,15 @@ def summarize(streams: Sequence[Sequence[FrameRecord]], budget_ns: int) -> Laten
         return LatencyStats(**base, p50_ms=None, p90_ms=None, p99_ms=None, p99_9_ms=None, max_ms=None,
                             mean_ms=None, stdev_ms=None, jitter_ms=None, sustained_fps=None)
     lat_ms = np.array([r.latency_ns for r in processed], dtype=np.float64) / 1e6
-    ordered = np.sort(lat_ms)
-    pct = {name: percentile_nearest_rank(ordered, q) for name, q in PERCENTILES}
+    values = percentile(lat_ms, [q for _, q in PERCENTILES])
+    pct = {name: float(v) for (name, _), v in zip(PERCENTILES, values, strict=True)}
     jitters = [np.abs(np.diff([r.latency_ns for r in recs if r.status == PROCESSED])) for recs in measured]
     diffs = np.concatenate([j for j in jitters if len(j)]) / 1e6 if any(len(j) for j in jitters) else None
     active_ns = sum(_active_ns(recs) for recs in measured)
     return LatencyStats(
         **base,
         p50_ms=pct["p50"], p90_ms=pct["p90"], p99_ms=pct["p99"], p99_9_ms=pct["p99_9"],
-        max_ms=float(ordered[-1]), mean_ms=float(lat_ms.mean()),
+        max_ms=float(lat_ms.max()), mean_ms=float(lat_ms.mean()),
         stdev_ms=float(lat_ms.std(ddof=1)) if len(lat_ms) > 1 else 0.0,
         jitter_ms=float(diffs.mean()) if diffs is not None else 0.0,
         sustained_fps=len(processed) / (active_ns / 1e9) if active_ns > 0 else None,
@@ -129,12 +120,9 @@ def stage_breakdown(streams: Sequence[Sequence[FrameRecord]]) -> dict[str, dict[
     if not processed:
         return out
     for stage in STAGES:
-        values = np.sort(np.array([stage_ns(r, stage) for r in processed], dtype=np.float64) / 1e6)
-        out[stage] = {
-            "mean_ms": float(values.mean()),
-            "p50_ms": percentile_nearest_rank(values, 50.0),
-            "p99_ms": percentile_nearest_rank(values, 99.0),
-        }
+        values = np.array([stage_ns(r, stage) for r in processed], dtype=np.float64) / 1e6
+        p50, p99 = percentile(values, [50.0, 99.0])
+        out[stage] = {"mean_ms": float(values.mean()), "p50_ms": float(p50), "p99_ms": float(p99)}
     return out
 
 

@@ -8,11 +8,21 @@ stream *and* on all streams pooled (a short failing stream cannot hide inside a 
 The report is one JSON-serialisable dict (schema ``avprune.validate.report`` version 1): the
 configuration, the environment (CPU, libraries, each runtime's backend/device/precision/version,
 model sha256), per stream and per model statistics and stage breakdowns, every frame's record in
-columns, and the verdict. ``report_html.render`` turns it (plus the sample frames) into the page.
+columns, and the verdict. ``deploy.report_html`` turns it (plus the sample frames) into the page.
+
+With a reference model, both models are also timed **paired** (:func:`deploy.timing.time_runtimes`:
+interleaved blocks on the same decoded frames, order rotated), and the report's ``paired`` section
+holds the speed-up (reference p50 / candidate p50) with its bootstrap interval. That, not the two
+replays (run one after the other, so a drift of the machine lands in their ratio), is the number
+to compare models by. Each model keeps its own pre-processing: models with different input sizes
+or class counts are still compared, whole frame against whole frame, and the report says so.
+Both models are opened before anything is played, so a model that cannot be loaded is an error
+before any replay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -26,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy import realtime
 from deploy.latency_stats import LatencyStats, stage_breakdown, summarize
 from deploy.realtime import (
     PROCESSED,
@@ -39,7 +50,7 @@ from deploy.realtime import (
 )
 from deploy.runtimes.base import Runtime
 from perception.detections import Detections
-from perception.io import atomic_write_json, sha256_file
+from perception.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +145,15 @@ class ValidationConfig:
     device: str = "cpu"
     threads: int | None = None
     samples: int = 3  # frames per stream drawn with detections in the report
+    paired_frames: int = 16  # decoded frames (from all streams) the paired comparison times
+    paired_rounds: int = 12  # passes over the paired frames; on each frame the models alternate (ABBA...)
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
-            raise ValueError(f"--budget-ms must be > 0; got {self.budget_ms}")
+            raise ValueError(f"budget_ms must be > 0; got {self.budget_ms}")
+        if self.paired_frames < 1 or self.paired_rounds < 1 or self.paired_frames * self.paired_rounds < 2:
+            raise ValueError(f"paired timing needs paired_frames >= 1, paired_rounds >= 1 and two timed calls per "
+                             f"model; got {self.paired_frames}, {self.paired_rounds}")
         parse_warmup(self.warmup)
 
     def pacing(self) -> PacingConfig:
@@ -149,7 +165,8 @@ class ValidationConfig:
         frames, ns = parse_warmup(self.warmup)
         return {"budget_ms": self.budget_ms, "mode": self.mode, "drop_policy": self.drop_policy,
                 "warmup_frames": frames, "warmup_s": ns / 1e9, "fail_on": [str(r) for r in self.fail_on],
-                "max_frames": self.max_frames, "fps": self.fps, "device": self.device, "threads": self.threads}
+                "max_frames": self.max_frames, "fps": self.fps, "device": self.device, "threads": self.threads,
+                "paired_frames": self.paired_frames, "paired_rounds": self.paired_rounds}
 
 
 # ----------------------------------------------------------------------------- results
@@ -203,10 +220,11 @@ def run_validation(
     sample_ids: dict[int, list[int]] = {}
     images: dict[tuple[int, int], np.ndarray] = {}
     sample_dets: dict[tuple[int, int], list[Detections]] = {}
-    for mi, model in enumerate(models):
-        model_runs: list[StreamRun] = []
-        with opener(str(model)) as runtime:
+    with contextlib.ExitStack() as stack:
+        runtimes = [stack.enter_context(_open(opener, model, mi, len(models))) for mi, model in enumerate(models)]
+        for mi, (model, runtime) in enumerate(zip(models, runtimes, strict=True)):
             model_docs.append(_model_doc(model, runtime, mi, models))
+            model_runs: list[StreamRun] = []
             for si, spec in enumerate(streams):
                 run, doc = _play(spec, runtime, pacing, config, clock)
                 model_runs.append(run)
@@ -216,11 +234,91 @@ def run_validation(
                 if on_stream_done is not None:
                     on_stream_done(mi, si, summarize([run.records], pacing.budget_ns))
                 _sample_pass(spec, si, sample_ids[si], runtime, config, images, sample_dets)
-        runs.append(model_runs)
-    report = build_report(models, streams, config, runs, model_docs, stream_docs, sample_ids)
+            runs.append(model_runs)
+        paired = _paired(runtimes, model_docs, streams, config, clock) if len(runtimes) == 2 else None
+    report = build_report(models, streams, config, runs, model_docs, stream_docs, sample_ids, paired=paired)
     samples = [SampleFrame(si, fid, images[(si, fid)], tuple(sample_dets[(si, fid)]))
                for si, ids in sample_ids.items() for fid in ids if (si, fid) in images]
     return Outcome(report, samples, runs)
+
+
+def _open(opener: RuntimeOpener, model: str | Path, index: int, count: int) -> Runtime:
+    """Open one model, or raise ValueError naming its role (checked before anything is played)."""
+    role = "candidate" if index == 0 else "reference"
+    role = f"{role} model" if count > 1 else "model"
+    try:
+        return opener(str(model))
+    except Exception as e:  # any loader failure (ORT, torch, TensorRT, a missing file) is the same user error
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{role} {model} cannot be loaded: {why}") from e
+
+
+def _paired(runtimes: Sequence[Runtime], model_docs: list[dict[str, Any]], streams: Sequence[str],
+            config: ValidationConfig, clock: Clock | None) -> dict[str, Any]:
+    """Candidate and reference timed interleaved on the same decoded frames (see module doc)."""
+    from deploy.timing import time_runtimes
+
+    frames = _paired_frames(streams, config)
+    cand, ref = (d["label"] for d in model_docs)
+    clock = clock or realtime.MonotonicClock()  # looked up at call time: the replays' clock
+    # one frame per block: the two models alternate call by call (order rotated every frame), so a
+    # load spike on a shared machine lands on both; the bootstrap resamples these pairs
+    timing = time_runtimes({cand: runtimes[0], ref: runtimes[1]}, frames, reference=ref,
+                           blocks=config.paired_rounds * len(frames), block_size=1, warmup=1, clock_ns=clock.now_ns)
+    ratio = timing.ratios[cand]
+    return {
+        "candidate": cand, "reference": ref, "frames": len(frames), "rounds": config.paired_rounds,
+        "blocks": timing.blocks,
+        "speedup": ratio.ratio, "speedup_low": ratio.low, "speedup_high": ratio.high,
+        "confidence": ratio.confidence, "resamples": ratio.resamples, "seed": 0,
+        "summaries": {k: v.to_dict() for k, v in timing.summaries.items()},
+        "stages": {m: {s: v.to_dict() for s, v in st.items()} for m, st in timing.stages.items()},
+        "block_p50_ms": {k: list(v) for k, v in timing.block_p50_ms.items()},
+        "notes": _comparison_notes(runtimes, (cand, ref)),
+    }
+
+
+def _paired_frames(streams: Sequence[str], config: ValidationConfig) -> list[np.ndarray]:
+    """Up to ``paired_frames`` decoded frames, the first ones of each stream in equal shares (the
+    paired run has its own warm-up, and decoding is not timed)."""
+    from deploy.streams import open_stream
+
+    per_stream = -(-config.paired_frames // len(streams))
+    frames: list[np.ndarray] = []
+    for spec in streams:
+        taken = 0
+        with open_stream(spec, fps=config.fps) as reader:
+            for packet in reader.packets():
+                if taken >= per_stream or len(frames) >= config.paired_frames:
+                    break
+                image = reader.decode(packet)
+                if image is not None:
+                    frames.append(image)
+                    taken += 1
+    if not frames:
+        raise ValueError(f"no frame of {', '.join(streams)} decodes: nothing to time the two models on")
+    return frames
+
+
+def _comparison_notes(runtimes: Sequence[Runtime], labels: Sequence[str]) -> list[str]:
+    """What differs between the two models' inputs and outputs (each runs its own pre-processing)."""
+    metas = [getattr(rt, "meta", None) for rt in runtimes]
+    if any(m is None for m in metas):
+        return []
+    a, b = metas
+    notes = []
+    if tuple(a.image_size) != tuple(b.image_size):
+        notes.append(
+            f"The models take different input sizes ({labels[0]}: {a.image_size[0]}x{a.image_size[1]}, "
+            f"{labels[1]}: {b.image_size[0]}x{b.image_size[1]}): each frame is resized for each model by its "
+            "own pre-processing, so the speed-up compares whole frames, not equal amounts of work.")
+    if a.num_classes != b.num_classes:
+        notes.append(
+            f"The models predict different class counts ({labels[0]}: {a.num_classes}, {labels[1]}: "
+            f"{b.num_classes}, background included): their detections are not comparable class by class.")
+    if a.name != b.name:
+        notes.append(f"The models are different architectures ({labels[0]}: {a.name}, {labels[1]}: {b.name}).")
+    return notes
 
 
 def _default_opener(config: ValidationConfig) -> RuntimeOpener:
@@ -292,7 +390,7 @@ def verdict(stats: LatencyStats, rules: Sequence[FailRule]) -> dict[str, Any]:
 
 def build_report(models: Sequence[str | Path], streams: Sequence[str], config: ValidationConfig,
                  runs: list[list[StreamRun]], model_docs: list[dict], stream_docs: list[dict],
-                 sample_ids: dict[int, list[int]]) -> dict[str, Any]:
+                 sample_ids: dict[int, list[int]], *, paired: dict[str, Any] | None = None) -> dict[str, Any]:
     budget_ns = round(config.budget_ms * 1e6)
     results, overall = [], []
     for mi, model_runs in enumerate(runs):
@@ -320,6 +418,7 @@ def build_report(models: Sequence[str | Path], streams: Sequence[str], config: V
         "streams": stream_docs,
         "results": results,
         "overall": overall,
+        "paired": paired,
         "samples": [{"stream": si, "frame_id": fid} for si, ids in sample_ids.items() for fid in ids],
         "verdict": {"passed": overall[0]["verdict"]["passed"], "gated_model": 0,
                     "fail_on": [str(r) for r in config.fail_on], "reasons": overall[0]["verdict"]["reasons"]},
@@ -385,15 +484,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
-
-
-def write_report(outcome: Outcome, out_dir: str | Path) -> tuple[Path, Path]:
-    """``report.json`` and ``report.html`` in ``out_dir``, each written atomically."""
-    from deploy.report_html import render
-    from perception.io import atomic_write_text
-
-    out_dir = Path(out_dir)
-    json_path, html_path = out_dir / "report.json", out_dir / "report.html"
-    atomic_write_json(json_path, outcome.report)
-    atomic_write_text(html_path, render(outcome.report, outcome.samples))
-    return json_path, html_path

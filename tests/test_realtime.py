@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from deploy.latency_stats import longest_run, percentile_nearest_rank, stage_breakdown, summarize
+from deploy.latency_stats import longest_run, stage_breakdown, summarize
 from deploy.realtime import (
     DECODE_FAILED,
     DROPPED,
@@ -22,6 +22,7 @@ from deploy.realtime import (
     run_stream,
 )
 from deploy.streams.base import DecodeError, Packet, StreamReader
+from deploy.timing import percentile
 from tests.conftest import MS, FakeRuntime
 
 
@@ -84,7 +85,8 @@ def test_drop_policy_takes_newest_and_counts_drops_exactly():
     assert (stats.offered, stats.processed, stats.dropped, stats.late) == (9, 6, 3, 3)
     assert stats.miss_ratio == pytest.approx(6 / 9)
     assert stats.longest_miss_run == 2  # f0 late + f1 dropped, and so on
-    assert (stats.p50_ms, stats.p99_ms, stats.max_ms, stats.mean_ms) == (100.0, 250.0, 250.0, 175.0)
+    # three 100s and three 250s: type-7 p50 interpolates between the 3rd and 4th (100 and 250)
+    assert (stats.p50_ms, stats.p99_ms, stats.max_ms, stats.mean_ms) == (175.0, 250.0, 250.0, 175.0)
     assert stats.jitter_ms == 150.0
     assert stats.sustained_fps == pytest.approx(6 / 0.9)
 
@@ -164,10 +166,14 @@ def test_overall_stats_pool_streams_but_not_miss_runs():
 
 
 def test_percentile_and_runs_helpers():
+    # Hyndman & Fan type 7: position (n - 1) q, linear between the two order statistics around it
     values = np.arange(1, 1001, dtype=float)
-    assert percentile_nearest_rank(values, 50) == 500
-    assert percentile_nearest_rank(values, 99.9) == 999
-    assert percentile_nearest_rank(values[:10], 99.9) == 10
+    assert percentile(values, 50) == pytest.approx(500.5)
+    assert percentile(values, 99.9) == pytest.approx(999.001)
+    assert percentile(values[:10], 99.9) == pytest.approx(9.991)
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0  # order of the samples does not matter
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
     assert longest_run([True, True, False, True, True, True, False]) == 3
     with pytest.raises(ValueError):
         PacingConfig(budget_ns=0)

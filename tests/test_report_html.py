@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from deploy.realtime import SimulatedClock
-from deploy.report_html import render
-from deploy.validation import ValidationConfig, parse_fail_on, run_validation, write_report
+from deploy.report_html import render, write_report
+from deploy.validation import ValidationConfig, parse_fail_on, run_validation
 from tests.conftest import IdRuntime, stamps, write_kitti
 from tests.conftest import stream_frames as make_frames
 
@@ -74,6 +74,7 @@ def test_report_is_self_contained_and_complete(outcome):
         assert f"<h2>{title}</h2>" in page
     assert "PASS: cand.onnx meets the budget" in page and "(not gating): FAIL" in page
     assert "#7" in page  # the corrupt frame is listed among the decode failures
+    assert "<h2>Paired speed-up</h2>" in page and "cand.onnx is 2.50x as fast as ref.onnx" in page
     import cv2
 
     timeline = parsed.images["timeline"]
@@ -122,3 +123,22 @@ def _budget_pixels(bgr: np.ndarray) -> int:
     """Pixels of the budget line's red (#d62728, anti-aliased); orange and the FAIL banner are excluded."""
     b, g, r = (bgr[:, :, i].astype(int) for i in range(3))
     return int(((r > 170) & (g < 90) & (b < 90)).sum())
+
+
+def test_html_kit_escapes_once_and_embeds():
+    from deploy import html_kit as hk
+
+    fig, ax = hk.figure(3, 2)
+    ax.plot([0, 1], [1, 0])
+    png = hk.figure_png(fig)
+    assert png.startswith(b"\x89PNG")
+    t = hk.table(["model", "p50 ms"], [["<dense>", 7.126], [hk.tag(True), None]], row_classes=[None, "overall"])
+    assert "&lt;dense&gt;" in t and "7.13" in t and "–" in t and 'class="tag-pass"' in t and "class='overall'" in t
+    page = hk.page("T <1>", [hk.banner("ok & fine", passed=None, reasons=["r<1>"]), hk.section("S", t),
+                             hk.png(png, "chart", ident="c1"), hk.jpeg(np.zeros((8, 8, 3), np.uint8), "pic")])
+    parsed = _Collector()
+    parsed.feed(page)
+    assert page.startswith("<!DOCTYPE html>") and "<title>T &lt;1&gt;</title>" in page
+    assert 'class="verdict info"' in page and "ok &amp; fine" in page and "<li>r&lt;1&gt;</li>" in page
+    assert parsed.images["c1"].startswith("data:image/png;base64,") and "script" not in parsed.tags
+    assert any(src.startswith("data:image/jpeg;base64,") for src in parsed.srcs)

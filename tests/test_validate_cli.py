@@ -30,6 +30,8 @@ def sim(monkeypatch, tmp_path):
 
     def opener(path, *, backend=None, device="cpu", threads=None):
         spec = Path(path).stem  # e.g. "m20" (20 ms) or "m250x3" (250 ms every 3rd call, else 50)
+        if spec.startswith("bad"):
+            raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model failed\nstack trace ...")
         if "x" in spec:
             slow = float(spec[1:].split("x")[0])
             return IdRuntime(clock, lambda i: slow if i % 3 == 0 else 50.0)
@@ -104,6 +106,25 @@ def test_reference_model_does_not_gate(sim, kitti, tmp_path):
     assert report["overall"][1]["stats"]["sustained_fps"] == pytest.approx(18 / 2.1)
     html = (report_dir / "report.html").read_text()
     assert "m20.onnx" in html and "m250x3.onnx" in html and "not gating" in html
+    # paired timing on the simulated clock: reference p50 50 ms (2 calls in 3) / candidate 20 ms
+    paired = report["paired"]
+    assert (paired["candidate"], paired["reference"]) == ("m20.onnx", "m250x3.onnx")
+    assert paired["speedup"] == pytest.approx(2.5) and paired["speedup_low"] <= 2.5 <= paired["speedup_high"]
+    assert (paired["frames"], paired["rounds"], paired["blocks"], paired["notes"]) == (16, 12, 16 * 12, [])
+    assert paired["summaries"]["m20.onnx"]["n"] == 16 * 12
+    assert "Paired speed-up" in html and "2.50x as fast as m250x3.onnx" in html
+
+
+def test_reference_that_cannot_load_is_an_error_before_any_replay(sim, kitti, tmp_path, capsys):
+    report_dir = tmp_path / "rep"
+    code = validate(sim("m20"), sim("bad"), "--stream", kitti, "--budget-ms", "100", "--report", str(report_dir))
+    assert code == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "reference model" in lines[0] and "bad.onnx" in lines[0], captured.err
+    assert "INVALID_PROTOBUF" in lines[0] and "stack trace" not in captured.err
+    assert "m20.onnx on" not in captured.err + captured.out  # the candidate was never played
+    assert not report_dir.exists()
 
 
 def test_errors_exit_2(sim, kitti, tmp_path, capsys):
@@ -147,18 +168,28 @@ def test_video_out_side_by_side(sim, kitti, tmp_path):
 
 @pytest.mark.slow
 def test_real_ssdlite_checkpoint(tmp_path):
-    """The real runtime path: an untrained SSDlite320 checkpoint through open_runtime (PyTorch)."""
+    """The real runtime path: untrained SSDlite320 checkpoints through open_runtime (PyTorch); the
+    reference takes another input size and class count, and is still compared (and the report says so)."""
     from perception.models import build_detector, save_checkpoint
 
-    ckpt = tmp_path / "ssdlite.pt"
+    ckpt, ref = tmp_path / "ssdlite.pt", tmp_path / "ssdlite_256_4cls.pt"
     save_checkpoint(ckpt, build_detector("ssdlite320_mobilenet_v3_large"))
+    save_checkpoint(ref, build_detector("ssdlite320_mobilenet_v3_large", num_classes=4, image_size=(256, 256)))
     kitti = write_kitti(tmp_path / "kitti", make_frames(4), stamps(4))
     report_dir = tmp_path / "rep"
     # Throughput mode and a 60 s budget: the outcome cannot depend on how loaded the machine is.
-    code = validate(str(ckpt), "--stream", str(kitti), "--budget-ms", "60000", "--mode", "throughput",
-                    "--warmup", "1", "--threads", "1", "--report", str(report_dir))
+    code = validate(str(ckpt), str(ref), "--stream", str(kitti), "--budget-ms", "60000", "--mode", "throughput",
+                    "--warmup", "1", "--threads", "1", "--report", str(report_dir), "--paired-frames", "2",
+                    "--paired-rounds", "3")
     assert code == 0
     report = json.loads((report_dir / "report.json").read_text())
+    paired = report["paired"]
+    assert paired["frames"] == 2 and paired["summaries"]["ssdlite.pt"]["n"] == 6
+    assert paired["speedup"] > 0 and paired["speedup_low"] <= paired["speedup"] <= paired["speedup_high"]
+    notes = " ".join(paired["notes"])
+    assert "320x320" in notes and "256x256" in notes and "class counts (ssdlite.pt: 8" in notes
+    assert set(paired["stages"]["ssdlite.pt"]) == {"preprocess", "graph", "postprocess"}
+    assert "different input sizes" in (report_dir / "report.html").read_text()
     rt = report["models"][0]["runtime"]
     assert rt["backend"] == "pytorch" and report["models"][0]["sha256"]
     stages = report["overall"][0]["stages"]

@@ -25,7 +25,8 @@ every frame against a latency budget.
 
 Streams: video files (.mp4, .avi, ...), MCAP (ROS 2 Image/CompressedImage), rosbag2 folders
 (sqlite3 or mcap), ROS 1 .bag, KITTI raw camera folders (timestamps.txt), plain image folders (--fps).
-The first model is gated; a second one is a reference shown side by side in the report.
+The first model is gated; a second one is a reference shown side by side in the report, and the two
+are also timed paired (interleaved on the same frames) for the speed-up and its 95% interval.
 A frame misses its deadline when completion - arrival > budget; dropped frames count as misses.
 Exit code: 0 within budget, 1 budget violated, 2 error.
 """
@@ -56,6 +57,11 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--max-frames", type=int, metavar="N", help="read at most N frames per stream (warm-up included)")
     p.add_argument("--fps", type=float, metavar="F", help="frame rate of plain image folders (no timestamps.txt)")
+    p.add_argument("--paired-frames", type=int, default=16, metavar="N",
+                   help="with a reference model: decoded frames the paired speed-up is timed on (default 16)")
+    p.add_argument("--paired-rounds", type=int, default=12, metavar="N",
+                   help="with a reference model: passes over the paired frames, the models alternating on each "
+                        "frame (default 12)")
     p.add_argument("--list-topics", action="store_true", help="list each stream's topics and exit")
     p.set_defaults(func=run, error_exit_code=EXIT_ERROR)
 
@@ -85,12 +91,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.budget_ms is None:
         raise ValueError("--budget-ms is required (e.g. 33.3 for a 30 fps camera)")
 
-    from deploy.validation import ValidationConfig, parse_fail_on, run_validation, write_report
+    from deploy.report_html import write_report
+    from deploy.validation import ValidationConfig, parse_fail_on, run_validation
 
+    if args.budget_ms <= 0:
+        raise ValueError(f"--budget-ms must be > 0; got {args.budget_ms:g}")
     config = ValidationConfig(
         budget_ms=args.budget_ms, mode=args.mode, drop_policy=args.drop_policy, warmup=args.warmup,
         fail_on=parse_fail_on(args.fail_on or ["p99"]), max_frames=args.max_frames, fps=args.fps,
-        device=args.device, threads=args.threads,
+        device=args.device, threads=args.threads, paired_frames=args.paired_frames,
+        paired_rounds=args.paired_rounds,
     )
 
     from avprune.checks import check_validate_args
@@ -152,6 +162,14 @@ def _print_table(report: dict, out) -> None:
                           "-" if s["sustained_fps"] is None else f"{s['sustained_fps']:.1f}", tag,
                           style="bold" if bold else None)
     out.print(table)
+    paired = report.get("paired")
+    if paired:
+        out.print(f"paired speed-up: {paired['candidate']} is [bold]{paired['speedup']:.2f}x[/bold] as fast as "
+                  f"{paired['reference']} per frame (p50, {100 * paired['confidence']:.0f}% interval "
+                  f"{paired['speedup_low']:.2f}-{paired['speedup_high']:.2f}x, {paired['frames']} frames x "
+                  f"{paired['rounds']} rounds, the models alternating frame by frame)")
+        for note in paired["notes"]:
+            out.print(f"[yellow]note:[/yellow] {note}")
     v = report["verdict"]
     if v["passed"]:
         out.print(f"[green bold]PASS[/green bold] {report['models'][0]['label']} meets the budget")

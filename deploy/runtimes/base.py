@@ -83,6 +83,21 @@ class DetectorRuntime:
         self.meta = meta  # deploy.core_graph.ModelMeta
         self.form = form
         self.post = post  # deploy.core_graph.Postprocessor
+        self._resize = "float32"
+
+    @property
+    def resize(self) -> str:
+        """How frames are resized: ``"float32"`` (default, matches torchvision) or ``"uint8"`` (cheaper,
+        rounds each resized pixel; see :mod:`deploy.runtimes.preprocess`)."""
+        return self._resize
+
+    @resize.setter
+    def resize(self, mode: str) -> None:
+        from deploy.runtimes.preprocess import RESIZE_DTYPES
+
+        if mode not in RESIZE_DTYPES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_DTYPES)}; got {mode!r}")
+        self._resize = mode
 
     @contextlib.contextmanager
     def _host_threads(self) -> Iterator[None]:
@@ -107,10 +122,10 @@ class DetectorRuntime:
         """Release backend resources (sessions, engines, device memory)."""
 
     def preprocess(self, frames: Sequence[np.ndarray]) -> Prepared:
-        from deploy.core_graph import preprocess_frames
+        from deploy.runtimes.preprocess import preprocess_frames
 
         with self._host_threads():
-            batch, sizes = preprocess_frames(frames, self.meta)
+            batch, sizes = preprocess_frames(frames, self.meta, resize=self._resize)
         return Prepared(
             batch=batch, original_sizes=tuple((f.shape[0], f.shape[1]) for f in frames), input_sizes=sizes
         )
@@ -132,6 +147,12 @@ class DetectorRuntime:
         with self._host_threads(), torch.no_grad():
             if self.form == "full":
                 dets = [{k: tensor(v) for k, v in d.items()} for d in raw]
+            elif self.meta.family == "ssd":  # decode + NMS of the survivors only, one NMS for the batch
+                from deploy.runtimes.postprocess import SSDPost
+
+                # knobs read per call: a user may change the skeleton's score_thresh after opening
+                ssd = SSDPost.from_model(self.post.model, self.post.anchors(1)[0], self.meta.image_size)
+                dets = ssd.detect(tensor(raw["bbox_regression"]), tensor(raw["cls_logits"]))
             else:
                 dets = self.post.detect({k: tensor(v) for k, v in raw.items()}, prepared.input_sizes, self._stage2)
             return [

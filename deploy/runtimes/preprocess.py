@@ -1,0 +1,80 @@
+"""Frames -> the model's input canvas, as torchvision's ``GeneralizedRCNNTransform`` would see them.
+
+SSD resizes to exactly the input size; the other families keep the aspect ratio with
+torchvision's min_size/max_size rule (shrunk further if the result would overflow the canvas).
+Each frame is pasted top-left on a fixed canvas of the model input size, so the graph always sees
+``[N, 3, H, W]`` (static shapes).
+
+Two resize modes:
+
+* ``"float32"`` (default): convert, then resize. OpenCV's bilinear samples like torchvision's
+  (half-pixel centres, no antialias), so the pixels agree with the PyTorch model's own transform
+  to float rounding (~2e-5), at a quarter of the cost of torch's interpolate here.
+* ``"uint8"``: resize the 8-bit frame, then convert. OpenCV's fixed-point uint8 path is cheaper
+  and never touches a full-size float copy of the frame, but rounds every resized pixel to an
+  integer (up to 0.5/255 before normalisation, ~0.01 after): accept it where the deployed model
+  was validated that way (compare mAP with ``avprune eval``/``verify`` before switching).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from deploy.core_graph import ModelMeta
+
+ResizeDtype = Literal["float32", "uint8"]
+RESIZE_DTYPES: tuple[str, ...] = ("float32", "uint8")
+
+
+def resized_size(frame_hw: tuple[int, int], meta: ModelMeta) -> tuple[int, int]:
+    """(height, width) a frame is resized to before it is pasted on the canvas."""
+    h, w = frame_hw
+    H, W = meta.image_size
+    if meta.family == "ssd":
+        return H, W
+    # torchvision's eager arithmetic (python floats) for the output size
+    scale = min(meta.min_size / min(h, w), meta.max_size / max(h, w))
+    if int(h * scale) > H or int(w * scale) > W:
+        scale = min(H / h, W / w)
+    return int(h * scale), int(w * scale)
+
+
+def preprocess_frames(
+    frames: Sequence[np.ndarray], meta: ModelMeta, *, resize: ResizeDtype = "float32"
+) -> tuple[Tensor, tuple[tuple[int, int], ...]]:
+    """HxWx3 uint8 RGB frames -> (normalised canvas batch [N,3,H,W] float32, resized (h, w) per frame)."""
+    import cv2
+    import torch
+
+    if resize not in RESIZE_DTYPES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_DTYPES)}; got {resize!r}")
+    if len(frames) == 0:
+        raise ValueError("preprocess_frames needs at least one frame")
+    H, W = meta.image_size
+    # (x / 255 - mean) / std as one multiply-add per pixel
+    std = np.asarray(meta.std, dtype=np.float64)
+    px_scale = (1.0 / (255.0 * std)).astype(np.float32)
+    px_shift = (-np.asarray(meta.mean, dtype=np.float64) / std).astype(np.float32)
+    batch = np.zeros((len(frames), 3, H, W), dtype=np.float32)
+    sizes = []
+    for i, f in enumerate(frames):
+        if not (isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[2] == 3 and f.dtype == np.uint8):
+            got = f"{type(f).__name__} {getattr(f, 'shape', '')} {getattr(f, 'dtype', '')}"
+            raise TypeError(f"frame {i}: expected an HxWx3 uint8 RGB array, got {got}")
+        oh, ow = resized_size(f.shape[:2], meta)
+        img = f if resize == "uint8" else f.astype(np.float32)
+        out = cv2.resize(img, (ow, oh), interpolation=cv2.INTER_LINEAR) if (oh, ow) != f.shape[:2] else img
+        rh, rw = min(oh, H), min(ow, W)
+        planes = out[:rh, :rw].transpose(2, 0, 1)
+        for c in range(3):  # plane by plane: numpy's broadcast over a (3,1,1) axis is ~6x slower here
+            # (a uint8 plane is converted inside the multiply: no float copy of the frame)
+            np.multiply(planes[c], px_scale[c], out=batch[i, c, :rh, :rw], dtype=np.float32)
+            batch[i, c, :rh, :rw] += px_shift[c]
+        sizes.append((int(rh), int(rw)))
+    return torch.from_numpy(batch), tuple(sizes)
