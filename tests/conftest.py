@@ -312,3 +312,28 @@ class IdRuntime(FakeRuntime):
         self.calls.append(len(self.calls))
         self.clock.advance(round(self.model_ms(len(self.calls) - 1) * MS))
         return len(self.calls) - 1
+
+
+# ----------------------------------------------------------------------------- videos and a FLOPs 'runtime'
+
+
+def write_mp4(path: Path, frames: list[np.ndarray], fps: float = 10.0, fourcc: str = "mp4v") -> Path:
+    import cv2
+
+    h, wd = frames[0].shape[:2]
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (wd, h))
+    assert w.isOpened()
+    for f in frames:
+        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    w.release()
+    return path
+
+
+def flops_ms(module: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """A deterministic 'runtime': latency proportional to MACs (bilinear in in/out channels)."""
+    if isinstance(module, nn.Linear):
+        return 1e-5 * input_shape[0] * module.in_features * module.out_features + 1e-4
+    with torch.no_grad():
+        h, w = module(torch.zeros(input_shape)).shape[-2:]
+    k = module.kernel_size[0] * module.kernel_size[1]
+    return 1e-5 * input_shape[0] * (module.in_channels // module.groups) * module.out_channels * k * h * w + 1e-4

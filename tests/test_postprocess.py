@@ -20,7 +20,8 @@ import torch
 from deploy.core_graph import CoreModule, Postprocessor, model_meta
 from deploy.runtimes.postprocess import SSDPost
 from deploy.runtimes.preprocess import preprocess_frames
-from tests.test_export import SSD, make_frames, spread_model
+from tests.conftest import SSD, spread_model
+from tests.conftest import export_frames as make_frames
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,8 +15,7 @@ from pruning.allocation_controller import AllocationController
 from pruning.granularity import aligned_levels, kept_channels
 from pruning.latency_model import LayerSpec
 from pruning.schedules import latency_target
-from tests.test_pruning_latency import flops_ms
-from tests.test_pruning_pruner import X, small_net
+from tests.conftest import X, flops_ms, small_net
 
 
 class TwoBranch(nn.Module):

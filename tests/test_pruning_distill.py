@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pruning.distill import FeatureTap, attention_loss, freeze, kd_logits_loss
-from tests.test_pruning_pruner import X, small_net
+from tests.conftest import X, small_net
 
 
 def test_generic_losses_zero_for_identical_models_positive_otherwise() -> None:

@@ -12,17 +12,7 @@ from torch import nn
 from perception.io import atomic_write_json
 from pruning import LatencyTable, Pruner, build_controller, metric_drops, scan_layer, sensitivity_scan
 from pruning.latency_model import torch_measure_fn
-from tests.conftest import X, small_net
-
-
-def flops_ms(module: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """A deterministic 'runtime': latency proportional to MACs (bilinear in in/out channels)."""
-    if isinstance(module, nn.Linear):
-        return 1e-5 * input_shape[0] * module.in_features * module.out_features + 1e-4
-    with torch.no_grad():
-        h, w = module(torch.zeros(input_shape)).shape[-2:]
-    k = module.kernel_size[0] * module.kernel_size[1]
-    return 1e-5 * input_shape[0] * (module.in_channels // module.groups) * module.out_channels * k * h * w + 1e-4
+from tests.conftest import X, flops_ms, small_net
 
 
 def _measure_plain(model: nn.Module) -> float:

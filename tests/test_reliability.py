@@ -19,8 +19,8 @@ import deploy.runtimes
 from avprune.cli import build_parser, main
 from avprune.errors import EXIT_CODES_HELP, exit_code_for
 from deploy.realtime import SimulatedClock
-from tests.test_streams import make_frames, stamps, write_kitti, write_mp4
-from tests.test_validate_cli import IdRuntime
+from tests.conftest import IdRuntime, stamps, write_kitti, write_mp4
+from tests.conftest import stream_frames as make_frames
 
 pytestmark = pytest.mark.timeout(120)
 

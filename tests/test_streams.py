@@ -11,7 +11,7 @@ import pytest
 from deploy.streams import StreamError, list_topics, open_stream, parse_stream_spec
 from deploy.streams.image_folder import parse_kitti_timestamp
 from deploy.streams.ros_image import raw_image_to_rgb
-from tests.conftest import RAW_TOPIC, TOPIC, stamps, write_kitti, write_mcap
+from tests.conftest import RAW_TOPIC, TOPIC, stamps, write_kitti, write_mcap, write_mp4
 from tests.conftest import STREAM_H as H
 from tests.conftest import STREAM_N as N
 from tests.conftest import STREAM_W as W
@@ -20,15 +20,6 @@ from tests.conftest import stream_frames as make_frames
 pytestmark = pytest.mark.timeout(60)  # a reader that hangs on a broken file fails instead
 
 
-def write_mp4(path: Path, frames: list[np.ndarray], fps: float = 10.0, fourcc: str = "mp4v") -> Path:
-    import cv2
-
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (W, H))
-    assert w.isOpened()
-    for f in frames:
-        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    w.release()
-    return path
 
 
 def write_rosbag2(path: Path, frames: list[np.ndarray], ts: list[int], storage: str) -> Path:

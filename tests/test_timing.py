@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deploy.timing import percentile, summarize, time_paired, time_runtimes
-from tests.test_realtime import MS, FakeRuntime
+from tests.conftest import MS, FakeRuntime
 
 
 class Clock:
