@@ -88,13 +88,14 @@ def _alternate(args: argparse.Namespace, n: int) -> dict[str, int]:
 
 
 def _before_call(rt: Any, raw: dict[str, np.ndarray] | None = None):
-    """One frame through the previous host path: float32 resize (``deploy.core_graph``) and
+    """One frame through the previous host path: float32 resize and
     torchvision's ``postprocess_detections`` (via ``Postprocessor.detect``), boxes to frame pixels.
     With ``raw=None`` the graph runs too (timed as ``graph``)."""
     import torch
 
-    from deploy.core_graph import preprocess_frames, to_frame_coords
+    from deploy.core_graph import to_frame_coords
     from deploy.runtimes.base import Prepared
+    from deploy.runtimes.preprocess import preprocess_frames  # the float32 resize, unchanged
 
     def call(frame: np.ndarray) -> dict[str, float]:
         with rt._host_threads():

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._results import ASSETS, machine_line, write_section
+from deploy.timing import percentile
 from perception.io import atomic_write_json
 
 log = logging.getLogger("benchmarks.prune_job")
@@ -150,8 +151,8 @@ def _side_by_side(cfg: Any, models: dict[str, Path], work: Path, rounds: int) ->
         for rt in runtimes.values():
             rt.__exit__(None, None, None)
     for rec in out.values():
-        s = sorted(rec.pop("samples"))
-        rec["p50_ms"], rec["p99_ms"] = statistics.median(s), s[min(len(s) - 1, int(0.99 * len(s)))]
+        s = rec.pop("samples")
+        rec["p50_ms"], rec["p99_ms"] = percentile(s, 50), percentile(s, 99)  # the project's one definition
         rec["core_p50_ms"] = statistics.median(rec.pop("core"))  # the model graph alone (no pre/post)
     return out
 

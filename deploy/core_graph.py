@@ -4,7 +4,7 @@ A torchvision detector is ``transform -> backbone -> heads -> decode + NMS``. Th
 steps are data dependent (per-image resize, per-class loops, variable-length NMS output), which
 is what makes full-graph exports slow in ONNX Runtime and awkward in TensorRT. We split it:
 
-* :func:`preprocess_frames` – resize and normalise each frame like torchvision's
+* :func:`deploy.runtimes.preprocess.preprocess_frames` – resize and normalise each frame like torchvision's
   ``GeneralizedRCNNTransform`` (same output size and sampling, to float rounding), then paste it
   top-left on a fixed canvas of the model input size, so the graph always sees ``[N, 3, H, W]``
   (static shapes).
@@ -154,50 +154,6 @@ def model_meta(model: nn.Module) -> ModelMeta:
 
 
 # ----------------------------------------------------------------------------- preprocessing
-
-
-def preprocess_frames(frames: Sequence[np.ndarray], meta: ModelMeta) -> tuple[Tensor, tuple[tuple[int, int], ...]]:
-    """HxWx3 uint8 RGB frames -> (normalised canvas batch [N,3,H,W] float32, resized (h, w) per frame).
-
-    SSD resizes to exactly the input size; the other families keep the aspect ratio with
-    torchvision's min_size/max_size rule (shrunk further if the result would overflow the canvas).
-    """
-    if len(frames) == 0:
-        raise ValueError("preprocess_frames needs at least one frame")
-    import cv2
-
-    H, W = meta.image_size
-    # (x / 255 - mean) / std as one multiply-add per pixel
-    px_scale = (1.0 / (255.0 * np.asarray(meta.std, dtype=np.float64))).astype(np.float32)
-    px_shift = (-np.asarray(meta.mean, dtype=np.float64) / np.asarray(meta.std, dtype=np.float64)).astype(np.float32)
-    batch = np.zeros((len(frames), 3, H, W), dtype=np.float32)
-    sizes = []
-    for i, f in enumerate(frames):
-        if not (isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[2] == 3 and f.dtype == np.uint8):
-            got = f"{type(f).__name__} {getattr(f, 'shape', '')} {getattr(f, 'dtype', '')}"
-            raise TypeError(f"frame {i}: expected an HxWx3 uint8 RGB array, got {got}")
-        h, w = f.shape[:2]
-        if meta.family == "ssd":
-            oh, ow = H, W
-        else:
-            # torchvision's eager arithmetic (python floats) for the output size
-            scale = min(meta.min_size / min(h, w), meta.max_size / max(h, w))
-            if int(h * scale) > H or int(w * scale) > W:
-                scale = min(H / h, W / w)
-            oh, ow = int(h * scale), int(w * scale)
-        # Resize in float32, then normalise the (smaller) canvas. OpenCV's bilinear samples like
-        # torchvision's (half-pixel centres, no antialias), so the pixels agree to float rounding
-        # (~2e-5), at a quarter of the cost of torch's interpolate here (0.2 vs 0.85 ms per
-        # 640x384 frame). Resizing the uint8 frame would save 0.04 ms more but round every pixel.
-        img = f.astype(np.float32)
-        out = cv2.resize(img, (ow, oh), interpolation=cv2.INTER_LINEAR) if (oh, ow) != (h, w) else img
-        rh, rw = min(oh, H), min(ow, W)
-        planes = out[:rh, :rw].transpose(2, 0, 1)
-        for c in range(3):  # plane by plane: numpy's broadcast over a (3,1,1) axis is ~6x slower here
-            np.multiply(planes[c], px_scale[c], out=batch[i, c, :rh, :rw])
-            batch[i, c, :rh, :rw] += px_shift[c]
-        sizes.append((int(rh), int(rw)))
-    return torch.from_numpy(batch), tuple(sizes)
 
 
 def to_frame_coords(

@@ -75,8 +75,8 @@ def quantize_qdq(
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from deploy.core_graph import preprocess_frames
     from deploy.export import onnx_meta, read_onnx_meta
+    from deploy.runtimes.preprocess import preprocess_frames
 
     if not frames:
         raise ValueError("INT8 calibration needs frames: pass --calib DATA (a COCO root or a recorded stream)")
