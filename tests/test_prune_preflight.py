@@ -123,3 +123,20 @@ def test_auto_channel_multiple_resolves_once_with_its_reason(tmp_path: Path):
     assert multiple in (1, 8, 16, 32) and reason.startswith("auto: multiple") and "per M MACs" in reason
     fixed = cfg.model_copy(update={"pruning": cfg.pruning.model_copy(update={"channel_multiple": 8})})
     assert resolve_channel_multiple(fixed, table) == (8, "pruning.channel_multiple: 8 in the job config")
+
+
+def test_allocation_controller_holds_the_dense_target_through_the_warmup():
+    from avprune.prune_job.search import warmup_allocation_controller
+    from pruning.latency_model import LatencyTable
+
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
+    table = LatencyTable.measure(net, torch.zeros(1, 3, 16, 16), lambda m, shape: 0.001 * m.weight.numel() ** 0.5,
+                                 runtime="pytorch", device="cpu", fractions=(0.5, 1.0), multiple=16)
+    dense = table.predict({})
+    ctl = warmup_allocation_controller(10)(table, dense / 2, total_steps=40, ramp_fraction=0.5)
+    for _ in range(10):
+        ctl.step()
+        assert ctl.scheduled_ms() == pytest.approx(dense)  # warm-up: nothing to prune for
+    for _ in range(20):
+        ctl.step()
+    assert ctl.scheduled_ms() == pytest.approx(dense / 2)  # ramp of 20 steps after the warm-up: at the budget

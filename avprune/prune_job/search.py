@@ -81,11 +81,9 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
     if p.granularity == "block":  # depth only: channels stay whole
         return build_controller("fixed", sparsity=0.0)
     if cand.controller == "allocation":
-        from pruning.allocation_controller import AllocationController  # registers "allocation"
-
-        ctrl = AllocationController(
+        ctrl = warmup_allocation_controller(begin)(
             table, budget, total_steps=steps, allocation=p.allocation,
-            ramp_fraction=min(1.0, (begin + ramp_steps) / steps), measure=measure,
+            ramp_fraction=min(1.0, ramp_steps / steps), measure=measure,
             measure_every=cfg.finetune.measure_every, map_floor=spec.map_floor, max_unit_sparsity=p.max_sparsity,
         )
         if spec.sensitivity:  # layers the scan found sensitive keep their groups longer
@@ -104,6 +102,20 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
     return build_controller("layer_adaptive", profile=spec.sensitivity,
                             max_drop=max(0.0, spec.dense_map - spec.map_floor),
                             begin_step=begin, end_step=begin + ramp_steps, max_sparsity=p.max_sparsity)
+
+
+def warmup_allocation_controller(warmup_steps: int) -> type[Controller]:
+    """:class:`pruning.allocation_controller.AllocationController` whose moving target holds at the
+    dense prediction through the learning-rate warm-up and starts its schedule after it, like the
+    other controllers here (a fresh optimizer's dip is not pruning damage; issue #12)."""
+    from pruning.allocation_controller import AllocationController
+
+    class WarmupAllocationController(AllocationController):
+        def scheduled_ms(self, step: int | None = None) -> float:
+            step = self.last_step if step is None else step
+            return super().scheduled_ms(max(0, step - warmup_steps))
+
+    return WarmupAllocationController
 
 
 @contextlib.contextmanager
