@@ -1,7 +1,8 @@
 """`make demo`: the main job end to end on the embedded default, as a user would run it.
 
-    synthesise drives -> train SSDlite320 (~3 min) -> prune job (Ray, >= 2x faster at <= 1 mAP
-    point drop) -> build the engine (verified export; ONNX Runtime here) -> validate dense and
+    synthesise drives -> train SSDlite320 (~3 min) -> prune job (Ray, >= 1.5x faster graph at <= 1
+    mAP point drop against the dense checkpoint it starts from; aligned channel groups of 16, the
+    allocation controller with uniform allocation, distillation from the dense model) -> build the engine (verified export; ONNX Runtime here) -> validate dense and
     pruned on the recorded drive in all three formats -> one summary table
 
 Every stage goes through the ``avprune`` CLI (the same commands the README shows), and every
@@ -99,6 +100,13 @@ def _summary(out: Path, walls: dict[str, float]) -> str:
         f"{report['latency_budget_ms']:.2f} ms, mAP floor {report['map_floor']:.3f}); frame = end to end per "
         "frame on the recorded drive (decode + pre-processing + model + decoding/NMS), from avprune validate."
     )
+    cm, al = report.get("channel_multiple") or {}, report.get("allocation") or {}
+    console.print(
+        "the mAP floor is judged against the dense checkpoint the job starts from (its measured mAP minus "
+        "budget.max_map_drop), not against a dense model trained alongside for as long (issue #12 allows "
+        f"this for the demo); channel multiple {cm.get('value')}, allocation {al.get('mode')} "
+        f"({al.get('controller')} controller)."
+    )
     verdicts = {m["label"]: o["verdict"]["passed"] for m, o in zip(validation["models"], validation["overall"], strict=True)}
     console.print(f"real-time validation on the recorded drive (MP4, MCAP, KITTI), frame budget "
                   f"{validation['config']['budget_ms']:.1f} ms: "
@@ -128,7 +136,7 @@ def run_demo(out: Path, *, train_minutes: float, images: int, drive_seconds: flo
     )
     prune_cfg = _prune_config(out)
     walls["prune"] = _stage(
-        "3/5 prune job (Ray): >= 2x lower latency at <= 1 mAP point drop",
+        "3/5 prune job (Ray): >= 1.5x lower graph latency at <= 1 mAP point drop (vs the dense checkpoint)",
         (prune_dir / "report.json").exists(),
         lambda: avprune_main(["prune", str(prune_cfg), "--out", str(prune_dir), "--resume"]),
         ok_codes=(0, 1),  # 1: budget infeasible (not met); the best trade-off is still written and shown below

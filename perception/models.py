@@ -221,8 +221,27 @@ def load_detector(path: str | Path, **overrides: Any) -> nn.Module:
     }
     model = build_detector(meta["name"], **kwargs)
     _check_meta(model, meta, path)
+    removed = [str(n) for n in meta.get("removed_blocks", ())]
+    drop_blocks(model, removed)
     _load_state(model, ckpt["state_dict"], path, allow_resize=True)
     return model
+
+
+def drop_blocks(model: nn.Module, names: list[str]) -> None:
+    """Replace the named residual blocks by ``nn.Identity`` (a depth-pruned checkpoint's architecture,
+    as ``pruning.blocks.remove_blocks`` left it) and record them in ``avprune_meta``."""
+    for name in names:
+        parent_name, _, last = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            parent.get_submodule(last)
+        except AttributeError:
+            raise ValueError(f"removed block {name!r} is not a submodule of {type(model).__name__}") from None
+        setattr(parent, last, nn.Identity())
+    if names:
+        meta = dict(getattr(model, "avprune_meta", {}))
+        meta["removed_blocks"] = sorted(set(meta.get("removed_blocks", [])) | set(names))
+        model.avprune_meta = meta
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

@@ -176,3 +176,46 @@ def test_overrides_by_dotted_key(tmp_path, ckpt):
     assert cfg.output_dir.is_absolute()  # resolved once here: Ray workers run elsewhere
     with pytest.raises(ConfigError, match=r"\(with overrides\).*\n  finetune.stepz: unknown key"):
         load_prune_config(path, {"model.checkpoint": str(ckpt), "finetune.stepz": 3})
+
+
+# ----------------------------------------------------------------------------- issue #12 / #14 fields
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"pruning.channel_multiple": 0}, "pruning.channel_multiple", "positive integer"),
+        ({"pruning.channel_multiple": -16}, "pruning.channel_multiple", "positive integer"),
+        ({"pruning.channel_multiple": "big"}, "pruning.channel_multiple", "or 'auto'"),
+        ({"pruning.channel_multiple": 2.5}, "pruning.channel_multiple", "positive integer"),
+        ({"pruning.channel_multiple": True}, "pruning.channel_multiple", "positive integer"),
+        ({"pruning.allocation": "greedy"}, "pruning.allocation", "'latency' or 'uniform'"),
+        ({"pruning.granularity": "depth"}, "pruning.granularity", "must be one of"),
+        ({"pruning.round_to": 8, "pruning.channel_multiple": 16}, "pruning", "disagree"),
+        ({"pruning.controller": "allocation", "pruning.granularity": "block"}, "pruning", "allocates channel groups"),
+        ({"model.name": "fasterrcnn_mobilenet_v3_large_fpn", "finetune.distill": True}, "(top level)",
+         "finetune.distill"),
+    ],
+)
+def test_new_pruning_fields_name_the_field(tmp_path, ckpt, changes, field, words):
+    path = _write(tmp_path, _job(tmp_path, ckpt, **changes))
+    with pytest.raises(ConfigError) as e:
+        load_prune_config(path)
+    msg = str(e.value)
+    assert f"  {field}:" in msg and words in msg, msg
+
+
+def test_channel_multiple_allocation_and_distill_defaults(tmp_path, ckpt):
+    cfg = load_prune_config(_write(tmp_path, _job(tmp_path, ckpt)))
+    assert cfg.pruning.channel_multiple == 16  # ORT AVX-512 blocks
+    assert cfg.pruning.allocation == "uniform" and cfg.distill() is True  # SSDlite + a dense checkpoint
+    auto = load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **{"pruning.channel_multiple": "auto",
+                                                                       "pruning.controller": "allocation",
+                                                                       "pruning.allocation": "latency"})))
+    assert auto.pruning.channel_multiple == "auto" and auto.pruning.controller == "allocation"
+    old = load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **{"pruning.round_to": 8})))
+    assert old.pruning.channel_multiple == 8  # the older name still works
+    frcnn = load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **{"model.name": "fasterrcnn_mobilenet_v3_large_fpn"})))
+    assert frcnn.distill() is False  # DistilledDetector wraps SSD only: off unless asked (and then refused)
+    blk = load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **{"pruning.granularity": "channel+block"})))
+    assert blk.pruning.prunes_blocks and blk.pruning.prunes_channels and blk.pruning.pruner_granularity() == "channel"

@@ -109,7 +109,8 @@ def test_candidates_prune_nothing_during_the_lr_warmup(tmp_path, controller):
     cand = Candidate(candidate_id="c0", index=0, importance="magnitude", controller=controller, ramp=1.0, seed=0)
     spec = TrialSpec(candidate=cand, job={}, out_dir=str(tmp_path), latency_table="", latency_budget_ms=1.0,
                      map_floor=0.0, dense_map=0.5)
-    ctl = _controller(cfg, spec, lambda config: 10.0 * sum(config.values()) / max(1, len(config)), lambda: (5.0, 0.5))
+    ctl = _controller(cfg, spec, None, lambda config: 10.0 * sum(config.values()) / max(1, len(config)),
+                      lambda: (5.0, 0.5))
     if controller == "budget":  # the budget keeps its one name from the trial spec to the controller
         assert ctl.latency_budget_ms == spec.latency_budget_ms
     ctl.bind(["a", "b"], lambda u: {"a": round(64 * (1 - u)), "b": 64})
@@ -425,13 +426,16 @@ def test_address_runs_on_an_existing_cluster_and_infeasible_budget_exits_1(asset
     address, env = ray_cluster
     out = tmp_path / "job"
     job = tmp_path / "job.yaml"
-    data = tiny_job(assets, out, **{"budget.latency_ms": 0.01, "pruning.controller": "budget", "search.candidates": 1})
+    # A reachable latency budget (the table's feasibility check passes) with a floor no model keeps:
+    # a budget below the table's reach stops before fine-tuning instead (exit 2, tested below).
+    data = tiny_job(assets, out, **{"budget.max_map_drop": None, "budget.map_floor": 1.0,
+                                    "pruning.controller": "budget", "search.candidates": 1})
     job.write_text(yaml.safe_dump(data))
     proc = _cli(job, "--address", address, env=env)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr
     assert "infeasible budget" in stderr and "best trade-off reached" in stderr and "nearest feasible budget" in stderr
-    assert "latency_ms >=" in stderr  # the fastest point that keeps the floor
+    assert "map_floor <=" in stderr  # the floor that the reached latency keeps
     # Nothing is lost: the best trade-off is finalized under a name that cannot be mistaken for a pass.
     assert StageStore(out).finished()[-1] == "finalize"
     assert not (out / "pruned.pt").exists() and (out / "best_tradeoff.pt").is_file()
@@ -440,6 +444,65 @@ def test_address_runs_on_an_existing_cluster_and_infeasible_budget_exits_1(asset
     assert "Budget NOT met" in (out / "report.html").read_text()
     # The job ran on the cluster: Tune's trial worker was one of the cluster's processes.
     assert (out / "search" / "trials" / "c0" / "pruned.pt").is_file()
+
+
+def test_budget_below_the_tables_reach_stops_before_fine_tuning(assets, ray_local, tmp_path):
+    """Issue #12: a budget the widest allowed pruning cannot reach (by the latency table) ends in the
+    latency-table stage with the nearest feasible budget named: no sensitivity scan, no trial."""
+    from avprune.errors import EXIT_INPUT_ERROR, exit_code_for
+    from avprune.prune_job import run_prune_job
+    from avprune.prune_job.errors import BudgetUnreachableError
+
+    out = tmp_path / "job"
+    cfg = PruneJobConfig.model_validate(tiny_job(assets, out, **{"budget.latency_ms": 0.01}))
+    with pytest.raises(BudgetUnreachableError) as e:
+        run_prune_job(cfg, out_dir=out, progress=False)
+    assert exit_code_for(e.value) == EXIT_INPUT_ERROR
+    msg = str(e.value)
+    assert "budget.latency_ms: 0.01 ms" in msg and "nearest feasible budget: latency_ms >=" in msg
+    assert e.value.nearest_latency_ms > 0.01
+    assert StageStore(out).finished() == ["baseline"] and not (out / "search").exists()
+
+
+def test_allocation_controller_with_blocks_tiny_job(assets, ray_local, tmp_path):
+    """Issues #12 + #14 in one tiny trial: the allocation controller (uniform, aligned groups of 16)
+    with distillation and channel+block granularity. The kept counts are multiples of 16 (or the
+    dense width), the blocks the budget needs are gated off and recorded, and the checkpoint
+    rebuilds without them; report.json names the multiple, the allocation and the removed blocks."""
+    from avprune.prune_job import run_prune_job
+    from perception.models import load_detector
+
+    out = tmp_path / "job"
+    changes = {"budget.latency_ms": None, "budget.speedup": 1.06, "budget.max_map_drop": 1.0,
+               "pruning.controller": "allocation", "pruning.allocation": "uniform", "pruning.granularity": "channel+block",
+               "pruning.max_sparsity": 0.05, "pruning.importances": ["magnitude"], "search.candidates": 1,
+               "sensitivity.max_layers": 1}
+    cfg = PruneJobConfig.model_validate(tiny_job(assets, out, **changes))
+    assert cfg.distill()
+    try:
+        run_prune_job(cfg, out_dir=out, progress=False)
+    except InfeasibleBudgetError:
+        pass  # measured latency on a shared machine may miss the budget; the artifacts are written either way
+    trial = out / "search" / "trials" / "c0"
+    rec = json.loads((trial / "pruning.json").read_text())
+    assert rec["channel_multiple"] == 16 and rec["allocation"] == "uniform"
+    for name, ch in rec["channels"].items():
+        assert ch["kept"] == ch["dense"] or ch["kept"] % 16 == 0, (name, ch)
+    # at max_sparsity 0.05 the channels (groups of 16) reach almost nothing: blocks cover the budget
+    assert rec["removed_blocks"], rec
+    table = json.loads((out / "stages" / "latency_table.json").read_text())["result"]
+    assert table["channel_multiple"] == 16 and "in the job config" in table["channel_multiple_reason"]
+    assert set(rec["removed_blocks"]) <= set(table["blocks"])
+    pruned = load_detector(trial / "pruned.pt")
+    for b in rec["removed_blocks"]:
+        assert type(pruned.get_submodule(b)).__name__ == "Identity"
+    report = json.loads((out / "report.json").read_text())
+    assert report["channel_multiple"]["value"] == 16 and report["allocation"]["mode"] == "uniform"
+    assert {"dense", "kept"} <= set(next(iter(report["channels"].values())))
+    removed = [b["block"] for b in report["removed_blocks"]]
+    assert removed == sorted(rec["removed_blocks"]) or not report["candidate_id"] == "c0"
+    html = (out / "report.html").read_text()
+    assert "Channels per layer" in html and "Channel multiple" in html
 
 
 def test_live_progress_callback_survives_tunes_pickling():
@@ -533,7 +596,12 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     data = json.loads(json.dumps(stored["config"]))
     data["model"]["checkpoint"], data["data"]["root"], data["output_dir"] = str(ckpt), str(coco), str(out)
     cfg = PruneJobConfig.model_validate(data)
-    assert cfg.model_dump(mode="json") == data  # no field added, dropped or re-defaulted
+    dumped = cfg.model_dump(mode="json")
+    # issues #12/#14 added these; everything the old file held is kept as it was (round_to: 8 is
+    # the channel multiple the old job pruned with)
+    assert dumped["pruning"].pop("channel_multiple") == data["pruning"]["round_to"] == 8
+    assert dumped["pruning"].pop("allocation") == "uniform" and dumped["finetune"].pop("distill") is None
+    assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"checkpoint": Path(stored["config"]["model"]["checkpoint"])}),
         "data": cfg.data.model_copy(update={"root": Path(stored["config"]["data"]["root"])}),

@@ -63,6 +63,8 @@ class TrialSpec:
     map_floor: float
     dense_map: float
     sensitivity: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # unit -> (sparsity, drop)
+    channel_multiple: int = 8  # resolved by the latency-table stage (8: jobs before issue #12 used round_to 8)
+    block_ms: dict[str, float] = field(default_factory=dict)  # removable block -> its latency (block granularity)
 
     @property
     def candidate_id(self) -> str:
@@ -82,4 +84,6 @@ class TrialSpec:
         return cls(candidate=Candidate.from_dict(d["candidate"]), job=dict(d["job"]), out_dir=str(d["out_dir"]),
                    latency_table=str(d["latency_table"]), latency_budget_ms=float(d["latency_budget_ms"]),
                    map_floor=float(d["map_floor"]), dense_map=float(d["dense_map"]),
-                   sensitivity={k: [(float(s), float(m)) for s, m in v] for k, v in d.get("sensitivity", {}).items()})
+                   sensitivity={k: [(float(s), float(m)) for s, m in v] for k, v in d.get("sensitivity", {}).items()},
+                   channel_multiple=int(d.get("channel_multiple", 8)),
+                   block_ms={k: float(v) for k, v in d.get("block_ms", {}).items()})

@@ -67,3 +67,15 @@ class JobConfigMismatchError(ValueError):
         self.out_dir, self.stored, self.requested = out_dir, stored, requested
         super().__init__(f"cannot resume {out_dir}: it was started with a different job config (fingerprint "
                          f"{stored} vs {requested}); write this job to another output folder")
+
+
+class BudgetUnreachableError(ValueError):
+    """The latency budget is below what the latency table predicts at the widest allowed pruning.
+
+    Raised by the latency-table stage, before any fine-tuning; a ValueError, so the CLI exits 2
+    (the job file must change). Carries the nearest feasible budget.
+    """
+
+    def __init__(self, message: str, *, latency_budget_ms: float, nearest_latency_ms: float) -> None:
+        self.latency_budget_ms, self.nearest_latency_ms = latency_budget_ms, nearest_latency_ms
+        super().__init__(message)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from avprune.prune_job.context import StageContext
 from avprune.prune_job.records import (
@@ -50,6 +50,34 @@ def channel_sparsity(pruned: nn.Module, dense: nn.Module) -> dict[str, dict[str,
     return out
 
 
+def channel_widths(pruned: nn.Module, dense: nn.Module) -> dict[str, dict[str, int]]:
+    """Dense vs kept output channels of every Conv/Linear the dense model has (removed blocks: absent)."""
+    from torch import nn
+
+    def width(m: nn.Module) -> int:
+        return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+    kept = {n: width(m) for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    return {n: {"dense": width(m), "kept": kept[n]} for n, m in dense.named_modules()
+            if isinstance(m, nn.Conv2d | nn.Linear) and n in kept}
+
+
+def with_latency_shares(channels: dict[str, dict[str, Any]], table_path: Path) -> dict[str, dict[str, Any]]:
+    """Each layer's share of the dense model's summed table latency, beside its widths."""
+    from pruning.latency_model import LatencyTable
+
+    if not table_path.is_file():
+        return channels
+    table = LatencyTable.load(table_path)
+    full = table.resolve({})
+    ms = {n: table.layer_latency(n, *full[n]) for n in table.layers}
+    total = sum(ms.values())
+    for n, v in channels.items():
+        if n in ms and total > 0:
+            v["latency_share"] = ms[n] / total
+    return channels
+
+
 def run(ctx: StageContext) -> FinalizeRecord:
     """Write the pruned checkpoint, ONNX, latency table copy and reports."""
     from perception.models import save_checkpoint
@@ -82,6 +110,8 @@ def run(ctx: StageContext) -> FinalizeRecord:
     pruned = row.summary()
     speedup = base.dense.p50_ms / pruned.p50_ms
     sens = ctx.find(SensitivityRecord)
+    table_rec = ctx.record(LatencyTableRecord)
+    p = cfg.pruning
     doc = {
         "candidate_id": sel.candidate_id,
         "feasible": sel.feasible,
@@ -99,6 +129,16 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "pareto": [p.to_dict() for p in sel.pareto],
         "sensitivity": sens.to_dict() if sens is not None else {},
         "layers": pruning.get("layers", {}),
+        "channels": with_latency_shares(channel_widths(model, env.build_architecture()), table_src),
+        "channel_multiple": {"value": table_rec.channel_multiple, "reason": table_rec.channel_multiple_reason,
+                             "configured": p.channel_multiple},
+        "allocation": {"controller": c.controller, "granularity": p.granularity,
+                       "mode": p.allocation if c.controller == "allocation" else f"{c.controller} (one global ratio)"},
+        "widest_reach_ms": table_rec.widest_reach_ms,
+        "removed_blocks": [{"block": b, "latency_ms": table_rec.block_ms.get(b),
+                            "share": (table_rec.block_ms.get(b, 0.0) / base.dense.p50_ms) if base.dense.p50_ms else None}
+                           for b in getattr(model, "avprune_meta", {}).get("removed_blocks", [])],
+        "block_events": pruning.get("block_events", []),
         "pruner_history": pruning.get("history", []),
         "artifacts": {"checkpoint": f"{stem}.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},
         "onnx_verification": verified.to_dict(),

@@ -4,6 +4,11 @@ Per-layer entries depend on the architecture, input size, batch, runtime, device
 not on the weights, so they are cached in ``cache_dir/latency/`` under a key naming all of them
 (and the CPU model) and reused by later jobs. The constant overhead (pre/post-processing,
 dispatch) is calibrated per job against the baseline's measured latency.
+
+This stage also resolves ``pruning.channel_multiple`` once (``auto``: probed on the runtime, the
+choice and why recorded) and checks feasibility before any fine-tuning: a latency budget below the
+table's prediction at the widest allowed pruning raises
+:class:`~avprune.prune_job.errors.BudgetUnreachableError` (exit 2) naming the nearest feasible budget.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from avprune.config.prune import PruneJobConfig
+from avprune.prune_job import preflight
 from avprune.prune_job.context import StageContext
+from avprune.prune_job.errors import BudgetUnreachableError
 from avprune.prune_job.records import BaselineRecord, LatencyTableRecord
 from perception.io import atomic_write_json
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from pruning.latency_model import LatencyTable
 
 #: ``measure_fn(module, input_shape) -> ms``: how the latency table times one layer.
 MeasureFn = Callable[["nn.Module", tuple[int, ...]], float]
@@ -61,13 +70,40 @@ def measure_fn_for(config: PruneJobConfig) -> MeasureFn:
     )
 
 
+def grid_multiple(config: PruneJobConfig) -> int:
+    """The channel multiple the table's grid is measured on (``auto``: 16, the AVX-512 block; the
+    table interpolates between grid points, so the grid need not match the multiple chosen later)."""
+    m = config.pruning.channel_multiple
+    return m if isinstance(m, int) else 16
+
+
+def resolve_channel_multiple(config: PruneJobConfig, table: LatencyTable) -> tuple[int, str]:
+    """``pruning.channel_multiple`` as an int and why: the config's value, or ``auto`` probed once
+    on the budget's runtime with :func:`pruning.alignment.choose_channel_multiple`."""
+    from pruning.alignment import choose_channel_multiple, representative_layers
+
+    m = config.pruning.channel_multiple
+    if isinstance(m, int):
+        return m, f"pruning.channel_multiple: {m} in the job config"
+    choice = choose_channel_multiple(measure_fn_for(config), representative_layers(table))
+    return choice.multiple, f"auto: {choice.reason}"
+
+
+def block_costs(table: LatencyTable, blocks: list[str]) -> dict[str, float]:
+    """Each block's latency from the table: its layers' calibrated entries at full width (removing
+    the block removes them; the add it leaves is free)."""
+    full = table.resolve({})
+    return {b: table.scale * sum(table.layer_latency(n, *full[n]) for n in table.layers if n.startswith(b + "."))
+            for b in blocks}
+
+
 def cache_path(config: PruneJobConfig) -> Path:
     """Cache file for this runtime, device (with CPU model), architecture, input, batch and threads."""
     from deploy.runtimes.base import cpu_name
 
     b = config.budget
     key = "|".join(map(str, (b.runtime, b.device, cpu_name(), config.model.name, config.model.num_classes,
-                             tuple(b.input_size), b.batch, b.threads, FRACTIONS)))
+                             tuple(b.input_size), b.batch, b.threads, FRACTIONS, grid_multiple(config))))
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return config.cache_dir / "latency" / f"{b.runtime}-{b.device}-{config.model.name}-{digest}.json"
 
@@ -86,13 +122,30 @@ def run(ctx: StageContext) -> LatencyTableRecord:
         model = ctx.env.load_dense().eval()
         t0 = time.perf_counter()
         table = LatencyTable.measure(model, ctx.env.example_input(b.batch), measure_fn_for(cfg),
-                                     runtime=b.runtime, device=b.device, fractions=FRACTIONS)
+                                     runtime=b.runtime, device=b.device, fractions=FRACTIONS,
+                                     multiple=grid_multiple(cfg))
         table.meta.update({"model": cfg.model.name, "input_size": list(b.input_size), "batch": b.batch,
                            "threads": b.threads, "measure_s": round(time.perf_counter() - t0, 1)})
         atomic_write_json(cached, table.to_dict())
         source = "measured"
-    overhead = table.calibrate(ctx.record(BaselineRecord).dense.p50_ms)
+    base = ctx.record(BaselineRecord)
+    overhead = table.calibrate(base.dense.p50_ms)
     path = ctx.out_dir / "work" / "latency_table.json"
     atomic_write_json(path, table.to_dict())
+    multiple, reason = resolve_channel_multiple(cfg, table)
+    log.info("channel multiple %d (%s)", multiple, reason)
+    blocks = preflight.model_blocks(ctx.env) if cfg.pruning.prunes_blocks else []
+    block_ms = block_costs(table, blocks)
+    # Feasibility before any fine-tuning: the widest pruning the job allows must reach the budget.
+    p = cfg.pruning
+    pruner = preflight.probe_pruner(ctx.env, ctx.env.build_architecture(), multiple)
+    preflight.check_channel_multiple_fits({g.root: g.size for g in pruner.groups}, multiple, cfg.model.name)
+    reach = preflight.widest_reach_ms(table, pruner, p.max_sparsity if p.prunes_channels else 0.0, block_ms)
+    if base.latency_budget_ms < reach:
+        raise BudgetUnreachableError(
+            preflight.budget_unreachable_message(base.latency_budget_ms, reach, base.dense.p50_ms,
+                                                 p.max_sparsity, multiple),
+            latency_budget_ms=base.latency_budget_ms, nearest_latency_ms=reach)
     return LatencyTableRecord(path=str(path), cache=str(cached), source=source, entries=len(table.entries),
-                              overhead_ms=overhead)
+                              overhead_ms=overhead, channel_multiple=multiple, channel_multiple_reason=reason,
+                              widest_reach_ms=reach, blocks=tuple(blocks), block_ms=block_ms)

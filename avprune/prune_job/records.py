@@ -13,7 +13,7 @@ attribute, the :class:`~avprune.prune_job.context.TrialSpec` a Ray trial receive
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from deploy.timing import LatencySummary
@@ -154,17 +154,25 @@ class LatencyTableRecord:
     source: str  # "cache" or "measured"
     entries: int
     overhead_ms: float
+    # Resolved once here (``auto`` probed on the runtime); None in records written before issue #12,
+    # whose jobs pruned with ``round_to`` 8.
+    channel_multiple: int | None = None
+    channel_multiple_reason: str = ""
+    widest_reach_ms: float | None = None  # predicted latency at the widest allowed pruning (feasibility bound)
+    blocks: tuple[str, ...] = ()  # removable residual blocks (granularity block / channel+block)
+    block_ms: dict[str, float] = field(default_factory=dict)  # measured saving of removing each block alone
 
     @property
     def note(self) -> str:
-        return f"{self.entries} entries ({self.source}), overhead {self.overhead_ms:.2f} ms"
+        mult = f", channel multiple {self.channel_multiple}" if self.channel_multiple else ""
+        return f"{self.entries} entries ({self.source}), overhead {self.overhead_ms:.2f} ms{mult}"
 
     def to_dict(self) -> JSONDict:
         return {**asdict(self), "note": self.note}
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> LatencyTableRecord:
-        return _flat(cls, d)
+        return _flat(cls, {**d, "blocks": tuple(d.get("blocks", ()))})
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,31 @@ def _layers_figure(layers: Mapping[str, JSONDict]) -> str:
     return _png(fig)
 
 
+def _channels_figure(channels: Mapping[str, JSONDict], shares: Mapping[str, float] | None = None) -> str | None:
+    """Bar per layer: dense channels (grey) and kept channels (coloured by the layer's share of the
+    dense model's predicted latency when the table gives it)."""
+    import matplotlib.pyplot as plt
+
+    names = [n for n, v in channels.items() if v.get("dense")]
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(10, max(2.5, 0.2 * len(names))))
+    ys = range(len(names))
+    ax.barh(ys, [channels[n]["dense"] for n in names], color="#ddd", label="dense")
+    share = [float((shares or {}).get(n, 0.0)) for n in names]
+    top = max(share, default=0.0) or 1.0
+    colors = plt.get_cmap("viridis")([s / top for s in share]) if shares else "tab:blue"
+    ax.barh(ys, [channels[n]["kept"] for n in names], color=colors, label="kept")
+    ax.set_yticks(list(ys), names, fontsize=5)
+    ax.invert_yaxis()
+    title = "dense vs kept output channels per layer"
+    if shares:
+        title += " (kept bars coloured by the layer's latency share, dark = small)"
+    ax.set(xlabel="output channels", title=title)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
 def _thresholds_figure(history: Sequence[JSONDict]) -> str | None:
     import matplotlib.pyplot as plt
 
@@ -171,6 +196,16 @@ def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None)
         "<h2>Pareto front</h2>",
         _table(doc.get("pareto", []), ["source", "latency_ms", "map", "map50"]),
     ]
+    parts.append(_pruning_setup(doc))
+    channels = doc.get("channels") or {}
+    shares = {n: v["latency_share"] for n, v in channels.items() if v.get("latency_share") is not None}
+    fig_ch = _channels_figure(channels, shares) if channels else None
+    if fig_ch:
+        parts += ["<h2>Channels per layer (selected model)</h2>", fig_ch]
+    blocks = doc.get("removed_blocks") or []
+    if blocks:
+        parts += [f"<h2>Removed blocks ({len(blocks)})</h2>", _table(blocks, ["block", "latency_ms", "share"]),
+                  _table(doc.get("block_events") or [], ["step", "block", "event"])]
     layers = doc.get("layers") or {}
     if layers:
         parts += ["<h2>Per layer (selected candidate)</h2>", _layers_figure(layers)]
@@ -191,6 +226,18 @@ def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None)
             parts += [f"<h2>Latency table ({len(entries)} entries)</h2>", _table(entries[:200], cols)]
     parts.append(f"<h2>Job</h2><pre>{html.escape(json.dumps(doc.get('config', {}), indent=1))}</pre></body></html>")
     atomic_write_text(path, "\n".join(parts))
+
+
+def _pruning_setup(doc: JSONDict) -> str:
+    """The channel multiple and why, and how the budget was allocated over layers."""
+    cm, al = doc.get("channel_multiple") or {}, doc.get("allocation") or {}
+    if not cm and not al:
+        return ""
+    return (f"<h2>Pruning set-up</h2><p>Channel multiple: <b>{html.escape(str(cm.get('value')))}</b> "
+            f"(configured <code>{html.escape(str(cm.get('configured')))}</code>): {html.escape(str(cm.get('reason', '')))}."
+            f"<br>Allocation: <b>{html.escape(str(al.get('mode')))}</b>, controller "
+            f"<code>{html.escape(str(al.get('controller')))}</code>, granularity "
+            f"<code>{html.escape(str(al.get('granularity')))}</code>.</p>")
 
 
 def _infeasible_banner(doc: JSONDict) -> str:

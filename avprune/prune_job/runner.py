@@ -127,12 +127,18 @@ def run_prune_job(
     """Run (or resume) a prune job on a local Ray instance or the cluster at ``address``.
 
     Raises :class:`~avprune.prune_job.errors.InfeasibleBudgetError` when no candidate meets both
-    the latency budget and the mAP floor. ``stages`` replaces the default stages (tests).
+    the latency budget and the mAP floor; ValueError (exit 2) before any fine-tuning for a
+    ``channel_multiple`` or ``granularity`` the model cannot take (before Ray or OUT) and a budget
+    below the latency table's reach (:class:`~avprune.prune_job.errors.BudgetUnreachableError`).
+    ``stages`` replaces the default stages (tests).
     """
     from avprune.prune_job.memory import PeakRSS
+    from avprune.prune_job.preflight import check_model
     from avprune.prune_job.ray_exec import ray_session
 
     out = Path(out_dir) if out_dir is not None else config.output_dir
+    # what config load cannot see (the architecture): refused before Ray starts or OUT is created
+    check_model(config)
     store = StageStore(out)
     store.open(fingerprint=config.fingerprint(), config=config.model_dump(mode="json"), resume=resume)
     stage_list = list(stages) if stages is not None else default_stages()

@@ -35,15 +35,17 @@ from avprune.prune_job.records import (
     LatencyTableRecord,
     SearchRecord,
     SensitivityRecord,
-        TrialReport,
+    TrialReport,
 )
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from avprune.prune_job.block_step import BlockStep
     from deploy.timing import LatencySummary
     from perception.train import StepContext
     from pruning import Controller, Pruner
+    from pruning.latency_model import LatencyTable
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +67,31 @@ def candidates(config: PruneJobConfig) -> list[Candidate]:
 # ----------------------------------------------------------------------------- inside a trial
 
 
-def _controller(cfg: PruneJobConfig, spec: TrialSpec, predict_latency: PredictFn, measure: MeasureFn) -> Controller:
-    """The candidate's controller; the ramp sets how fast sparsity may move."""
+def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predict_latency: PredictFn,
+                measure: MeasureFn, budget_ms: float | None = None) -> Controller:
+    """The candidate's controller; the ramp sets how fast sparsity may move. ``budget_ms`` replaces
+    the job's budget (blocks removed elsewhere leave the channels a looser one)."""
     from pruning.controllers import build_controller
 
     p, steps, cand = cfg.pruning, cfg.finetune.steps, spec.candidate
+    budget = spec.latency_budget_ms if budget_ms is None else budget_ms
     # nothing is pruned during the learning-rate warm-up; the ramp covers the steps after it
     begin = cfg.finetune.warmup()
     ramp_steps = max(1, int(round(cand.ramp * (steps - begin))))
+    if p.granularity == "block":  # depth only: channels stay whole
+        return build_controller("fixed", sparsity=0.0)
+    if cand.controller == "allocation":
+        ctrl = warmup_allocation_controller(begin)(
+            table, budget, total_steps=steps, allocation=p.allocation,
+            ramp_fraction=min(1.0, ramp_steps / steps), measure=measure,
+            measure_every=cfg.finetune.measure_every, map_floor=spec.map_floor, max_unit_sparsity=p.max_sparsity,
+        )
+        if spec.sensitivity:  # layers the scan found sensitive keep their groups longer
+            ctrl.set_sensitivity({u: max((d for _, d in curve), default=0.0) for u, curve in spec.sensitivity.items()})
+        return ctrl
     if cand.controller == "budget":
         return build_controller(
-            "budget", latency_budget_ms=spec.latency_budget_ms, map_floor=spec.map_floor,
+            "budget", latency_budget_ms=budget, map_floor=spec.map_floor,
             predict_latency=predict_latency, measure=measure, measure_every=cfg.finetune.measure_every,
             max_sparsity=p.max_sparsity, max_rate=min(1.0, p.max_sparsity / ramp_steps), warmup_steps=begin,
         )
@@ -86,6 +102,20 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, predict_latency: PredictFn
     return build_controller("layer_adaptive", profile=spec.sensitivity,
                             max_drop=max(0.0, spec.dense_map - spec.map_floor),
                             begin_step=begin, end_step=begin + ramp_steps, max_sparsity=p.max_sparsity)
+
+
+def warmup_allocation_controller(warmup_steps: int) -> type[Controller]:
+    """:class:`pruning.allocation_controller.AllocationController` whose moving target holds at the
+    dense prediction through the learning-rate warm-up and starts its schedule after it, like the
+    other controllers here (a fresh optimizer's dip is not pruning damage; issue #12)."""
+    from pruning.allocation_controller import AllocationController
+
+    class WarmupAllocationController(AllocationController):
+        def scheduled_ms(self, step: int | None = None) -> float:
+            step = self.last_step if step is None else step
+            return super().scheduled_ms(max(0, step - warmup_steps))
+
+    return WarmupAllocationController
 
 
 @contextlib.contextmanager
@@ -116,7 +146,7 @@ def finalized_copy(pruner: Pruner, fresh_model: nn.Module) -> nn.Module:
     clone = Pruner(
         fresh_model, importance=pruner.importance, granularity=pruner.granularity,
         controller=build_controller("fixed", sparsity=0.0), example_inputs=pruner.example_inputs,
-        layer_filter=pruner.layer_filter, update_every=pruner.update_every, round_to=pruner.round_to,
+        layer_filter=pruner.layer_filter, update_every=pruner.update_every, channel_multiple=pruner.channel_multiple,
         nm=pruner.nm, forward_fn=pruner.forward_fn,
     )
     fresh_model.load_state_dict(pruner.model.state_dict())
@@ -139,6 +169,7 @@ class _Trial:
     def __init__(self, spec: TrialSpec, env: JobEnv, work: Path) -> None:
         self.spec, self.env, self.work = spec, env, work
         self.pruner: Pruner | None = None
+        self.blocks: BlockStep | None = None
         self.last: _Measured | None = None
         snap_meta = work / "snapshot.json"
         self.best = json.loads(snap_meta.read_text())["map"] if snap_meta.is_file() else -1.0
@@ -156,6 +187,8 @@ class _Trial:
         if pruner is None:
             raise ValueError("measure() called before the trial's pruner was set")
         small = finalized_copy(pruner, self.env.build_architecture())
+        if self.blocks is not None:
+            self.blocks.apply_to(small)
         lat = self._latency(small)
         score = self.env.evaluate_map(pruner.model)
         self.last = _Measured(step=pruner.step_count, latency=lat, score=score)
@@ -189,10 +222,25 @@ class _Trial:
         layers = {name: {"sparsity": sp, "threshold": getattr(final_rec.get(name), "threshold", None),
                          "target": getattr(final_rec.get(name), "target", None)}
                   for name, sp in pruner.layer_sparsity().items()}
+        channels = pruner.channel_config()
+        dense_channels = {n: int(getattr(m, "out_channels", getattr(m, "out_features", 0)))
+                          for n, m in pruner.modules.items() if n in channels}
         small = pruner.finalize()
-        save_checkpoint(self.work / "pruned.pt", small, extra={"candidate": self.spec.candidate.to_dict()})
-        atomic_write_json(self.work / "pruning.json",
-                          {"layers": layers, "history": [r.to_dict() for r in pruner.history[-50:]]})
+        # Blocks after channels: the channel finalize traces Torch-Pruning's graph with every layer in
+        # place (a group's root inside a removed block would be gone); names are unchanged by it.
+        removed = self.blocks.finalize() if self.blocks is not None else []
+        save_checkpoint(self.work / "pruned.pt", small,
+                        extra={"candidate": self.spec.candidate.to_dict(), "removed_blocks": removed})
+        ctrl = pruner.controller
+        atomic_write_json(self.work / "pruning.json", {
+            "layers": layers, "history": [r.to_dict() for r in pruner.history[-50:]],
+            "channels": {n: {"dense": dense_channels[n], "kept": k} for n, k in channels.items()},
+            "channel_multiple": pruner.channel_multiple,
+            "allocation": getattr(ctrl, "allocation_kind", None),
+            "removed_blocks": removed,
+            "block_events": [] if self.blocks is None else
+            [{"step": e.step, "block": e.block, "event": e.event} for e in self.blocks.gates.history],
+        })
         self.last = _Measured(step=steps, latency=self._latency(small), score=self.env.evaluate_map(small))
         self.report(steps, done=True, infeasible=infeasible)
 
@@ -228,21 +276,92 @@ def trial(params: dict[str, object]) -> None:
     torch.manual_seed(spec.candidate.seed)
 
     table = LatencyTable.load(spec.latency_table)
+    dense = env.load_dense()
     model = env.load_dense()
     state = _Trial(spec, env, work)
-    controller = _controller(cfg, spec, table.predict, state.measure)
+    ft, p = cfg.finetune, cfg.pruning
     importance = spec.candidate.importance
-    pruner = Pruner(model, importance=importance, granularity=cfg.pruning.granularity, controller=controller,
-                    example_inputs=env.example_input(), update_every=cfg.pruning.update_every,
-                    round_to=cfg.pruning.round_to, predict_latency=table.predict,
+    hooks: list[object] = []
+    blocks = None
+    if p.prunes_blocks:
+        blocks = _block_step(cfg, spec, table, model, env)
+        state.blocks = blocks
+    budget_ms = None if blocks is None else _ChannelBudget(spec.latency_budget_ms, blocks)
+    predict = table.predict if blocks is None else (lambda c: table.predict(c) - blocks.removed_ms)
+    measure: MeasureFn = state.measure
+    if blocks is not None and spec.candidate.controller == "allocation":
+        # the allocation controller's PI compares measured latency with its channel-only target:
+        # add back what the removed blocks saved
+        gates = blocks
+
+        def measure() -> tuple[float, float]:
+            lat, m = state.measure()
+            return lat + sum(gates.block_ms.get(n, 0.0) for n in gates.gates.removed()), m
+
+    controller = _controller(cfg, spec, table, predict, measure)
+    if budget_ms is not None and hasattr(controller, "budget"):
+        controller.budget = budget_ms.value()  # refreshed by the block hook's decision below
+        budget_ms.controller = controller
+    pruner = Pruner(model, importance=importance, granularity=p.pruner_granularity(), controller=controller,
+                    example_inputs=env.example_input(), update_every=p.update_every,
+                    channel_multiple=spec.channel_multiple, predict_latency=predict,
                     layer_filter=env.layer_filter(model, importance))
     state.pruner = pruner
-    ft = cfg.finetune
+    if blocks is not None:
+        blocks.reach_ms = lambda: _widest_channels_ms(cfg, table, pruner)
+        hooks.append(blocks)
+        if budget_ms is not None:
+            hooks.append(budget_ms)
+    hooks += [pruner, state.hook]
+    student = model
+    if cfg.distill():
+        from perception.distill import DistilledDetector
+
+        # the dense checkpoint teaches the pruned student (issue #12 lever 5); hooks see the student
+        student = DistilledDetector(model, dense)
+        student.avprune_meta = dict(model.avprune_meta)  # train's checkpoints name the detector
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                              warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=spec.candidate.seed,
                              num_threads=cfg.resources.torch_threads)
-    train(model, env.train_set, settings, out_dir=work / "train", hooks=[pruner, state.hook], resume=True, progress=False)
+    train(student, env.train_set, settings, out_dir=work / "train", hooks=hooks, resume=True, progress=False)
     state.finish(pruner, ft.steps, infeasible=bool(getattr(controller, "infeasible", False)))
+
+
+def _widest_channels_ms(cfg: PruneJobConfig, table: LatencyTable, pruner: Pruner) -> float:
+    """Predicted latency with channels pruned as far as the job allows (dense for ``block``)."""
+    sp = cfg.pruning.max_sparsity if cfg.pruning.prunes_channels else 0.0
+    return float(table.predict(pruner.config_at(sp)))
+
+
+def _block_step(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, model: nn.Module, env: JobEnv) -> BlockStep:
+    """Gates on the removable blocks the latency-table stage found, decided at the end of warm-up."""
+    from avprune.prune_job.block_step import BlockStep
+    from pruning.block_gates import BlockGates
+
+    names = sorted(spec.block_ms)
+    if not names:
+        raise ValueError(f"pruning.granularity {cfg.pruning.granularity!r}: the latency-table record lists no "
+                         f"removable block for {cfg.model.name!r}")
+    begin = cfg.finetune.warmup()
+    ramp = max(1, int(round(spec.candidate.ramp * (cfg.finetune.steps - begin))))
+    gates = BlockGates(model, names, ramp_steps=ramp)
+    return BlockStep(gates, spec.block_ms, budget_ms=spec.latency_budget_ms, reach_ms=lambda: float(table.predict({})),
+                     decide_step=begin, ramp_steps=ramp)
+
+
+class _ChannelBudget:
+    """Train hook: once blocks are chosen, the channel controller's budget is the job's plus their saving."""
+
+    def __init__(self, budget_ms: float, blocks: BlockStep) -> None:
+        self.budget_ms, self.blocks = budget_ms, blocks
+        self.controller: Controller | None = None
+
+    def value(self) -> float:
+        return self.budget_ms + self.blocks.removed_ms
+
+    def __call__(self, ctx: StepContext) -> None:
+        if self.controller is not None and hasattr(self.controller, "budget"):
+            self.controller.budget = self.value()
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -253,10 +372,14 @@ def trial_specs(ctx: StageContext) -> list[TrialSpec]:
     base = ctx.record(BaselineRecord)
     sens = ctx.find(SensitivityRecord)
     job = ctx.config.model_dump(mode="json")
+    table = ctx.record(LatencyTableRecord)
+    multiple = table.channel_multiple or (ctx.config.pruning.channel_multiple
+                                          if isinstance(ctx.config.pruning.channel_multiple, int) else 8)
     return [TrialSpec(candidate=c, job=job, out_dir=str(ctx.out_dir.resolve()),
-                      latency_table=ctx.record(LatencyTableRecord).path, latency_budget_ms=base.latency_budget_ms,
+                      latency_table=table.path, latency_budget_ms=base.latency_budget_ms,
                       map_floor=base.map_floor, dense_map=base.dense.map,
-                      sensitivity=sens.profile() if sens is not None else {})
+                      sensitivity=sens.profile() if sens is not None else {},
+                      channel_multiple=int(multiple), block_ms=dict(table.block_ms))
             for c in candidates(ctx.config)]
 
 

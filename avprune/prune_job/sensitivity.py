@@ -29,22 +29,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _pruner(env: JobEnv, model: nn.Module, importance: str, controller: Controller) -> Pruner:
+def _pruner(env: JobEnv, model: nn.Module, importance: str, controller: Controller, channel_multiple: int) -> Pruner:
     from pruning import Pruner
 
     p = env.config.pruning
-    return Pruner(model, importance=importance, granularity=p.granularity, controller=controller,
-                  example_inputs=env.example_input(), update_every=1, round_to=p.round_to,
+    return Pruner(model, importance=importance, granularity=p.pruner_granularity(), controller=controller,
+                  example_inputs=env.example_input(), update_every=1, channel_multiple=channel_multiple,
                   layer_filter=env.layer_filter(model, importance))
 
 
-def largest_units(cfg: PruneJobConfig, max_layers: int) -> list[str]:
+def job_channel_multiple(ctx: StageContext) -> int:
+    """The multiple the latency-table stage resolved (older records: the config's, else 8)."""
+    from avprune.prune_job.records import LatencyTableRecord
+
+    rec = ctx.find(LatencyTableRecord)
+    if rec is not None and rec.channel_multiple:
+        return int(rec.channel_multiple)
+    m = ctx.config.pruning.channel_multiple
+    return m if isinstance(m, int) else 8
+
+
+def largest_units(cfg: PruneJobConfig, max_layers: int, channel_multiple: int = 16) -> list[str]:
     """The prunable units (channel groups by root layer, or layers) with the most weights."""
     from pruning.controllers import build_controller
 
     env = JobEnv.from_config(cfg)
     model = env.build_architecture()
-    pruner = _pruner(env, model, cfg.pruning.importances[0], build_controller("fixed", sparsity=0.0))
+    pruner = _pruner(env, model, cfg.pruning.importances[0], build_controller("fixed", sparsity=0.0), channel_multiple)
     modules = dict(model.named_modules())
     size = {u: sum(p.numel() for p in modules[u].parameters()) for u in pruner.units}
     return sorted(pruner.units, key=lambda u: (-size[u], u))[:max_layers]
@@ -59,6 +70,7 @@ class ScanTask:
     sparsities: tuple[float, ...]
     importance: str
     dense_map: float
+    channel_multiple: int = 8  # the job's resolved multiple (latency-table record)
 
 
 def scan_layer_task(task: ScanTask) -> tuple[str, LayerSensitivity]:
@@ -72,21 +84,22 @@ def scan_layer_task(task: ScanTask) -> tuple[str, LayerSensitivity]:
     p = env.config.pruning
     curve = scan_layer(
         model, task.layer, lambda m: env.evaluate_map(m, val).map, list(task.sparsities),
-        importance=task.importance, granularity=p.granularity, example_inputs=env.example_input(),
-        round_to=p.round_to, layer_filter=env.layer_filter(model, task.importance),
+        importance=task.importance, granularity=p.pruner_granularity(), example_inputs=env.example_input(),
+        channel_multiple=task.channel_multiple, layer_filter=env.layer_filter(model, task.importance),
     )
     points = tuple(CurvePoint(sparsity=s, map=m, drop=task.dense_map - m) for s, m in curve)
     return task.layer, LayerSensitivity(curve=points, worker_pid=os.getpid())
 
 
-def scan(cfg: PruneJobConfig, layers: Sequence[str], dense_map: float, *,
+def scan(cfg: PruneJobConfig, layers: Sequence[str], dense_map: float, *, channel_multiple: int = 16,
          on_result: Callable[[int, object], None] | None = None) -> dict[str, LayerSensitivity]:
     """Scan ``layers`` as parallel Ray tasks (one CPU each) in the current Ray session."""
     from avprune.prune_job.ray_exec import map_tasks
 
     job = cfg.model_dump(mode="json")
     tasks = [{"task": ScanTask(job=job, layer=layer, sparsities=tuple(cfg.sensitivity.sparsities),
-                               importance=cfg.pruning.importances[0], dense_map=dense_map)} for layer in layers]
+                               importance=cfg.pruning.importances[0], dense_map=dense_map,
+                               channel_multiple=channel_multiple)} for layer in layers]
     # A worker process costs ~3 s to start here (Ray, torch, the model), a layer's scan ~1.5 s: each
     # worker takes an equal share of the layers in one process (measured on 2 cores, 4 layers: 17.4 s
     # one process per layer vs 9.1 s shared), then exits (max_calls), so no scan worker idles on a
@@ -113,8 +126,9 @@ def dense_map_on_subset(cfg: PruneJobConfig) -> float:
 
 def run(ctx: StageContext) -> SensitivityRecord:
     cfg = ctx.config
-    layers = largest_units(cfg, cfg.sensitivity.max_layers)
+    multiple = job_channel_multiple(ctx)
+    layers = largest_units(cfg, cfg.sensitivity.max_layers, multiple)
     dense = dense_map_on_subset(cfg)
     ctx.progress.stage_start("sensitivity", total=len(layers), note=f"{len(layers)} layers as Ray tasks")
-    curves = scan(cfg, layers, dense, on_result=lambda i, r: ctx.progress.stage_advance("sensitivity"))
+    curves = scan(cfg, layers, dense, channel_multiple=multiple, on_result=lambda i, r: ctx.progress.stage_advance("sensitivity"))
     return SensitivityRecord(dense_map=dense, layers={u: curves[u] for u in layers})
