@@ -53,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
     )
 
     config = load_prune_config(args.job)  # validated before anything is written
-    check_prune_job(config)  # the checkpoint reads, before Ray starts or OUT is created
+    check_prune_job(config)  # checkpoint and data fit the job, before Ray starts or OUT is created
     try:
         result = run_prune_job(
-            config, out_dir=args.out, address=args.address, resume=args.resume, progress=not args.no_progress
+            config, out_dir=args.out, address=args.address, resume=args.resume, progress=not args.no_progress,
+            preflight=False,
         )
     except InfeasibleBudgetError as e:
         print(f"avprune prune: {e}", file=sys.stderr)

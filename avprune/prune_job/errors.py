@@ -67,3 +67,13 @@ class JobConfigMismatchError(ValueError):
         self.out_dir, self.stored, self.requested = out_dir, stored, requested
         super().__init__(f"cannot resume {out_dir}: it was started with a different job config (fingerprint "
                          f"{stored} vs {requested}); write this job to another output folder")
+
+
+class UntrustedJobFolderError(ValueError):
+    """An output folder this job will not read: another user's, or not one it started (resuming
+    restores Ray Tune state by unpickling, so the folder is trusted like code)."""
+
+    def __init__(self, out_dir: Path, reason: str) -> None:
+        self.out_dir, self.reason = out_dir, reason
+        super().__init__(f"refusing to use {out_dir}: {reason}; resuming restores Ray Tune state by unpickling, "
+                         "so only folders this user's own job wrote are resumed; write the job to a new output folder")

@@ -123,24 +123,41 @@ def run_prune_job(
     resume: bool = False,
     progress: bool = True,
     stages: Sequence[Stage] | None = None,
+    preflight: bool = True,
 ) -> PruneJobResult:
     """Run (or resume) a prune job on a local Ray instance or the cluster at ``address``.
 
     Raises :class:`~avprune.prune_job.errors.InfeasibleBudgetError` when no candidate meets both
     the latency budget and the mAP floor. ``stages`` replaces the default stages (tests).
+    ``preflight=False`` skips the input checks (:mod:`avprune.prune_job.preflight`) when the
+    caller has just run them. A job that fails leaves nothing new behind when no stage finished,
+    and ``OUT/failed.json`` (the error, the finished stages) otherwise; ``--resume`` continues it.
     """
     from avprune.prune_job.memory import PeakRSS
     from avprune.prune_job.ray_exec import ray_session
 
+    if preflight:
+        from avprune.prune_job.preflight import check_job_inputs
+
+        check_job_inputs(config)  # before Ray starts and before OUT is written
     out = Path(out_dir) if out_dir is not None else config.output_dir
     store = StageStore(out)
+    before = store.entries()
     store.open(fingerprint=config.fingerprint(), config=config.model_dump(mode="json"), resume=resume)
     stage_list = list(stages) if stages is not None else default_stages()
-    with PeakRSS() as mem:
-        with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
-            log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
-            results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog,
-                                 env=JobEnv.from_config(config))
+    try:
+        with PeakRSS() as mem:
+            with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
+                log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
+                results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog,
+                                     env=JobEnv.from_config(config))
+    except BaseException as e:
+        try:
+            store.fail(e, keep=before)
+        except Exception as cleanup:  # noqa: BLE001 - the job's own error is the one to report
+            log.warning("could not clean up %s after the failure: %s", out, cleanup)
+        raise
+    store.clear_failed()
     sel = results.get("select")
     if isinstance(sel, SelectRecord) and sel.infeasible is not None:
         # the best trade-off is written (best_tradeoff.*, report.*); now say so
