@@ -118,6 +118,13 @@ def check_build_engine_args(args: argparse.Namespace) -> None:
             raise ValueError("--precision int8 needs --calib DATA (a COCO root or a recorded stream) to "
                              "calibrate on; nothing was exported")
         _check_calib(args.calib)
+        if not args.int8_max_map_drop >= 0:
+            raise ValueError(f"--int8-max-map-drop must be >= 0; got {args.int8_max_map_drop}")
+        int8_val = args.val or (args.calib if (Path(args.calib) / "annotations").is_dir() else None)
+        if int8_val is None:
+            raise ValueError("--precision int8 is verified by mAP against fp32 on a COCO set: pass --val COCO_ROOT "
+                             "(--calib may stay a recorded stream); nothing was exported")
+        _check_coco_root(int8_val, "--val")
     from deploy.engine.build import choose_backend
 
     backend, _ = choose_backend(args.backend)  # --backend tensorrt without TensorRT fails here, not after export
