@@ -181,11 +181,14 @@ def test_plain_state_dict_says_what_to_do_from_the_cli(tmp_path, capsys, files, 
     assert rc == 2 and line.startswith(f"avprune prune: error: {plain} is a plain state_dict"), line
     assert "`avprune train TRAIN.yaml`" in line and "build_detector" not in line
     _nothing_written(tmp_path)
-    # validate and build-engine give the same message before anything runs
+    # build-engine and eval give the same message before anything runs
     rc = main(["build-engine", str(plain), "--out", str(tmp_path / "e" / "x.onnx"), "--val", str(files["coco"])])
     line = _err_line(capsys)
     assert rc == 2 and "is a plain state_dict" in line and "build_detector" not in line
     assert not (tmp_path / "e").exists()
+    rc = main(["eval", str(plain), "--data", str(files["coco"])])
+    line = _err_line(capsys)
+    assert rc == 2 and "is a plain state_dict" in line and "build_detector" not in line
 
 
 @pytest.fixture(scope="module")
