@@ -315,3 +315,44 @@ def test_resume_refuses_a_folder_it_cannot_trust(tmp_path, capsys, files, no_ray
         assert rc == 2 and f"{pkl} is owned by uid 4242, not by this user (uid {uid})" in line, line
     assert not marker.exists()
     assert json.loads((out / "job.json").read_text())["fingerprint"] == fingerprint  # left as it was
+
+
+# ----------------------------------------------------------------------------- where the job ran
+
+
+def _attempt(tmp_path: Path, n: int) -> dict:
+    from avprune.prune_job.cluster import record_attempt
+
+    work = tmp_path / "search" / "trials" / f"c{n}"
+    work.mkdir(parents=True, exist_ok=True)
+    return json.loads(record_attempt(work).read_text())
+
+
+def test_trial_attempts_name_their_node_and_the_cluster_block_finds_none_lost(tmp_path, ray_local):
+    import ray
+
+    from avprune.prune_job.cluster import cluster_block, node_snapshot, trial_attempts
+    from avprune.prune_job.ray_exec import map_tasks
+
+    start = node_snapshot()
+    rows = map_tasks(_attempt, [{"tmp_path": tmp_path, "n": 0}, {"tmp_path": tmp_path, "n": 1}])
+    node = ray.get_runtime_context().get_node_id()
+    assert {r["node_id"] for r in rows} == {node} and all(r["worker_pid"] != os.getpid() for r in rows)
+    block = cluster_block(start, node_snapshot(), trial_attempts(tmp_path))
+    assert [n["node_id"] for n in block["nodes_start"] if n["alive"]] == [node]
+    assert block["lost_nodes"] == [] and block["retried"] == {}
+    assert set(block["trials"]) == {"c0", "c1"} and all(len(v) == 1 for v in block["trials"].values())
+
+
+def test_cluster_block_names_the_lost_node_and_the_retried_trials():
+    from avprune.prune_job.cluster import cluster_block
+
+    start = [{"node_id": "H", "alive": True}, {"node_id": "W", "alive": True}]
+    end = [{"node_id": "H", "alive": True}, {"node_id": "W", "alive": False}]
+    attempts = {"c0": [{"node_id": "W", "worker_pid": 11, "started_at": 1.0},
+                       {"node_id": "H", "worker_pid": 12, "started_at": 5.0}],
+                "c1": [{"node_id": "H", "worker_pid": 13, "started_at": 1.5}]}
+    block = cluster_block(start, end, attempts)
+    assert block["lost_nodes"] == ["W"]
+    assert block["retried"] == {"c0": {"attempts": 2, "lost_on": ["W"], "finished_on": "H"}}
+    assert block["trials"]["c1"] == [{"node_id": "H", "worker_pid": 13}]

@@ -133,6 +133,7 @@ def run_prune_job(
     caller has just run them. A job that fails leaves nothing new behind when no stage finished,
     and ``OUT/failed.json`` (the error, the finished stages) otherwise; ``--resume`` continues it.
     """
+    from avprune.prune_job.cluster import node_snapshot
     from avprune.prune_job.memory import PeakRSS
     from avprune.prune_job.ray_exec import ray_session
 
@@ -149,8 +150,10 @@ def run_prune_job(
         with PeakRSS() as mem:
             with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
                 log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
+                nodes_start = node_snapshot()
                 results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog,
                                      env=JobEnv.from_config(config))
+                nodes_end = node_snapshot()
     except BaseException as e:
         try:
             store.fail(e, keep=before)
@@ -158,12 +161,28 @@ def run_prune_job(
             log.warning("could not clean up %s after the failure: %s", out, cleanup)
         raise
     store.clear_failed()
+    _record_cluster(out, results, nodes_start, nodes_end)
     sel = results.get("select")
     if isinstance(sel, SelectRecord) and sel.infeasible is not None:
         # the best trade-off is written (best_tradeoff.*, report.*); now say so
         raise InfeasibleBudgetError(**sel.infeasible.error_fields())
     result = summarize(out, results, {s.name: store.wall_s(s.name) for s in stage_list})
     return dataclasses.replace(result, peak_rss_mb=mem.peak_bytes / 2**20)
+
+
+def _record_cluster(out: Path, results: Mapping[str, StageRecord], start: list, end: list) -> None:
+    """The ``cluster`` block of report.json: nodes at start and end, lost nodes, retried trials."""
+    from avprune.prune_job.cluster import cluster_block, trial_attempts, write_cluster_block
+
+    fin = results.get("finalize")
+    report = out / (fin.report_json if isinstance(fin, FinalizeRecord) else "report.json")
+    if not report.is_file():
+        return
+    block = cluster_block(start, end, trial_attempts(out))
+    write_cluster_block(report, block)
+    if block["lost_nodes"] or block["retried"]:
+        log.warning("Ray: %d node(s) lost during the job; retried trials: %s", len(block["lost_nodes"]),
+                    ", ".join(f"{cid} ({r['attempts']} attempts)" for cid, r in block["retried"].items()) or "none")
 
 
 def _worker_env(config: PruneJobConfig) -> dict[str, dict[str, str]]:
