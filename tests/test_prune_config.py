@@ -65,17 +65,21 @@ def test_budget_applies_to_the_graph_by_default(tmp_path, ckpt):
     assert on.budget.end_to_end is True
 
 
-def test_cli_names_the_flags_for_a_folder_in_use(tmp_path, ckpt, capsys):
-    """The job's errors name the folder and the values; the CLI adds the flag that fixes it."""
+def test_cli_names_the_flags_for_a_folder_in_use(tmp_path, capsys):
+    """The job's errors name the folder and the values; the CLI adds the flag that fixes it (input errors: 2)."""
+    from perception.models import build_detector, save_checkpoint
+
+    ckpt = tmp_path / "dense.pt"  # a real checkpoint: the CLI reads it before it looks at the folder
+    save_checkpoint(ckpt, build_detector("ssdlite320_mobilenet_v3_large", image_size=128))
     out = tmp_path / "out"
     path = _write(tmp_path, _job(tmp_path, ckpt))
     (out / "stages").mkdir(parents=True)
     (out / "job.json").write_text('{"version": 1, "fingerprint": "0123456789abcdef", "config": {}}')
     (out / "stages" / "baseline.json").write_text('{"stage": "baseline", "finished_at": 1.0, "result": {}}')
-    assert main(["prune", str(path), "--out", str(out), "--no-progress"]) == 1
+    assert main(["prune", str(path), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{out} already holds a prune job (baseline done)" in err and "--resume" in err and "--out" in err
-    assert main(["prune", str(path), "--out", str(out), "--no-progress", "--resume"]) == 1
+    assert main(["prune", str(path), "--out", str(out), "--no-progress", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "different job config (fingerprint 0123456789abcdef vs" in err and "--resume" in err and "new --out" in err
 
