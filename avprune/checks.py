@@ -9,18 +9,41 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def check_checkpoint(path: str | Path) -> None:
-    """A .pt/.pth that torch reads safely and that says (or fits) a detector; no model is built."""
-    from perception.io import check_torch_file
+    """A .pt/.pth that torch reads safely and that says which detector it is; no model is built.
 
-    check_torch_file(path)  # text, random bytes, truncated archives: fail before torch is imported
+    Text, random bytes and truncated archives fail before torch is imported; pickled objects and
+    damaged tensors at ``torch.load(weights_only=True)``; a plain state_dict with what to do from
+    the CLI (it cannot be rebuilt without the detector's name).
+    """
+    checkpoint_identity(path)
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, Any]:
+    """The detector a checkpoint says it is (``name``, ``num_classes``), read safely (no code runs).
+
+    A plain state_dict does not say which detector it is: refused with what to do from the CLI
+    (``avprune train`` starts from one and writes a checkpoint that does).
+    """
+    from perception.classes import DEFAULT_NUM_CLASSES
+    from perception.io import check_torch_file
     from perception.models import read_checkpoint
 
-    read_checkpoint(path)  # then torch.load(weights_only=True): pickled objects, damaged tensors
+    check_torch_file(path)  # text, random bytes: fail before torch is imported
+    ckpt = read_checkpoint(path)  # torch.load(weights_only=True): pickled objects, damaged tensors
+    meta = ckpt.get("model") or {}
+    if "name" not in meta:
+        raise ValueError(
+            f"{path} is a plain state_dict: it does not say which detector or how many classes it has. "
+            "Turn it into an avprune checkpoint with `avprune train TRAIN.yaml` (model.checkpoint: this file, "
+            "model.name and model.num_classes it was trained with) and use the model.pt it writes"
+        )
+    return {"name": str(meta["name"]), "num_classes": int(meta.get("num_classes", DEFAULT_NUM_CLASSES))}
 
 
 def check_models(models: list[str], *, full: bool = True) -> None:
@@ -43,8 +66,11 @@ def check_models(models: list[str], *, full: bool = True) -> None:
 
 
 def check_prune_job(config) -> None:
-    """``avprune prune``: the dense checkpoint reads safely, before Ray starts or OUT is created."""
-    check_checkpoint(config.model.checkpoint)
+    """``avprune prune``: the dense checkpoint is the job's model and the data has images and boxes,
+    before Ray starts or OUT is created (:mod:`avprune.prune_job.preflight`)."""
+    from avprune.prune_job.preflight import check_job_inputs
+
+    check_job_inputs(config)
 
 
 def check_validate_args(args: argparse.Namespace) -> None:
@@ -92,6 +118,13 @@ def check_build_engine_args(args: argparse.Namespace) -> None:
             raise ValueError("--precision int8 needs --calib DATA (a COCO root or a recorded stream) to "
                              "calibrate on; nothing was exported")
         _check_calib(args.calib)
+        if not args.int8_max_map_drop >= 0:
+            raise ValueError(f"--int8-max-map-drop must be >= 0; got {args.int8_max_map_drop}")
+        int8_val = args.val or (args.calib if (Path(args.calib) / "annotations").is_dir() else None)
+        if int8_val is None:
+            raise ValueError("--precision int8 is verified by mAP against fp32 on a COCO set: pass --val COCO_ROOT "
+                             "(--calib may stay a recorded stream); nothing was exported")
+        _check_coco_root(int8_val, "--val")
     from deploy.engine.build import choose_backend
 
     backend, _ = choose_backend(args.backend)  # --backend tensorrt without TensorRT fails here, not after export

@@ -104,6 +104,8 @@ def build_cases(work: Path) -> list[Case]:
     text.write_text("not weights\n" * 50)
     pickled = work / "pickled.pt"
     torch.save(torch.nn.Linear(4, 4), pickled)
+    plain = work / "plain.pt"
+    torch.save(build_detector("ssdlite320_mobilenet_v3_large", image_size=96).state_dict(), plain)
     kitti = _kitti(work / "kitti", 30)
     no_stamps = _kitti(work / "no_stamps", 30, timestamps=False)
     first_broken = _kitti(work / "first_broken", 10, broken=(0,))
@@ -160,6 +162,15 @@ def build_cases(work: Path) -> list[Case]:
              [work / "X.source.onnx"]),
         Case("prune: random-bytes checkpoint", ["prune", str(prune_job), "--no-progress"], 2,
              "not a PyTorch checkpoint (or damaged)", [work / "prune_out", work / "prune_cache"]),
+        Case("prune: checkpoint of another model", ["prune", str(_prune_job(work, ckpt, "job_mismatch", num_classes=5)),
+                                                    "--no-progress"], 2,
+             "the checkpoint says ssdlite320_mobilenet_v3_large with 8 classes, the job says", [work / "prune_out",
+                                                                                             work / "prune_cache"]),
+        Case("prune: plain state_dict", ["prune", str(_prune_job(work, plain, "job_plain")), "--no-progress"], 2,
+             "is a plain state_dict", [work / "prune_out", work / "prune_cache"]),
+        Case("prune: val split without boxes", ["prune", str(_prune_job(work, ckpt, "job_empty",
+                                                                        coco=_empty_coco(work))), "--no-progress"],
+             2, "no boxes (annotations is empty)", [work / "prune_out", work / "prune_cache"]),
         Case("eval: text checkpoint", ["eval", str(text), "--data", str(coco), "--json", str(work / "e.json")], 2,
              "not a PyTorch checkpoint (or damaged)", [work / "e.json"]),
         Case("data synth: --images 0", ["data", "synth", "--out", str(work / "synth"), "--images", "0", "-q"], 2,
@@ -168,18 +179,36 @@ def build_cases(work: Path) -> list[Case]:
     return cases
 
 
-def _prune_job(work: Path, checkpoint: Path) -> Path:
+def _prune_job(work: Path, checkpoint: Path, name: str = "job", *, coco: Path | None = None, **model) -> Path:
     import yaml
 
     from tests.test_prune_job import _write_coco
 
     job = yaml.safe_load((ROOT / "avprune/config/examples/prune_tiny.yaml").read_text())
-    job["model"]["checkpoint"] = str(checkpoint)
-    job["data"] = {"source": "coco", "root": str(_write_coco(work / "prune_coco", 2, 2)), "val_images": 2}
+    job["model"].update({"checkpoint": str(checkpoint), **model})
+    if coco is None:
+        coco = work / "prune_coco"
+        if not coco.is_dir():
+            _write_coco(coco, 2, 2)
+    job["data"] = {"source": "coco", "root": str(coco), "val_images": 2}
     job.update(output_dir=str(work / "prune_out"), cache_dir=str(work / "prune_cache"))
-    path = work / "job.yaml"
+    path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def _empty_coco(work: Path) -> Path:
+    """A COCO folder whose val split lists images but no boxes."""
+    import json
+
+    from tests.test_prune_job import _write_coco
+
+    root = work / "prune_coco_empty"
+    if not root.is_dir():
+        _write_coco(root, 2, 2)
+    ann = root / "annotations" / "instances_val.json"
+    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    return root
 
 
 # ----------------------------------------------------------------------------- running

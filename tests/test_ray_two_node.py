@@ -196,6 +196,7 @@ def run_node_loss(work: Path, assets: dict[str, Path] | None = None) -> dict:  #
         "lost": lost, "retried": [cid for cid in lost if seen[cid][-1][1] == "head"],
         "status": {c["candidate_id"]: c["status"] for c in report.get("candidates", [])},
         "selected": json.loads(select.read_text())["result"]["candidate_id"] if select.is_file() else None,
+        "cluster": report.get("cluster", {}),
         "processes_left": left,
     }
 
@@ -210,5 +211,16 @@ def test_job_survives_losing_the_worker_node(assets, tmp_path):  # noqa: F811 - 
     selected = run["selected"]
     assert selected and selected.split("@")[0] in run["status"] and f"candidate {selected}" in run["stdout"]
     assert not run["processes_left"], run["processes_left"]  # every process of both nodes stopped: no orphans
+    # report.json records it: two nodes at the start, the worker node lost, the retried trials and where
+    cluster = run["cluster"]
+    alive_start = [n["node_id"] for n in cluster["nodes_start"] if n["alive"]]
+    assert len(alive_start) == 2 and len(cluster["lost_nodes"]) == 1, cluster
+    (lost,) = cluster["lost_nodes"]
+    (head,) = set(alive_start) - {lost}
+    assert lost in alive_start and {n["node_id"]: n["alive"] for n in cluster["nodes_end"]}[lost] is False
+    assert set(cluster["retried"]) == set(run["retried"]), cluster
+    for r in cluster["retried"].values():
+        assert r["lost_on"] == [lost] and r["finished_on"] == head and r["attempts"] >= 2
+    assert {a["node_id"] for rows in cluster["trials"].values() for a in rows} == {head, lost}  # spread
     print(f"two-node run: {run['trial_nodes']}, raylet {run['raylet_killed']} killed, retried {run['retried']}, "
           f"selected {selected}, {run['seconds']} s")

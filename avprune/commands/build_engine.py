@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--calib", default=None, metavar="DATA",
                    help="int8 calibration frames: a COCO root or a recorded stream (video, MCAP, rosbag, folder)")
     p.add_argument("--calib-frames", type=int, default=32, metavar="N", help="calibration frames to use")
+    p.add_argument("--int8-max-map-drop", type=float, default=0.01, metavar="D",
+                   help="int8: the engine is kept only if its mAP on the --val images is at most D below the "
+                        "fp32 model's (default 0.01); it is also timed against fp32 here, with a warning when slower")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto")
     p.add_argument("--form", choices=("core", "full"), default="core", help="graph form when MODEL is a .pt")
     p.add_argument("--val", default=None, metavar="COCO_ROOT",
@@ -116,6 +119,49 @@ def run(args: argparse.Namespace) -> int:
           f"{counts['trt_eligible']} ({counts['eligible_and_2to4']} of them 2:4)")
     for note in sc.get("notes", []):
         print(f"note: {note}")
+    if args.precision == "int8":
+        _verify_int8(args, model, res)
     print(f"sidecar: {res.sidecar_path}")
     sys.stdout.flush()
     return 0
+
+
+def _verify_int8(args: argparse.Namespace, fp32_model: Path, res) -> None:
+    """mAP parity of the INT8 engine with its fp32 source and a paired speed check; the engine is
+    removed when parity fails (exit 1), and a slower INT8 is a warning line."""
+    from deploy.engine.int8_check import Int8ParityError, verify_int8
+    from deploy.engine.sidecar import read_sidecar, write_sidecar
+    from perception.data import load_split
+
+    val = load_split(_coco_for_verify(args), "val", train=False)
+    try:
+        check = verify_int8(fp32_model, res.engine_path, val, max_map_drop=args.int8_max_map_drop,
+                            max_images=args.verify_images, threads=args.threads)
+    except Int8ParityError as e:
+        doc = read_sidecar(res.engine_path)
+        for name in (res.engine_path.name, doc.get("qdq_onnx"), (doc.get("stage2") or {}).get("file")):
+            if name:
+                (res.engine_path.parent / name).unlink(missing_ok=True)
+        res.sidecar_path.unlink(missing_ok=True)
+        raise Int8ParityError(f"{e}; engine not written (build fp32 here, or calibrate on more representative "
+                              "frames: --calib, --calib-frames; the bound is --int8-max-map-drop)") from None
+    doc = read_sidecar(res.engine_path)
+    doc["int8_verification"] = check.to_dict()
+    write_sidecar(res.engine_path, {k: v for k, v in doc.items() if k not in ("format", "version")})
+    print(f"int8 verified: mAP {check.map_int8:.4f} vs fp32 {check.map_fp32:.4f} on {check.images} images "
+          f"(drop {check.map_drop:+.4f} <= {check.max_map_drop:g})")
+    for note in check.notes:
+        print(f"note: {note}")
+    if check.slower:
+        print(f"warning: {check.speed_line()}: INT8 is slower than fp32 on this machine; --precision fp32 "
+              "would run faster here")
+    else:
+        print(check.speed_line())
+
+
+def _coco_for_verify(args: argparse.Namespace) -> str:
+    """The COCO root the engine is verified on: --val, else --calib when it is a COCO root."""
+    val = args.val or (args.calib if args.calib and (Path(args.calib) / "annotations").is_dir() else None)
+    if val is None:
+        raise ValueError("--precision int8 is verified by mAP against fp32 on a COCO set: pass --val COCO_ROOT")
+    return str(val)

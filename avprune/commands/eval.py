@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     check_torch_file(args.checkpoint)  # a damaged file fails before torch and the data set load
     if not args.data.is_dir():
         raise FileNotFoundError(f"--data {args.data}: COCO folder not found")
+    from avprune.checks import check_checkpoint
+
+    check_checkpoint(args.checkpoint)  # a plain state_dict says what to do from the CLI
     from perception.data import load_split, subset
     from perception.evaluate import evaluate_model
     from perception.io import atomic_write_json

@@ -10,14 +10,17 @@ from avprune.errors import EXIT_GATE_FAILED as EXIT_INFEASIBLE  # the one exit-c
 _EPILOG = """\
 stages (each recorded in OUT/stages/NAME.json; --resume skips the finished ones):
   baseline       dense mAP and measured p50/p99 latency on the budget's runtime
-  latency_table  per-layer latency table for that runtime (cached per runtime and device)
+  latency_table  per-layer latency table for that runtime (cached by model graph, runtime,
+                 threads and device)
   sensitivity    per-layer sensitivity scan, layers in parallel as Ray tasks
   search         candidates fine-tuned in parallel as Ray Tune trials (ASHA stops hopeless ones)
   select         highest-mAP candidate whose re-measured latency meets the budget
   finalize       pruned checkpoint, ONNX, report.json, report.html, latency table
 
 An infeasible budget exits 1 (budget not met): the message gives the best trade-off reached
-and the nearest feasible budget.
+and the nearest feasible budget. The checkpoint and data are checked before Ray starts; a job
+that fails leaves no new folder (nothing finished) or OUT/failed.json (finished stages kept).
+--resume only uses a folder this user's own job wrote for the same config (README: trust model).
 Example job files: avprune/config/examples/prune_default.yaml, prune_tiny.yaml.
 """
 
@@ -53,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
     )
 
     config = load_prune_config(args.job)  # validated before anything is written
-    check_prune_job(config)  # the checkpoint reads, before Ray starts or OUT is created
+    check_prune_job(config)  # checkpoint and data fit the job, before Ray starts or OUT is created
     try:
         result = run_prune_job(
-            config, out_dir=args.out, address=args.address, resume=args.resume, progress=not args.no_progress
+            config, out_dir=args.out, address=args.address, resume=args.resume, progress=not args.no_progress,
+            preflight=False,
         )
     except InfeasibleBudgetError as e:
         print(f"avprune prune: {e}", file=sys.stderr)

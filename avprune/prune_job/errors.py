@@ -79,3 +79,13 @@ class BudgetUnreachableError(ValueError):
     def __init__(self, message: str, *, latency_budget_ms: float, nearest_latency_ms: float) -> None:
         self.latency_budget_ms, self.nearest_latency_ms = latency_budget_ms, nearest_latency_ms
         super().__init__(message)
+
+
+class UntrustedJobFolderError(ValueError):
+    """An output folder this job will not read: another user's, or not one it started (resuming
+    restores Ray Tune state by unpickling, so the folder is trusted like code)."""
+
+    def __init__(self, out_dir: Path, reason: str) -> None:
+        self.out_dir, self.reason = out_dir, reason
+        super().__init__(f"refusing to use {out_dir}: {reason}; resuming restores Ray Tune state by unpickling, "
+                         "so only folders this user's own job wrote are resumed; write the job to a new output folder")

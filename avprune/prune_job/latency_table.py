@@ -1,9 +1,13 @@
 """Stage 2, latency table: pruning's per-layer lookup table measured on the budget's runtime.
 
-Per-layer entries depend on the architecture, input size, batch, runtime, device and threads,
-not on the weights, so they are cached in ``cache_dir/latency/`` under a key naming all of them
-(and the CPU model) and reused by later jobs. The constant overhead (pre/post-processing,
-dispatch) is calibrated per job against the baseline's measured latency.
+Per-layer entries depend on the model graph, input size, batch, runtime, device and threads,
+not on the weights, so they are cached in ``cache_dir/latency/`` under a fingerprint of all of
+them (:func:`cache_key`): the graph is hashed from the dense model as loaded (every module's
+type, parameter shapes and conv geometry), never taken from the job's ``model.name``, so a
+checkpoint of another architecture or class count can never reuse or poison another's table.
+A cached file whose stored fingerprint differs (or that does not read) is re-measured, with a
+log line. The constant overhead (pre/post-processing, dispatch) is calibrated per job against
+the baseline's measured latency.
 
 This stage also resolves ``pruning.channel_multiple`` once (``auto``: probed on the runtime, the
 choice and why recorded) and checks feasibility before any fine-tuning: a latency budget below the
@@ -97,37 +101,88 @@ def block_costs(table: LatencyTable, blocks: list[str]) -> dict[str, float]:
             for b in blocks}
 
 
-def cache_path(config: PruneJobConfig) -> Path:
-    """Cache file for this runtime, device (with CPU model), architecture, input, batch and threads."""
+def graph_fingerprint(model: nn.Module) -> str:
+    """Hash of the model graph the table measures: every module's name and type, its own parameter
+    shapes (channel counts, pruned widths included) and conv geometry; weights do not count."""
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        shapes = tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False))
+        geometry = tuple((a, getattr(m, a)) for a in ("kernel_size", "stride", "padding", "dilation", "groups")
+                         if hasattr(m, a))
+        h.update(f"{name}|{type(m).__name__}|{shapes}|{geometry}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(config: PruneJobConfig, graph: str) -> str:
+    """Everything a cached table depends on: runtime, device (with the CPU model), threads, input
+    size, batch, the measured channel fractions and the graph fingerprint."""
     from deploy.runtimes.base import cpu_name
 
     b = config.budget
-    key = "|".join(map(str, (b.runtime, b.device, cpu_name(), config.model.name, config.model.num_classes,
-                             tuple(b.input_size), b.batch, b.threads, FRACTIONS, grid_multiple(config))))
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return config.cache_dir / "latency" / f"{b.runtime}-{b.device}-{config.model.name}-{digest}.json"
+    return "|".join(map(str, (f"graph={graph}", b.runtime, b.device, cpu_name(), f"threads={b.threads}",
+                              f"input={tuple(b.input_size)}", f"batch={b.batch}", f"fractions={FRACTIONS}",
+                              f"multiple={grid_multiple(config)}")))
+
+
+def cache_path(config: PruneJobConfig, key: str) -> Path:
+    """The cache file for ``key`` (named by its hash, tagged with runtime and device for humans)."""
+    b = config.budget
+    return config.cache_dir / "latency" / f"{b.runtime}-{b.device}-{_digest(key)}.json"
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def load_cached(path: Path, key: str, *, runtime: str, device: str) -> LatencyTable | None:
+    """The table cached at ``path`` when its stored fingerprint is ``key``'s; None (with a log line
+    saying why) when it is missing, unreadable or measured for something else."""
+    from pruning.latency_model import LatencyTable
+
+    if not path.is_file():
+        return None
+    try:
+        table = LatencyTable.load(path, runtime=runtime, device=device)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        log.warning("latency table cache %s does not read (%s); re-measuring", path, e)
+        return None
+    stored = table.meta.get("fingerprint")
+    if stored != _digest(key):
+        log.warning("latency table cache %s was measured for another graph/runtime (fingerprint %s, this job %s); "
+                    "re-measuring", path, stored, _digest(key))
+        return None
+    return table
+
+
+def load_or_measure(model: nn.Module, example_input: object, config: PruneJobConfig,
+                    measure_fn: MeasureFn) -> tuple[LatencyTable, Path, str]:
+    """The cached table of this graph, runtime, threads and device, or a freshly measured (and cached)
+    one. Returns (table, cache file, "cache" | "measured")."""
+    from pruning.latency_model import LatencyTable
+
+    b = config.budget
+    graph = graph_fingerprint(model)
+    key = cache_key(config, graph)
+    path = cache_path(config, key)
+    table = load_cached(path, key, runtime=b.runtime, device=b.device)
+    if table is not None:
+        return table, path, "cache"
+    t0 = time.perf_counter()
+    table = LatencyTable.measure(model, example_input, measure_fn, runtime=b.runtime, device=b.device,
+                                 fractions=FRACTIONS, multiple=grid_multiple(config))
+    table.meta.update({"fingerprint": _digest(key), "cache_key": key, "graph": graph, "model": config.model.name,
+                       "input_size": list(b.input_size), "batch": b.batch, "threads": b.threads,
+                       "measure_s": round(time.perf_counter() - t0, 1)})
+    atomic_write_json(path, table.to_dict())
+    return table, path, "measured"
 
 
 def run(ctx: StageContext) -> LatencyTableRecord:
     """Load or measure the table, calibrate it to the dense model, save a copy in the output dir."""
-    from pruning.latency_model import LatencyTable
-
     cfg, b = ctx.config, ctx.config.budget
-    cached = cache_path(cfg)
-    if cached.is_file():
-        table = LatencyTable.load(cached, runtime=b.runtime, device=b.device)
-        source = "cache"
-    else:
-        ctx.progress.stage_start("latency_table", note=f"measuring layers on {b.runtime}")
-        model = ctx.env.load_dense().eval()
-        t0 = time.perf_counter()
-        table = LatencyTable.measure(model, ctx.env.example_input(b.batch), measure_fn_for(cfg),
-                                     runtime=b.runtime, device=b.device, fractions=FRACTIONS,
-                                     multiple=grid_multiple(cfg))
-        table.meta.update({"model": cfg.model.name, "input_size": list(b.input_size), "batch": b.batch,
-                           "threads": b.threads, "measure_s": round(time.perf_counter() - t0, 1)})
-        atomic_write_json(cached, table.to_dict())
-        source = "measured"
+    model = ctx.env.load_dense().eval()  # the graph as loaded is the cache key, not model.name
+    ctx.progress.stage_start("latency_table", note=f"latency table on {b.runtime}")
+    table, cached, source = load_or_measure(model, ctx.env.example_input(b.batch), cfg, measure_fn_for(cfg))
     base = ctx.record(BaselineRecord)
     overhead = table.calibrate(base.dense.p50_ms)
     path = ctx.out_dir / "work" / "latency_table.json"

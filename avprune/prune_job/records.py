@@ -246,11 +246,16 @@ class TrialReport:
     latency_pred_ms: float | None = None
     sparsity: float | None = None
     score: float | None = None
+    node_id: str | None = None  # the Ray node and worker process that made the report
+    worker_pid: int | None = None
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> TrialReport:
-        return cls(step=_opt_int(d.get("step")),
-                   **{f.name: _opt_float(d.get(f.name)) for f in fields(cls) if f.name != "step"})
+        node = d.get("node_id")
+        return cls(step=_opt_int(d.get("step")), node_id=None if node is None else str(node),
+                   worker_pid=_opt_int(d.get("worker_pid")),
+                   **{f.name: _opt_float(d.get(f.name)) for f in fields(cls)
+                      if f.name not in ("step", "node_id", "worker_pid")})
 
 
 @dataclass(frozen=True)

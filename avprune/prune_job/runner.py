@@ -123,6 +123,7 @@ def run_prune_job(
     resume: bool = False,
     progress: bool = True,
     stages: Sequence[Stage] | None = None,
+    preflight: bool = True,
 ) -> PruneJobResult:
     """Run (or resume) a prune job on a local Ray instance or the cluster at ``address``.
 
@@ -130,29 +131,64 @@ def run_prune_job(
     the latency budget and the mAP floor; ValueError (exit 2) before any fine-tuning for a
     ``channel_multiple`` or ``granularity`` the model cannot take (before Ray or OUT) and a budget
     below the latency table's reach (:class:`~avprune.prune_job.errors.BudgetUnreachableError`).
-    ``stages`` replaces the default stages (tests).
+    ``stages`` replaces the default stages (tests). ``preflight=False`` skips the input checks
+    (:mod:`avprune.prune_job.preflight`) when the caller has just run them. A job that fails leaves
+    nothing new behind when no stage finished, and ``OUT/failed.json`` (the error, the finished
+    stages) otherwise; ``--resume`` continues it.
     """
+    from avprune.prune_job.cluster import node_snapshot
     from avprune.prune_job.memory import PeakRSS
     from avprune.prune_job.preflight import check_model
     from avprune.prune_job.ray_exec import ray_session
 
+    if preflight:
+        from avprune.prune_job.preflight import check_job_inputs
+
+        check_job_inputs(config)  # before Ray starts and before OUT is written
     out = Path(out_dir) if out_dir is not None else config.output_dir
     # what config load cannot see (the architecture): refused before Ray starts or OUT is created
     check_model(config)
     store = StageStore(out)
+    before = store.entries()
     store.open(fingerprint=config.fingerprint(), config=config.model_dump(mode="json"), resume=resume)
     stage_list = list(stages) if stages is not None else default_stages()
-    with PeakRSS() as mem:
-        with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
-            log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
-            results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog,
-                                 env=JobEnv.from_config(config))
+    try:
+        with PeakRSS() as mem:
+            with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
+                log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
+                nodes_start = node_snapshot()
+                results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog,
+                                     env=JobEnv.from_config(config))
+                nodes_end = node_snapshot()
+    except BaseException as e:
+        try:
+            store.fail(e, keep=before)
+        except Exception as cleanup:  # noqa: BLE001 - the job's own error is the one to report
+            log.warning("could not clean up %s after the failure: %s", out, cleanup)
+        raise
+    store.clear_failed()
+    _record_cluster(out, results, nodes_start, nodes_end)
     sel = results.get("select")
     if isinstance(sel, SelectRecord) and sel.infeasible is not None:
         # the best trade-off is written (best_tradeoff.*, report.*); now say so
         raise InfeasibleBudgetError(**sel.infeasible.error_fields())
     result = summarize(out, results, {s.name: store.wall_s(s.name) for s in stage_list})
     return dataclasses.replace(result, peak_rss_mb=mem.peak_bytes / 2**20)
+
+
+def _record_cluster(out: Path, results: Mapping[str, StageRecord], start: list, end: list) -> None:
+    """The ``cluster`` block of report.json: nodes at start and end, lost nodes, retried trials."""
+    from avprune.prune_job.cluster import cluster_block, trial_attempts, write_cluster_block
+
+    fin = results.get("finalize")
+    report = out / (fin.report_json if isinstance(fin, FinalizeRecord) else "report.json")
+    if not report.is_file():
+        return
+    block = cluster_block(start, end, trial_attempts(out))
+    write_cluster_block(report, block)
+    if block["lost_nodes"] or block["retried"]:
+        log.warning("Ray: %d node(s) lost during the job; retried trials: %s", len(block["lost_nodes"]),
+                    ", ".join(f"{cid} ({r['attempts']} attempts)" for cid, r in block["retried"].items()) or "none")
 
 
 def _worker_env(config: PruneJobConfig) -> dict[str, dict[str, str]]:

@@ -253,8 +253,10 @@ class _Trial:
             raise ValueError(f"Tune report at step {step} before any measurement")
         lat, m = self.last.latency, self.last.score
         score = m.map - max(0.0, lat.p50_ms / self.spec.latency_budget_ms - 1.0)
+        from avprune.prune_job.cluster import worker_identity
+
         tune.report({"step": step, "map": m.map, "map50": m.map50, "latency_ms": lat.p50_ms,
-                     "latency_p99_ms": lat.p99_ms, "score": score, **extra})
+                     "latency_p99_ms": lat.p99_ms, "score": score, **extra, **worker_identity()})
 
 
 def trial(params: dict[str, object]) -> None:
@@ -272,6 +274,9 @@ def trial(params: dict[str, object]) -> None:
     work = Path(spec.out_dir) / "search" / "trials" / spec.candidate_id
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "pid", str(os.getpid()))
+    from avprune.prune_job.cluster import record_attempt
+
+    record_attempt(work)  # node id + pid of this attempt: report.json's cluster block
     env.set_worker_threads()
     torch.manual_seed(spec.candidate.seed)
 
