@@ -456,6 +456,11 @@ def _latency_markdown(rec: dict[str, Any]) -> str:
     for name, r in rec["rows"].items():
         lines.append(f"| {name} | {r['table']} | {r['predicted_ms']:.2f} ({100 * r['prediction_error']:+.0f}%) | "
                      f"{r['graph_ms']:.2f} | {r['graph_speedup']:.2f}x | {len(r['cut_units'])} |")
+    saves = list(ig["probe_savings_ms"].values())
+    lines += ["", f"Noise check: single-group probe savings ranged {min(saves):+.2f} to {max(saves):+.2f} ms (a negative "
+              f"saving is timing noise); the dense core measured {ig['dense_ms']:.2f} ms in the probe window and "
+              f"{rec['dense_ms']:.2f} ms in the final rounds. A fit this noisy steers the knapsack partly by noise: "
+              f"rerun on an idle machine before trusting the per-layer allocation."]
     return "\n".join(lines)
 
 
