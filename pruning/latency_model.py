@@ -109,6 +109,10 @@ class LatencyTable:
     overhead_ms: float = 0.0
     scale: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
+    # Per-layer factor on top of ``scale`` (in-graph calibration, :mod:`pruning.graph_calibration`):
+    # a layer timed alone pays its own layout conversions, so its share of the graph is not its share
+    # of the isolated sum. Missing layers: 1.0.
+    layer_scale: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -217,7 +221,11 @@ class LatencyTable:
 
     # ------------------------------------------------------------------ prediction
     def layer_latency(self, name: str, cin: int, cout: int) -> float:
-        """Bilinear interpolation of one layer's latency at ``cin``/``cout`` channels."""
+        """One layer's latency at ``cin``/``cout`` channels (bilinear in the grid), times its ``layer_scale``."""
+        return self.layer_scale.get(name, 1.0) * self.isolated_latency(name, cin, cout)
+
+    def isolated_latency(self, name: str, cin: int, cout: int) -> float:
+        """Bilinear interpolation of one layer's latency (as timed alone) at ``cin``/``cout`` channels."""
         spec = self.layers[name]
         if spec.depthwise:
             i, j, w = _interp1(spec.grid_out, cout)
@@ -284,7 +292,7 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "version": 1, "runtime": self.runtime, "device": self.device,
-            "overhead_ms": self.overhead_ms, "scale": self.scale, "meta": self.meta,
+            "overhead_ms": self.overhead_ms, "scale": self.scale, "meta": self.meta, "layer_scale": self.layer_scale,
             "layers": {k: asdict(v) for k, v in self.layers.items()}, "entries": self.entries,
         }
 
@@ -307,7 +315,8 @@ class LatencyTable:
         return cls(runtime=d["runtime"], device=d["device"], layers=layers,
                    entries={k: float(v) for k, v in d["entries"].items()},
                    overhead_ms=float(d["overhead_ms"]), scale=float(d.get("scale", 1.0)),
-                   meta=dict(d.get("meta", {})))
+                   meta=dict(d.get("meta", {})),
+                   layer_scale={k: float(v) for k, v in d.get("layer_scale", {}).items()})
 
 
 def _pair(v: Any) -> tuple[int, int]:
