@@ -33,6 +33,10 @@ SECTION_ORDER = (
     "gpu_check",
     "validate_overhead",
     "compare",
+    "allocation",
+    "allocation_latency",
+    "depth",
+    "reliability",
 )
 
 

@@ -36,6 +36,9 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "gpu_check": ("--cpu-dry-run", "--budget-s", "120"),
     "validate_overhead": ("--quick",),
     "compare": ("--quick",),
+    "allocation": ("--quick",),
+    "depth": ("--quick",),
+    "reliability": (),  # no quick mode: 23 bad inputs through the CLI, about a minute
 }
 
 

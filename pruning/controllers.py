@@ -14,6 +14,7 @@ from typing import Any
 
 from pruning import schedules
 from pruning._controller import CONTROLLERS, ConfigAt, Controller
+from pruning.allocation_controller import AllocationController  # registers "allocation"
 from pruning.budget import BudgetController, OperatingPoint
 from pruning.granularity import check_sparsity
 
@@ -97,13 +98,14 @@ class LayerAdaptiveController(Controller):
 
 
 def build_controller(name: str, **kwargs: Any) -> Controller:
-    """Instantiate a registered controller: ``fixed``, ``cubic``, ``layer_adaptive``, ``budget``."""
+    """Instantiate a registered controller: ``fixed``, ``cubic``, ``layer_adaptive``, ``budget``, ``allocation``."""
     return CONTROLLERS.get(name)(**kwargs)
 
 
 __all__ = [
     "CONTROLLERS",
     "ConfigAt",
+    "AllocationController",
     "BudgetController",
     "Controller",
     "CubicController",

@@ -49,7 +49,7 @@ def test_schedule_rejects_empty_ramp() -> None:
 
 
 def test_registry_lists_names_and_unknown_raises() -> None:
-    assert set(CONTROLLERS.names()) == {"budget", "fixed", "cubic", "layer_adaptive"}
+    assert set(CONTROLLERS.names()) == {"budget", "fixed", "cubic", "layer_adaptive", "allocation"}
     with pytest.raises(ValueError, match="unknown controller 'nope'; valid names: .*cubic"):
         build_controller("nope")
     with pytest.raises(ValueError, match="already registered"):
