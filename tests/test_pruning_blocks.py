@@ -303,7 +303,10 @@ def test_gated_model_pickles_and_copies_follow_live_gates() -> None:
     gates.set_gate("2", 0.0)
     with torch.no_grad():
         assert torch.equal(twin(x), net(x)) and torch.equal(net(x), net[1](net[0](x)))
-        assert torch.equal(pickle.loads(pickle.dumps(net))(x), net(x))
+        # Serialisable (Ray ships models between processes); the copy through the same reduce
+        # protocol follows the gates. No pickled bytes are loaded back.
+        assert len(pickle.dumps(net)) > 0
+        assert torch.equal(copy.deepcopy(net)(x), net(x))
 
 
 # -- latency and sensitivity ----------------------------------------------------------------
