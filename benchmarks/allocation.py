@@ -52,13 +52,10 @@ RAMP = 0.5  # fraction of the fine-tune over which the target shrinks to the bud
 
 
 def _data(quick: bool, seed: int) -> Path:
-    out = WORK / "synth"  # --quick reuses it (on a subset) when present
-    if (out / "coco" / "annotations" / "instances_val.json").is_file():
-        return out / "coco"
-    from perception.synthetic.generate import generate_dataset
+    from benchmarks._data import synthetic_coco
 
-    generate_dataset(out, images=120 if quick else 700, drives=0, seed=seed)
-    return out / "coco"
+    # --quick reuses the full set (on a subset) when present
+    return synthetic_coco(WORK / "synth", images=120 if quick else 700, seed=seed)
 
 
 def dense_checkpoint(quick: bool, seed: int, minutes: float) -> Path:

@@ -48,13 +48,9 @@ CEILING_RATIOS = (0.5, 0.75)
 
 def _data(quick: bool, seed: int) -> Path:
     """The synthetic COCO folder the train benchmark used (synthesised when missing)."""
-    out = WORK / ("synth_quick" if quick else "synth")
-    if (out / "coco" / "annotations" / "instances_val.json").is_file():
-        return out / "coco"
-    from perception.synthetic.generate import generate_dataset
+    from benchmarks._data import synthetic_coco
 
-    generate_dataset(out, images=120 if quick else 600, drives=0, seed=seed)
-    return out / "coco"
+    return synthetic_coco(WORK / ("synth_quick" if quick else "synth"), images=120 if quick else 600, seed=seed)
 
 
 def _dense_checkpoint(quick: bool, coco: Path, seed: int) -> Path:
