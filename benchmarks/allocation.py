@@ -285,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="fit the table's per-layer magnitudes to whole-graph probes (one per channel group)")
     p.add_argument("--probe-rounds", type=int, default=150, help="interleaved ORT rounds for the in-graph probes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="start from this dense checkpoint (e.g. benchmarks/_work/train_default/model.pt) instead of "
+                   "training one here; give --data with the COCO folder it was trained on")
+    p.add_argument("--data", type=Path, default=None, help="COCO folder (train/val) that goes with --checkpoint")
     p.add_argument("--latency-only", action="store_true", help="graph latency of the allocations at the 2x "
                    "target (isolated vs in-graph table); no fine-tune, no mAP")
     args = p.parse_args(argv)
@@ -300,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 
         latency_table(build_detector(**DEFAULT_DETECTOR), args.quick, args.threads)
         return 0
-    ckpt = dense_checkpoint(args.quick, args.seed, 0.5 if args.quick else args.dense_minutes)
+    if (args.checkpoint is None) != (args.data is None):
+        p.error("--checkpoint and --data go together: the fine-tune and the mAP must use the checkpoint's data")
+    ckpt = args.checkpoint or dense_checkpoint(args.quick, args.seed, 0.5 if args.quick else args.dense_minutes)
     log.info("dense checkpoint: %s", ckpt)
     if args.dense_only:
         return 0
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = 12 if args.quick else args.steps
     rounds = 10 if args.quick else args.rounds
-    coco = _data(args.quick, args.seed)
+    coco = args.data or _data(args.quick, args.seed)
     train_set, val_set = load_split(coco, "train"), load_split(coco, "val")
     if args.quick:
         train_set, val_set = subset(train_set, 64), subset(val_set, 16)
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "channel_multiple": MULTIPLE, "target_speedup_predicted": TARGET_SPEEDUP, "ramp_fraction": args.ramp, "table_smoothed": args.smooth,
         "budget_predicted_ms": budget, "dense_predicted_ms": dense_pred, "calibration": cal, "in_graph": in_graph,
         "auto_multiple": {"multiple": choice.multiple, "reason": choice.reason, "measured": choice.measured},
-        "val_images": len(val_set), "train_images": len(train_set), "wall_s": round(time.perf_counter() - t_start, 1),
+        "checkpoint": str(ckpt), "val_images": len(val_set), "train_images": len(train_set), "wall_s": round(time.perf_counter() - t_start, 1),
         "rows": rows,
     }
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("kept", "thresholds")}
