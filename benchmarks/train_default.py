@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=float, default=None, help="minutes between evaluations (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None,
+                   help="train exactly this many steps (no seconds-per-step probe, no time limit): a probe on a "
+                   "shared CPU can size the schedule to a few dozen steps")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -113,10 +116,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = build_detector(**DEFAULT_DETECTOR)
-    probe = default_train_settings(minutes, seed=args.seed)
-    sps = measure_seconds_per_step(model, train_set, probe)
-    settings = default_train_settings(minutes, seconds_per_step=sps, seed=args.seed)
-    log.info("%.2f s/step measured -> %d steps for %.1f min", sps, settings.steps, minutes)
+    if args.steps is not None:
+        if args.steps < 20:
+            p.error(f"--steps {args.steps}: use at least 20 (the warm-up alone is steps/10)")
+        settings = dataclasses.replace(default_train_settings(minutes, seed=args.seed), steps=args.steps,
+                                       warmup_steps=min(100, args.steps // 10),
+                                       checkpoint_every=max(50, args.steps // 10))
+        time_limit, sps = None, None
+        log.info("%d steps (fixed by --steps)", settings.steps)
+    else:
+        probe = default_train_settings(minutes, seed=args.seed)
+        sps = measure_seconds_per_step(model, train_set, probe)
+        settings = default_train_settings(minutes, seconds_per_step=sps, seed=args.seed)
+        time_limit = minutes * 60 + 30
+        log.info("%.2f s/step measured -> %d steps for %.1f min", sps, settings.steps, minutes)
 
     def eval_fn(m):
         return evaluate_model(m, curve_val).to_dict()
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = WORK / ("train_default_quick" if args.quick else "train_default")
     t0 = time.perf_counter()
     result = train(model, train_set, settings, out_dir=out_dir, resume=False, progress=True, eval_fn=eval_fn,
-                   eval_every_s=eval_every * 60, time_limit_s=minutes * 60 + 30)
+                   eval_every_s=eval_every * 60, time_limit_s=time_limit)
     wall = time.perf_counter() - t0
     final = evaluate_model(model, val_set)
     points = [{"minutes": 0.0, "step": 0, "map": 0.0, "map50": 0.0}]
