@@ -267,6 +267,30 @@ def pruned_variant(kind: str, ckpt: Path, table: Any, budget_ms: float, train_se
     return small, info
 
 
+def _variant_cache(ckpt: Path, steps: int, seed: int, ramp: float, budget_ms: float, quick: bool) -> Path:
+    """Folder for this run's fine-tuned variants, keyed by everything that shapes them."""
+    import hashlib
+
+    st = Path(ckpt).stat()
+    key = f"{Path(ckpt).resolve()}|{st.st_size}|{st.st_mtime_ns}|{steps}|{seed}|{ramp}|{budget_ms:.3f}|{quick}"
+    return WORK / "variants" / hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _save_variant(folder: Path, name: str, model: Any, info: dict[str, Any]) -> None:
+    from perception.models import save_checkpoint
+
+    save_checkpoint(folder / f"{name}.pt", model)
+    atomic_write_json(folder / f"{name}.json", info)  # written last: its presence marks the variant done
+
+
+def _load_variant(folder: Path, name: str) -> tuple[Any, dict[str, Any]] | None:
+    if not (folder / f"{name}.json").is_file():
+        return None
+    from perception.models import load_detector
+
+    return load_detector(folder / f"{name}.pt"), json.loads((folder / f"{name}.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -340,17 +364,30 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Any] = {}
     infos: dict[str, dict[str, Any]] = {}
     variants = [("uniform", False), ("latency", False)] + ([("latency", True)] if args.distill else [])
+    # Each fine-tuned variant is kept on disk: a run stopped part-way (shared CPU, a session's end)
+    # resumes at the next variant instead of re-training the finished ones.
+    done = _variant_cache(ckpt, steps, args.seed, args.ramp, budget, args.quick)
     for kind, distill in variants:
         name = f"{kind}+distill" if distill else kind
+        cached = _load_variant(done, name)
+        if cached is not None:
+            models[name], infos[name] = cached
+            log.info("variant %s: reused from %s", name, done)
+            continue
         log.info("variant %s: pruning to %.2f ms predicted over %d steps", name, budget, steps)
         models[name], infos[name] = pruned_variant(kind, ckpt, table, budget, train_set, steps, args.seed, distill, args.ramp,
                                                     args.threads)
+        _save_variant(done, name, models[name], infos[name])
         log.info("variant %s done: %s", name, {k: v for k, v in infos[name].items() if k not in ("kept", "thresholds")})
-    dense_long = load_detector(ckpt)
-    torch.manual_seed(args.seed)
-    secs = finetune(dense_long, train_set, steps, args.seed, threads=args.threads)
-    models = {"dense_long": dense_long.eval(), **models}
-    infos["dense_long"] = {"finetune_s": round(secs, 1), "params": sum(p.numel() for p in dense_long.parameters())}
+    cached = _load_variant(done, "dense_long")
+    if cached is None:
+        dense_long = load_detector(ckpt)
+        torch.manual_seed(args.seed)
+        secs = finetune(dense_long, train_set, steps, args.seed, threads=args.threads)
+        cached = dense_long, {"finetune_s": round(secs, 1), "params": sum(p.numel() for p in dense_long.parameters())}
+        _save_variant(done, "dense_long", *cached)
+    models = {"dense_long": cached[0].eval(), **models}
+    infos["dense_long"] = cached[1]
 
     ms = graph_latency(models, rounds, args.threads)  # all cores in the same interleaved rounds
     rows: dict[str, dict[str, Any]] = {}
