@@ -8,6 +8,7 @@ a checkpoint's tensors, decoding one frame per stream. Nothing here writes anyth
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ def checkpoint_identity(path: str | Path, *, full: bool = True) -> dict[str, Any
     from perception.models import read_checkpoint
 
     ckpt = read_checkpoint(path)  # torch.load(weights_only=True): pickled objects, damaged tensors
-    return _identity(path, ckpt if ckpt["format"] == CHECKPOINT_FORMAT else ckpt["state_dict"])
+    identity = _identity(path, ckpt if ckpt["format"] == CHECKPOINT_FORMAT else ckpt["state_dict"])
+    assert identity is not None  # read_checkpoint returns ours or a state_dict: _identity decides both
+    return identity
 
 
 def _identity(path: str | Path, obj: Any) -> dict[str, Any] | None:
@@ -76,8 +79,6 @@ def _identity(path: str | Path, obj: Any) -> dict[str, Any] | None:
 
 
 def _is_torch_tensor(v: Any) -> bool:
-    import sys
-
     torch = sys.modules.get("torch")  # never imported here: a tensor can only exist once torch is
     return torch is not None and isinstance(v, torch.Tensor)
 
