@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,7 @@ class Outcome:
     exit_code: int
     expected_code: int
     seconds: float
+    cpu_s: float  # the child's user + system CPU time: what the failure cost, whatever the load
     message: str
     one_line: bool
     words_found: bool
@@ -219,10 +221,10 @@ def _empty_coco(work: Path) -> Path:
 
 def run_case(case: Case) -> Outcome:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run([sys.executable, "-m", "avprune", *case.args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, _children_cpu() - cpu0
     err = proc.stderr.strip()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     message = lines[-1] if lines else ""
@@ -236,16 +238,21 @@ def run_case(case: Case) -> Outcome:
     if case.replays:  # the verdict line on stdout, not the replay's progress
         message = next((ln for ln in reversed(proc.stdout.splitlines()) if case.expect_words in ln), "")
     return Outcome(case.name, "gate" if case.replays else "bad input", f"avprune {shown}", proc.returncode,
-                   case.expect_code, round(seconds, 2), message, one_line, found, left, unsafe, case.replays,
+                   case.expect_code, round(seconds, 2), round(cpu_s, 2), message, one_line, found, left, unsafe, case.replays,
                    correct, ok)
 
 
-def torch_import_seconds() -> float:
-    """Seconds a fresh interpreter takes to ``import torch`` right now: the floor of any case
-    that must read a checkpoint's tensors, and a gauge of how loaded the machine is."""
-    t0 = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for children, cumulative
+    return usage.ru_utime + usage.ru_stime
+
+
+def torch_import_seconds() -> tuple[float, float]:
+    """Wall and CPU seconds a fresh interpreter takes to ``import torch`` right now: the floor of
+    any case that must read a checkpoint's tensors, and (wall / CPU) a gauge of the machine's load."""
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     subprocess.run([sys.executable, "-c", "import torch"], check=True, timeout=300)
-    return round(time.perf_counter() - t0, 2)
+    return round(time.perf_counter() - t0, 2), round(_children_cpu() - cpu0, 2)
 
 
 def _markdown(outcomes: list[Outcome], node_loss: dict | None, context: dict) -> str:
@@ -260,26 +267,30 @@ def _markdown(outcomes: list[Outcome], node_loss: dict | None, context: dict) ->
         f"{len(bad)} bad inputs through the real CLI (a fresh `python -m avprune` each, so imports count): "
         f"{sum(o.correct for o in bad)} / {len(bad)} exit with the expected code, one line, the expected words, "
         f"nothing written and no `weights_only` hint; {fast} / {len(bad)} fail in under {TARGET_S:g} s "
-        f"(median {np.median([o.seconds for o in bad]):.2f} s, max {max(o.seconds for o in bad):.2f} s), "
+        f"(median {np.median([o.seconds for o in bad]):.2f} s, max {max(o.seconds for o in bad):.2f} s; CPU time "
+        f"median {np.median([o.cpu_s for o in bad]):.2f} s, max {max(o.cpu_s for o in bad):.2f} s), "
         "all before any export, fine-tune or replay. "
         "Exit codes: 0 ok, 1 gate failed, 2 input or usage error, 3 internal error.",
         "",
         f"Machine state during the run: load average {context['load_before']} before, {context['load_after']} after "
-        f"(2 cores shared with other jobs); a fresh `python -c 'import torch'` took {context['torch_import_s']:.2f} s. "
-        "No bad input pays that import: checkpoints are first read without torch (`perception.io.peek_torch_file`: "
+        f"(2 cores shared with other jobs; this run at `nice -n 10`); a fresh `python -c 'import torch'` took "
+        f"{context['torch_import_s']:.2f} s ({context['torch_import_cpu_s']:.2f} s CPU): wall seconds above the CPU "
+        "seconds are time spent waiting for a core. "
+        f"{sum(o.cpu_s < context['torch_import_cpu_s'] for o in bad)} / {len(bad)} bad inputs fail in less CPU time "
+        "than that import alone, as they should: checkpoints are first read without torch (`perception.io.peek_torch_file`: "
         "random bytes, text, pickled objects, a plain state_dict and the detector/class identity), job files "
         "check detector names against a torch-free list (`perception.names`) and annotation files are read "
         "without torch (`perception.coco_json`); every tensor is still read by `torch.load(weights_only=True)` "
         "once the cheap checks pass.",
         "",
-        "| bad input | exit (expected) | seconds | ok | message |",
-        "|---|---:|---:|:-:|---|",
+        "| bad input | exit (expected) | seconds | CPU s | ok | message |",
+        "|---|---:|---:|---:|:-:|---|",
     ]
     lines += [_row(o) for o in bad]
     if gates:
         lines += ["", "Gate cases (not bad inputs: the run replays the stream on purpose, then the gate fails with "
                   "exit 1; the seconds are the replay's):", "",
-                  "| gate | exit (expected) | seconds | ok | verdict line |", "|---|---:|---:|:-:|---|"]
+                  "| gate | exit (expected) | seconds | CPU s | ok | verdict line |", "|---|---:|---:|---:|:-:|---|"]
         lines += [_row(o) for o in gates]
     if node_loss:
         lines += ["", f"Node loss ({node_loss.get('run_utc', '?')}; `--node-loss`): two `ray start` nodes on this "
@@ -295,7 +306,7 @@ def _row(o: Outcome) -> str:
     msg = o.message.replace("|", "\\|")
     msg = msg if len(msg) < 110 else msg[:107] + "..."
     verdict = "yes" if o.ok else ("slow" if o.correct else "NO")
-    return f"| {o.name} | {o.exit_code} ({o.expected_code}) | {o.seconds:.2f} | {verdict} | {msg} |"
+    return f"| {o.name} | {o.exit_code} ({o.expected_code}) | {o.seconds:.2f} | {o.cpu_s:.2f} | {verdict} | {msg} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             o = run_case(case)
             outcomes.append(o)
-            print(f"{'ok ' if o.ok else 'BAD'} {o.seconds:6.2f} s  exit {o.exit_code}  [{o.kind}] {o.name}: "
+            print(f"{'ok ' if o.ok else 'BAD'} {o.seconds:6.2f} s ({o.cpu_s:5.2f} s CPU)  exit {o.exit_code}  [{o.kind}] {o.name}: "
                   f"{o.message[:100]}", flush=True)
-        context["torch_import_s"] = torch_import_seconds()
+        context["torch_import_s"], context["torch_import_cpu_s"] = torch_import_seconds()
         context["load_after"] = _load()
         node_loss = _previous_node_loss()  # kept from the last --node-loss run unless rerun now
         if args.node_loss:
