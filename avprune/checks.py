@@ -8,8 +8,11 @@ a checkpoint's tensors, decoding one frame per stream. Nothing here writes anyth
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
+
+from perception.names import CHECKPOINT_FORMAT
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
@@ -17,52 +20,81 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth")
 def check_checkpoint(path: str | Path) -> None:
     """A .pt/.pth that torch reads safely and that says which detector it is; no model is built.
 
-    Text, random bytes and truncated archives fail before torch is imported; pickled objects and
-    damaged tensors at ``torch.load(weights_only=True)``; a plain state_dict with what to do from
-    the CLI (it cannot be rebuilt without the detector's name).
+    Text, random bytes, truncated archives, pickled objects and plain state_dicts fail before torch
+    is imported (:func:`checkpoint_identity` with ``full=False``); damaged tensors at
+    ``torch.load(weights_only=True)``.
     """
     checkpoint_identity(path)
 
 
-def checkpoint_identity(path: str | Path) -> dict[str, Any]:
+def checkpoint_identity(path: str | Path, *, full: bool = True) -> dict[str, Any]:
     """The detector a checkpoint says it is (``name``, ``num_classes``), read safely (no code runs).
+
+    First without torch (:func:`perception.io.peek_torch_file`, milliseconds): text, random bytes,
+    pickled Python objects and a plain state_dict are refused there. ``full=True`` then reads every
+    tensor with ``torch.load(weights_only=True)`` (seconds: the torch import); ``full=False`` stops
+    after the peek when it could tell the identity, so callers can run their other cheap checks
+    before paying for torch.
 
     A plain state_dict does not say which detector it is: refused with what to do from the CLI
     (``avprune train`` starts from one and writes a checkpoint that does).
     """
-    from perception.classes import DEFAULT_NUM_CLASSES
-    from perception.io import check_torch_file
+    from perception.io import peek_torch_file
+
+    peeked = _identity(path, peek_torch_file(path))
+    if peeked is not None and not full:
+        return peeked
     from perception.models import read_checkpoint
 
-    check_torch_file(path)  # text, random bytes: fail before torch is imported
     ckpt = read_checkpoint(path)  # torch.load(weights_only=True): pickled objects, damaged tensors
-    meta = ckpt.get("model") or {}
-    if "name" not in meta:
+    identity = _identity(path, ckpt if ckpt["format"] == CHECKPOINT_FORMAT else ckpt["state_dict"])
+    assert identity is not None  # read_checkpoint returns ours or a state_dict: _identity decides both
+    return identity
+
+
+def _identity(path: str | Path, obj: Any) -> dict[str, Any] | None:
+    """``name`` and ``num_classes`` from what a checkpoint file holds (None: cannot tell from ``obj``).
+
+    Mirrors :func:`perception.models.read_checkpoint`: an avprune checkpoint carries them; a dict of
+    tensors, or torchvision's ``{"model": state_dict, ...}``, is a plain state_dict and is refused.
+    """
+    from perception.classes import DEFAULT_NUM_CLASSES
+    from perception.io import PeekedTensor
+
+    def tensors(d: Any) -> bool:
+        return isinstance(d, dict) and all(isinstance(v, PeekedTensor) or _is_torch_tensor(v) for v in d.values())
+
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("format") == CHECKPOINT_FORMAT and "name" in (obj.get("model") or {}):
+        meta = obj["model"]
+        return {"name": str(meta["name"]), "num_classes": int(meta.get("num_classes", DEFAULT_NUM_CLASSES))}
+    if obj.get("format") == CHECKPOINT_FORMAT or tensors(obj) or tensors(obj.get("model")):
         raise ValueError(
             f"{path} is a plain state_dict: it does not say which detector or how many classes it has. "
             "Turn it into an avprune checkpoint with `avprune train TRAIN.yaml` (model.checkpoint: this file, "
             "model.name and model.num_classes it was trained with) and use the model.pt it writes"
         )
-    return {"name": str(meta["name"]), "num_classes": int(meta.get("num_classes", DEFAULT_NUM_CLASSES))}
+    return None
+
+
+def _is_torch_tensor(v: Any) -> bool:
+    torch = sys.modules.get("torch")  # never imported here: a tensor can only exist once torch is
+    return torch is not None and isinstance(v, torch.Tensor)
 
 
 def check_models(models: list[str], *, full: bool = True) -> None:
     """Every model exists; checkpoints among them are readable (a reference model included).
 
-    ``full=False`` only sniffs the files (no torch import): the cheap checks of every input run
+    ``full=False`` only peeks into the files (no torch import): the cheap checks of every input run
     first, so a bad stream or path is reported in a second, not after torch has loaded.
     """
-    from perception.io import check_torch_file
-
     for m in models:
         p = Path(m)
         if not p.exists():
             raise FileNotFoundError(f"model not found: {p}")
         if p.suffix.lower() in CHECKPOINT_SUFFIXES:
-            if full:
-                check_checkpoint(p)
-            else:
-                check_torch_file(p)
+            checkpoint_identity(p, full=full)
 
 
 def check_prune_job(config) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as e:
         if zipfile.is_zipfile(path) and "weights only load failed" in str(e).lower():
             log.debug("%s: weights-only load refused: %s", path, str(e).splitlines()[0])
-            raise CheckpointFileError(
-                f"{path} holds pickled Python objects (a whole saved model?), which avprune never loads: "
-                "save an avprune checkpoint (avprune train writes one) or the model's state_dict()"
-            ) from None
+            raise _pickled_objects_error(path) from None
         cause = e
     except Exception as e:  # noqa: BLE001 - zip, pickle and tensor errors come in many types
         cause = e
@@ -133,6 +131,104 @@ def check_torch_file(path: str | os.PathLike) -> Path:
     if not _looks_like_torch_file(path):
         raise CheckpointFileError(f"not a PyTorch checkpoint (or damaged): {path}")
     return path
+
+
+def _pickled_objects_error(path: Path) -> CheckpointFileError:
+    return CheckpointFileError(
+        f"{path} holds pickled Python objects (a whole saved model?), which avprune never loads: "
+        "save an avprune checkpoint (avprune train writes one) or the model's state_dict()"
+    )
+
+
+class PeekedTensor:
+    """A tensor :func:`peek_torch_file` saw in a checkpoint's pickle; its data was not read."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PeekedTensor()"
+
+
+class _Inconclusive(Exception):
+    """The pickle holds something only torch itself can judge."""
+
+
+# Modules torch's weights-only unpickler draws its default allow-list from (torch/_weights_only_unpickler.py,
+# ``_get_allowed_globals``). A global from any other module (a torchvision model, ``__main__``, ``os``), or an
+# ``nn.Module`` class (none is on the list), is refused by ``torch.load(weights_only=True)`` whatever its name.
+# avprune never widens the list (no ``add_safe_globals``), so such a file can be refused without torch.
+_WEIGHTS_ONLY_NAMESPACES = ("torch", "collections", "builtins", "__builtin__", "_codecs", "numpy")
+_MAX_PEEK_BYTES = 64 << 20  # a data.pkl holds the structure, not the tensors: tens of KB for a detector
+
+
+def _refused_by_weights_only(module: str) -> bool:
+    if module == "torch.nn.modules" or module.startswith("torch.nn.modules."):
+        return True
+    return not any(module == ns or module.startswith(f"{ns}.") for ns in _WEIGHTS_ONLY_NAMESPACES)
+
+
+def _peeked_tensor(*_args: Any) -> PeekedTensor:
+    return PeekedTensor()
+
+
+class _StorageType:
+    """Stands for ``torch.FloatStorage`` and the like: only passed around, never called."""
+
+
+# The globals torch.save writes for a dict of tensors (an avprune checkpoint, a state_dict), as inert stand-ins.
+_PEEK_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,  # a state_dict (its ``_metadata`` set by BUILD), a tensor's hooks
+    ("torch._utils", "_rebuild_tensor"): _peeked_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _peeked_tensor,
+    ("torch._utils", "_rebuild_parameter"): _peeked_tensor,
+}
+
+
+def peek_torch_file(path: str | os.PathLike) -> Any | None:
+    """What ``torch.load(path, weights_only=True)`` holds, read without importing torch (milliseconds).
+
+    Tensors come back as :class:`PeekedTensor` markers (their bytes are not read, so damage there is
+    found by :func:`load_torch_file` only). Raises :class:`CheckpointFileError` when torch would refuse
+    the file for sure: not a torch file (:func:`check_torch_file`), or pickled Python objects (a global
+    from outside the modules torch's weights-only loader accepts anything from). Returns None when only
+    torch can tell: the legacy format, a global from those modules this reader does not mimic, an
+    unusual or damaged pickle. No code from the file runs: every global maps to an inert stand-in.
+    """
+    import io
+    import pickle
+
+    path = check_torch_file(path)
+    if not zipfile.is_zipfile(path):
+        return None  # legacy pickle stream: tensors are inline, left to torch.load
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl"))
+        if info.file_size > _MAX_PEEK_BYTES:
+            return None
+        try:
+            data = z.read(info)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            return None  # torch.load names the damage
+
+    class _Peek(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if _refused_by_weights_only(module):
+                raise _pickled_objects_error(path)
+            if (module, name) in _PEEK_GLOBALS:
+                return _PEEK_GLOBALS[module, name]
+            if module == "torch" and name.endswith("Storage"):
+                return _StorageType
+            raise _Inconclusive(f"{module}.{name}")
+
+        def persistent_load(self, pid: Any) -> Any:
+            return None  # a tensor's storage record: the bytes stay in the archive
+
+    try:
+        return _Peek(io.BytesIO(data)).load()
+    except CheckpointFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - _Inconclusive, or any pickle this reader does not follow
+        log.debug("%s: peek inconclusive (%s: %s); torch.load decides", path, type(e).__name__, e)
+        return None
 
 
 def _looks_like_torch_file(path: Path) -> bool:

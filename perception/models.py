@@ -17,11 +17,11 @@ from torch import nn
 
 from perception.classes import DEFAULT_NUM_CLASSES
 from perception.io import atomic_torch_save, load_torch_file
+from perception.names import CHECKPOINT_FORMAT
 from pruning.registry import Registry
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "avprune-checkpoint"
 CHECKPOINT_VERSION = 1
 
 

@@ -2,17 +2,25 @@
 
 Sections: detectors and frames for export/runtime/engine tests; a tiny COCO split for the
 perception tests; a small conv net for the pruning tests; recorded streams (KITTI folder, MCAP);
-fake runtimes on a simulated clock for the real-time tests.
+fake runtimes on a simulated clock for the real-time tests; tiny prune jobs (their assets, the
+``assets`` fixture, job files, a Ray cluster's ports and stop) for the prune-job, reliability and
+two-node tests. No test module imports another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+import yaml
 from torch import nn
 
 from deploy.realtime import SimulatedClock
@@ -337,3 +345,118 @@ def flops_ms(module: nn.Module, input_shape: tuple[int, ...]) -> float:
         h, w = module(torch.zeros(input_shape)).shape[-2:]
     k = module.kernel_size[0] * module.kernel_size[1]
     return 1e-5 * input_shape[0] * (module.in_channels // module.groups) * module.out_channels * k * h * w + 1e-4
+
+
+# ----------------------------------------------------------------------------- tiny prune jobs (Ray, CLI, reliability)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _write_coco(root: Path, n_train: int = 16, n_val: int = 8, seed: int = 0) -> Path:
+    """A tiny COCO folder: coloured boxes on noise, 96x96 PNGs, categories 1..7."""
+    from PIL import Image
+
+    from perception.classes import DRIVE_CLASSES
+
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(DRIVE_CLASSES)]
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / split).mkdir(exist_ok=True)
+        images, anns = [], []
+        for i in range(n):
+            img = rng.integers(0, 60, size=(96, 96, 3), dtype=np.uint8)
+            for _ in range(int(rng.integers(1, 3))):
+                x, y = rng.integers(0, 56, size=2)
+                w, h = rng.integers(16, 40, size=2)
+                c = int(rng.integers(1, 8))
+                img[y : y + h, x : x + w] = np.array([c * 30 % 255, 200, 255 - c * 30], np.uint8)
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "bbox": [int(x), int(y), int(w), int(h)],
+                             "area": int(w * h), "iscrowd": 0})
+            Image.fromarray(img).save(root / split / f"{i:04d}.png")
+            images.append({"id": i + 1, "file_name": f"{i:04d}.png", "width": 96, "height": 96})
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats})
+        )
+    return root
+
+
+def tiny_job(assets: dict[str, Path], out: Path, **changes) -> dict:
+    """The tiny example job pointed at the module's assets, with dotted-key changes."""
+    data = yaml.safe_load((ROOT / "avprune/config/examples/prune_tiny.yaml").read_text())
+    data["model"]["checkpoint"] = str(assets["ckpt"])
+    data["data"] = {"source": "coco", "root": str(assets["coco"]), "val_images": 6}
+    data["output_dir"] = str(out)
+    data["cache_dir"] = str(assets["base"] / "cache")
+    # A loose budget and the cubic ramp: every candidate prunes and is feasible whatever the
+    # (noisy, shared-machine) latency; the infeasible test below drives the budget controller.
+    data["budget"].update({"speedup": None, "latency_ms": 1000.0})
+    data["pruning"]["controller"] = "cubic"
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return data
+
+
+def _quiet_head(model) -> None:
+    """Bias SSD's class logits towards background: an untrained head then emits few boxes,
+    which keeps NMS (and so every evaluation and latency measurement) cheap in these tests."""
+    for conv in model.head.classification_head.module_list:
+        last = [m for m in conv.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.bias.view(-1, 8)[:, 0] = 8.0
+
+
+def make_job_assets(base: Path) -> dict[str, Path]:
+    """The tiny job's inputs: a COCO folder (16 train, 8 val) and a quiet-headed SSDlite-128 checkpoint."""
+    from perception.models import save_checkpoint
+
+    base.mkdir(parents=True, exist_ok=True)
+    coco = _write_coco(base / "coco")
+    torch.manual_seed(0)
+    model = build_detector("ssdlite320_mobilenet_v3_large", image_size=128)
+    _quiet_head(model)
+    save_checkpoint(base / "dense.pt", model)
+    return {"coco": coco, "ckpt": base / "dense.pt", "base": base}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """:func:`make_job_assets` once per test module (any module may ask for it)."""
+    return make_job_assets(tmp_path_factory.mktemp("assets"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_cluster(ray_tmpdir: str) -> None:
+    """Terminate (then kill) the processes of the cluster that uses ``ray_tmpdir``."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            mine = ray_tmpdir in " ".join(p.info["cmdline"] or []) or (p.info["environ"] or {}).get("RAY_TMPDIR") == ray_tmpdir
+        except (psutil.Error, TypeError):
+            continue
+        if mine and p.pid != os.getpid():
+            procs.append(p)
+    # The raylet's agents retitle themselves (ray::DashboardAgent) and do not inherit RAY_TMPDIR;
+    # as its children they are found before anything is stopped (else they outlive it, orphaned).
+    for p in list(procs):
+        with contextlib.suppress(psutil.Error):
+            procs.extend(c for c in p.children(recursive=True) if c not in procs)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()

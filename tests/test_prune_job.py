@@ -6,18 +6,14 @@ checkpoint: they test plumbing (Ray, Tune, fault tolerance, artifacts), not accu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -28,63 +24,7 @@ from avprune.prune_job.records import Point
 from avprune.prune_job.runner import Stage, run_stages
 from avprune.prune_job.select import choose, pareto_front
 from avprune.prune_job.state import StageStore
-from tests.conftest import write_tiny_coco
-
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-
-
-# ----------------------------------------------------------------------------- fixtures
-
-
-def _write_coco(root: Path, n_train: int = 16, n_val: int = 8, seed: int = 0) -> Path:
-    """A tiny COCO folder: coloured boxes on noise, 96x96 PNGs, categories 1..7."""
-    from PIL import Image
-
-    from perception.classes import DRIVE_CLASSES
-
-    rng = np.random.default_rng(seed)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    cats = [{"id": i + 1, "name": n} for i, n in enumerate(DRIVE_CLASSES)]
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / split).mkdir(exist_ok=True)
-        images, anns = [], []
-        for i in range(n):
-            img = rng.integers(0, 60, size=(96, 96, 3), dtype=np.uint8)
-            for _ in range(int(rng.integers(1, 3))):
-                x, y = rng.integers(0, 56, size=2)
-                w, h = rng.integers(16, 40, size=2)
-                c = int(rng.integers(1, 8))
-                img[y : y + h, x : x + w] = np.array([c * 30 % 255, 200, 255 - c * 30], np.uint8)
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "bbox": [int(x), int(y), int(w), int(h)],
-                             "area": int(w * h), "iscrowd": 0})
-            Image.fromarray(img).save(root / split / f"{i:04d}.png")
-            images.append({"id": i + 1, "file_name": f"{i:04d}.png", "width": 96, "height": 96})
-        (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats})
-        )
-    return root
-
-
-def tiny_job(assets: dict[str, Path], out: Path, **changes) -> dict:
-    """The tiny example job pointed at the module's assets, with dotted-key changes."""
-    data = yaml.safe_load((ROOT / "avprune/config/examples/prune_tiny.yaml").read_text())
-    data["model"]["checkpoint"] = str(assets["ckpt"])
-    data["data"] = {"source": "coco", "root": str(assets["coco"]), "val_images": 6}
-    data["output_dir"] = str(out)
-    data["cache_dir"] = str(assets["base"] / "cache")
-    # A loose budget and the cubic ramp: every candidate prunes and is feasible whatever the
-    # (noisy, shared-machine) latency; the infeasible test below drives the budget controller.
-    data["budget"].update({"speedup": None, "latency_ms": 1000.0})
-    data["pruning"]["controller"] = "cubic"
-    for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
-    return data
-
+from tests.conftest import PY, ROOT, _free_port, _stop_cluster, tiny_job, write_tiny_coco
 
 # ----------------------------------------------------------------------------- stage records
 
@@ -212,32 +152,6 @@ def test_pareto_front_drops_dominated_points():
 # ----------------------------------------------------------------------------- real tiny jobs
 
 
-def _quiet_head(model) -> None:
-    """Bias SSD's class logits towards background: an untrained head then emits few boxes,
-    which keeps NMS (and so every evaluation and latency measurement) cheap in these tests."""
-    import torch
-
-    for conv in model.head.classification_head.module_list:
-        last = [m for m in conv.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-        with torch.no_grad():
-            last.bias.view(-1, 8)[:, 0] = 8.0
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    import torch
-
-    from perception.models import build_detector, save_checkpoint
-
-    base = tmp_path_factory.mktemp("assets")
-    coco = _write_coco(base / "coco")
-    torch.manual_seed(0)
-    model = build_detector("ssdlite320_mobilenet_v3_large", image_size=128)
-    _quiet_head(model)
-    save_checkpoint(base / "dense.pt", model)
-    return {"coco": coco, "ckpt": base / "dense.pt", "base": base}
-
-
 @pytest.fixture(scope="module")
 def ray_local():
     from avprune.prune_job.ray_exec import ray_session
@@ -362,12 +276,6 @@ def test_driver_killed_then_resume_selects_the_same_candidate(assets, reference,
     assert third.returncode == 0 and f"candidate {selected}" in stdout3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_cluster():
     """A real `ray start --head` on 127.0.0.1 (auth off for this throwaway cluster), stopped after.
@@ -394,31 +302,6 @@ def ray_cluster():
     finally:
         _stop_cluster(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _stop_cluster(ray_tmpdir: str) -> None:
-    """Terminate (then kill) the processes of the cluster that uses ``ray_tmpdir``."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline", "environ"]):
-        try:
-            mine = ray_tmpdir in " ".join(p.info["cmdline"] or []) or (p.info["environ"] or {}).get("RAY_TMPDIR") == ray_tmpdir
-        except (psutil.Error, TypeError):
-            continue
-        if mine and p.pid != os.getpid():
-            procs.append(p)
-    # The raylet's agents retitle themselves (ray::DashboardAgent) and do not inherit RAY_TMPDIR;
-    # as its children they are found before anything is stopped (else they outlive it, orphaned).
-    for p in list(procs):
-        with contextlib.suppress(psutil.Error):
-            procs.extend(c for c in p.children(recursive=True) if c not in procs)
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        p.kill()
 
 
 def test_address_runs_on_an_existing_cluster_and_infeasible_budget_exits_1(assets, tmp_path, ray_cluster):

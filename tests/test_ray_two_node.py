@@ -2,7 +2,7 @@
 
 Two nodes are started with ``ray start`` on this machine: a head and a worker, each with 1 CPU,
 its own custom resource, its own ``--temp-dir`` and a capped object store (small /dev/shm). The
-tiny job (``tests.test_prune_job``'s assets) runs through the CLI with ``--address``. A watcher
+tiny job (``tests.conftest``'s ``assets``) runs through the CLI with ``--address``. A watcher
 maps each trial's worker process to its node (the process's command line names its raylet's
 socket, inside that node's temp dir); once a trial on the worker node has written its first
 training checkpoint, the worker node's raylet is SIGKILLed. The job must still finish on the head
@@ -31,7 +31,7 @@ import yaml
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-from tests.test_prune_job import PY, ROOT, _free_port, _stop_cluster, assets, tiny_job  # noqa: E402,F401
+from tests.conftest import PY, ROOT, _free_port, _stop_cluster, make_job_assets, tiny_job  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -145,24 +145,9 @@ def _watch(cluster: TwoNodes, out: Path, seen: dict[str, list[tuple[int, str]]],
         time.sleep(0.2)
 
 
-def make_assets(base: Path) -> dict[str, Path]:
-    """The tiny job's assets outside pytest (the benchmark's run): a COCO folder and a dense checkpoint."""
-    import torch
-
-    from perception.models import build_detector, save_checkpoint
-    from tests.test_prune_job import _quiet_head, _write_coco
-
-    base.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = build_detector("ssdlite320_mobilenet_v3_large", image_size=128)
-    _quiet_head(model)
-    save_checkpoint(base / "dense.pt", model)
-    return {"coco": _write_coco(base / "coco"), "ckpt": base / "dense.pt", "base": base}
-
-
-def run_node_loss(work: Path, assets: dict[str, Path] | None = None) -> dict:  # noqa: F811 - not the fixture
+def run_node_loss(work: Path, assets: dict[str, Path] | None = None) -> dict:
     """Run the tiny job on two nodes, lose the worker node mid-search; what happened, as data."""
-    assets = assets or make_assets(work / "assets")
+    assets = assets or make_job_assets(work / "assets")
     out = work / "job"
     job = work / "job.yaml"
     job.write_text(yaml.safe_dump(tiny_job(assets, out, **{"search.max_failures": 3})))
@@ -201,7 +186,7 @@ def run_node_loss(work: Path, assets: dict[str, Path] | None = None) -> dict:  #
     }
 
 
-def test_job_survives_losing_the_worker_node(assets, tmp_path):  # noqa: F811 - the imported fixture
+def test_job_survives_losing_the_worker_node(assets, tmp_path):  # assets: the conftest fixture
     run = run_node_loss(tmp_path, assets)
     assert run["exit_code"] == 0, run["stderr_tail"]
     assert {n for nodes in run["trial_nodes"].values() for n in nodes} == {"head", "worker"}, run  # spread

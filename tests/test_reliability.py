@@ -104,7 +104,7 @@ def test_pickled_module_is_refused_without_suggesting_unsafe_load(tmp_path, caps
 def test_corrupt_checkpoint_in_prune_writes_no_output_folder(tmp_path, capsys, kind):
     import yaml
 
-    from tests.test_prune_job import ROOT, _write_coco
+    from tests.conftest import ROOT, _write_coco
 
     bad = _corrupt_files(tmp_path)[kind]
     job = yaml.safe_load((ROOT / "avprune/config/examples/prune_tiny.yaml").read_text())

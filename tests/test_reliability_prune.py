@@ -20,7 +20,7 @@ import yaml
 import avprune.prune_job.ray_exec
 from avprune.cli import main
 from avprune.config.prune import PruneJobConfig
-from tests.test_prune_job import ROOT, _write_coco
+from tests.conftest import ROOT, _write_coco
 
 pytestmark = pytest.mark.timeout(120)
 

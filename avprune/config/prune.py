@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -37,10 +38,14 @@ class ModelSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from perception.models import list_detectors
+        # The torch-free name list: a job file is checked in milliseconds, before torch is imported.
+        # A detector registered at run time (perception.models.register_detector) is in the registry only.
+        from perception.names import DETECTOR_NAMES
 
-        if v not in list_detectors():
-            raise ValueError(f"unknown detector {v!r}; valid names: {', '.join(list_detectors())}")
+        models = sys.modules.get("perception.models")
+        names = sorted({*DETECTOR_NAMES, *(models.list_detectors() if models is not None else ())})
+        if v not in names:
+            raise ValueError(f"unknown detector {v!r}; valid names: {', '.join(names)}")
         return v
 
     @field_validator("checkpoint")
