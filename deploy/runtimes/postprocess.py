@@ -8,8 +8,8 @@ array in numpy (a torch op costs ~5-10 us of dispatch here; these arrays hold a 
 
 1. a conservative pre-filter on the logits: a foreground score ``softmax(x)_c`` is at most
    ``exp(x_c - x_0)`` (the denominator holds the background term), so only anchors with some
-   ``x_c - x_0 > log(score_thresh)`` can pass; the softmax then runs on those rows only (a row's
-   softmax does not depend on other rows);
+   ``x_c - x_0 > log(score_thresh)`` can pass; torch's softmax then runs on those rows only (a row's
+   softmax does not depend on other rows: the scores are bit-identical to torchvision's);
 2. the score threshold, keeping ``(image, anchor, class)`` triples of the survivors, and
    torchvision's per-class top-k (``topk_candidates`` per image and class) as one sort, skipped
    when no class of any image has more survivors than ``k``;
@@ -111,9 +111,13 @@ class SSDPost:
                 take = None
             else:
                 if order is None:  # candidates grouped by image, best first, and their rank in the image
-                    order = np.lexsort((-score, img))
-                    img_sorted = img[order]
-                    rank = np.arange(order.size) - np.searchsorted(img_sorted, img_sorted)
+                    if n == 1:
+                        order = np.argsort(-score, kind="stable")
+                        rank = np.arange(order.size)
+                    else:
+                        order = np.lexsort((-score, img))
+                        img_sorted = img[order]
+                        rank = np.arange(order.size) - np.searchsorted(img_sorted, img_sorted)
                 take = order[rank < limit]
             t_img, t_anchor, t_cls, t_score = (img, anchor, cls, score) if take is None else (
                 img[take], anchor[take], cls[take], score[take])
@@ -146,18 +150,20 @@ class SSDPost:
         over the foreground classes."""
         n, a, c = logits.shape
         flat = logits.reshape(n * a, c)
-        if self.score_thresh > 0:
+        if self.score_thresh > 0 and c > 1:
             # softmax(x)_c <= exp(x_c - x_0): rows where no foreground logit beats the background by
-            # log(thresh) cannot pass (a margin of 1e-3 in log space absorbs float rounding)
-            bound = math.log(self.score_thresh) - 1e-3
-            rows = np.flatnonzero((flat[:, 1:] - flat[:, :1] > bound).any(axis=1))
+            # log(thresh) cannot pass (a margin of 1e-3 in log space absorbs float rounding). The max
+            # over classes column by column: numpy's reduction over a short last axis is 4x slower.
+            best = flat[:, 1].copy()
+            for j in range(2, c):
+                np.maximum(best, flat[:, j], out=best)
+            best -= flat[:, 0]
+            rows = np.flatnonzero(best > math.log(self.score_thresh) - 1e-3)
         else:
             rows = np.arange(n * a)
-        # softmax on those rows only, torch's formula exp(x - max) / sum in float32 (numpy's exp may
-        # differ from torch's in the last bit: scores agree to ~1e-7)
-        x = flat[rows]
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        probs = (e / e.sum(axis=1, keepdims=True))[:, 1:]
+        # torch's softmax on those rows (its kernel works row by row: the scores are bit-identical
+        # to torchvision's softmax over the whole tensor; numpy's is 2x slower on thousands of rows)
+        probs = torch.softmax(torch.from_numpy(flat[rows]), dim=-1).numpy()[:, 1:]
         r, cls = np.nonzero(probs > self.score_thresh)
         score = probs[r, cls]
         row = rows[r]
