@@ -228,9 +228,13 @@ class JobEnv:
         blocks = max(int(blocks), BASELINE_BLOCKS)
         with self._runtime(model, work_dir / "latency_probe.onnx") as rt:
             if b.end_to_end:  # one batch of budget.batch frames per call, as measure_latency times it
-                call, batch = rt.infer, self.timing_frames
+                fn, batch = rt.infer, self.timing_frames
             else:  # the graph alone, on the batch pre-processed once
-                call, batch = rt.run, rt.preprocess(self.timing_frames)
+                fn, batch = rt.run, rt.preprocess(self.timing_frames)
+
+            def call(x: Any) -> None:  # returns nothing: a returned mapping would read as stage timings
+                fn(x)
+
             return time_paired({"dense": call}, [batch], blocks=blocks,
                                block_size=max(1, -(-b.measure_iters // blocks)), warmup=3)
 
