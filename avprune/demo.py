@@ -75,19 +75,34 @@ def _summary(out: Path, walls: dict[str, float]) -> str:
     report = json.loads((out / "prune" / "report.json").read_text())
     validation = json.loads((out / "validate" / "report.json").read_text())
     dense, pruned = report["dense"], report["pruned"]
-    # overall[0] is the gated (pruned) model, overall[1] the dense reference
-    e2e = {"pruned": validation["overall"][0]["stats"], "dense": validation["overall"][1]["stats"]}
+    ft = report.get("frame_timing")
     table = Table(title=f"avprune demo: dense vs pruned ({report['runtime']}, {report['device']}, "
                         f"{report['threads']} threads)")
-    cols = ("model", "mAP", "AP50", "model p50 ms", "model p99 ms", "frame p50 ms", "frame p99 ms",
-            "params (M)", "GMACs", "speed-up (model)", "speed-up (frame)")
+    if ft:  # graph, frame and stages of both models from one paired run of the prune job
+        cols = ("model", "mAP", "AP50", "graph p50 ms", "graph p99 ms", "frame p50 ms", "frame p99 ms",
+                "pre ms", "decode+NMS ms", "params (M)", "GMACs", "speed-up (graph)", "speed-up (frame)")
+    else:  # a prune job folder from before issue #13: frames from avprune validate
+        cols = ("model", "mAP", "AP50", "model p50 ms", "model p99 ms", "frame p50 ms", "frame p99 ms",
+                "params (M)", "GMACs", "speed-up (model)", "speed-up (frame)")
     for col in cols:
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, row in (("dense", dense), ("pruned", pruned)):
+        head = (name, f"{row['map']:.3f}", f"{row['map50']:.3f}")
+        size = (f"{row['params'] / 1e6:.2f}", f"{row['gmacs']:.3f}")
+        if ft:
+            t, d = ft[name], ft["dense"]
+            table.add_row(
+                *head, f"{t['graph']['p50_ms']:.2f}", f"{t['graph']['p99_ms']:.2f}", f"{t['frame']['p50_ms']:.2f}",
+                f"{t['frame']['p99_ms']:.2f}", f"{t['preprocess']['p50_ms']:.2f}", f"{t['decode_nms']['p50_ms']:.2f}",
+                *size, f"{d['graph']['p50_ms'] / t['graph']['p50_ms']:.2f}x",
+                f"{d['frame']['p50_ms'] / t['frame']['p50_ms']:.2f}x",
+            )
+            continue
+        # overall[0] is the gated (pruned) model, overall[1] the dense reference
+        e2e = {"pruned": validation["overall"][0]["stats"], "dense": validation["overall"][1]["stats"]}
         table.add_row(
-            name, f"{row['map']:.3f}", f"{row['map50']:.3f}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}",
-            f"{e2e[name]['p50_ms']:.2f}", f"{e2e[name]['p99_ms']:.2f}", f"{row['params'] / 1e6:.2f}",
-            f"{row['gmacs']:.3f}", f"{dense['p50_ms'] / row['p50_ms']:.2f}x",
+            *head, f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}",
+            f"{e2e[name]['p50_ms']:.2f}", f"{e2e[name]['p99_ms']:.2f}", *size, f"{dense['p50_ms'] / row['p50_ms']:.2f}x",
             f"{e2e['dense']['p50_ms'] / e2e[name]['p50_ms']:.2f}x",
         )
     console = Console(record=True, width=160)
@@ -95,11 +110,20 @@ def _summary(out: Path, walls: dict[str, float]) -> str:
     if not report.get("feasible", True):
         console.print(f"[bold red]budget NOT met[/]: {report['infeasible']['message']} "
                       "(the 'pruned' row is the best trade-off reached)")
-    console.print(
-        "model = the engine's graph as the prune job measured it (its latency budget: "
-        f"{report['latency_budget_ms']:.2f} ms, mAP floor {report['map_floor']:.3f}); frame = end to end per "
-        "frame on the recorded drive (decode + pre-processing + model + decoding/NMS), from avprune validate."
-    )
+    if ft:
+        fs = ft["frame_speedup"]
+        console.print(
+            f"graph and frame (pre-processing + graph + decode/NMS, batch 1) from one paired run of the prune job "
+            f"({ft['blocks']} blocks, models alternating frame by frame): frame speed-up {fs['ratio']:.2f}x "
+            f"[{fs['low']:.2f}, {fs['high']:.2f}] (95% CI); the job's latency budget: "
+            f"{report['latency_budget_ms']:.2f} ms, mAP floor {report['map_floor']:.3f}."
+        )
+    else:
+        console.print(
+            "model = the engine's graph as the prune job measured it (its latency budget: "
+            f"{report['latency_budget_ms']:.2f} ms, mAP floor {report['map_floor']:.3f}); frame = end to end per "
+            "frame on the recorded drive (decode + pre-processing + model + decoding/NMS), from avprune validate."
+        )
     cm, al = report.get("channel_multiple") or {}, report.get("allocation") or {}
     console.print(
         "the mAP floor is judged against the dense checkpoint the job starts from (its measured mAP minus "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -157,40 +158,76 @@ def _survivors(rt: Any, raws: list[dict[str, np.ndarray]], thr: float) -> float:
     return float(np.median(counts))
 
 
+def _onnx_nms(num_classes: int, iou: float) -> Any:
+    """An ORT session holding one ONNX ``NonMaxSuppression`` (what an in-graph NMS would run per frame)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from deploy.runtimes.ort_session import make_session
+
+    consts = [helper.make_tensor("max_out", TensorProto.INT64, [1], [1 << 20]),
+              helper.make_tensor("iou", TensorProto.FLOAT, [1], [iou]),
+              helper.make_tensor("thr", TensorProto.FLOAT, [1], [0.0])]
+    graph = helper.make_graph(
+        [helper.make_node("NonMaxSuppression", ["boxes", "scores", "max_out", "iou", "thr"], ["selected"])],
+        "nms", [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, "n", 4]),
+                helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, num_classes, "n"])],
+        [helper.make_tensor_value_info("selected", TensorProto.INT64, ["k", 3])], initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = WORK / "engine" / "nms_only.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return make_session(path, device="cpu", threads=1)
+
+
 def nms_alternatives(rt: Any, frames: list[np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
-    """The candidates of each frame at 0.01 through three batched-NMS implementations, paired."""
+    """The candidates of each frame at 0.01 through four batched-NMS implementations, paired."""
     import cv2
     import torch
     from torchvision.ops import batched_nms
 
-    from deploy.runtimes.postprocess import SSDPost, _nms_grouped
+    from deploy.runtimes.postprocess import SSDPost, nms_grouped
     from deploy.timing import time_paired
 
     rt.post.model.score_thresh = 0.01
     ssd = SSDPost.from_model(rt.post.model, rt.post.anchors(1)[0], rt.meta.image_size)
+    c = rt.meta.num_classes - 1
     sets = []
     for f in frames:
         raw = rt.run(rt.preprocess([f]))
-        img, anchor, cls, score = ssd._candidates(torch.softmax(torch.from_numpy(raw["cls_logits"]), -1)[:, :, 1:])
-        boxes = ssd._decode(torch.from_numpy(raw["bbox_regression"])[img, anchor], ssd.anchors[anchor])
-        b = boxes.numpy()
+        _, anchor, cls, score = ssd._candidates(raw["cls_logits"])
+        b = ssd._decode(raw["bbox_regression"][0, anchor], anchor)
         rects = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1).astype(np.float32)
-        sets.append((boxes, score, cls, rects, score.numpy(), cls.numpy().astype(np.int32)))
+        per_class = np.zeros((1, c, len(score)), np.float32)  # ONNX NMS: one score row per class
+        per_class[0, cls, np.arange(len(score))] = score
+        sets.append({"boxes": b, "score": score, "cls": cls, "t_boxes": torch.from_numpy(b),
+                     "t_score": torch.from_numpy(score), "t_cls": torch.from_numpy(cls), "rects": rects,
+                     "cls32": cls.astype(np.int32), "onnx_boxes": b[None], "onnx_scores": per_class})
     iou = ssd.nms_thresh
+    session = _onnx_nms(c, iou)
 
-    def cv(s):
-        return np.asarray(cv2.dnn.NMSBoxesBatched(s[3], s[4], s[5], 0.0, iou)).reshape(-1)
+    def onnx_nms(s: dict) -> np.ndarray:
+        sel = session.run(None, {"boxes": s["onnx_boxes"], "scores": s["onnx_scores"]})[0]
+        sel = sel[s["cls"][sel[:, 2]] == sel[:, 1]]  # a box only counts in its own class's row
+        return sel[:, 2]
 
     calls = {
-        "torchvision.ops.batched_nms": lambda s: batched_nms(s[0], s[1], s[2], iou),
-        "one nms, shifted groups (ours)": lambda s: _nms_grouped(s[0], s[1], s[2], iou),
-        "cv2.dnn.NMSBoxesBatched": cv,
+        "torchvision.ops.batched_nms": lambda s: batched_nms(s["t_boxes"], s["t_score"], s["t_cls"], iou),
+        "one nms, shifted groups (ours)": lambda s: nms_grouped(s["boxes"], s["score"], s["cls"], iou),
+        "cv2.dnn.NMSBoxesBatched": lambda s: np.asarray(
+            cv2.dnn.NMSBoxesBatched(s["rects"], s["score"], s["cls32"], 0.0, iou)).reshape(-1),
+        "ONNX NonMaxSuppression (ORT)": onnx_nms,
     }
+
+    def kept(name: str, s: dict) -> set[int]:
+        out = calls[name](s)
+        return set((out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)).tolist())
+
     with rt._host_threads():
         timing = time_paired(calls, sets, reference="torchvision.ops.batched_nms", **_alternate(args, len(sets)))
-        exact = {name: all(set(fn(s).tolist()) == set(batched_nms(s[0], s[1], s[2], iou).tolist()) for s in sets)
-                 for name, fn in calls.items()}
-    return {**timing.to_dict(), "exact": exact, "candidates_per_frame_p50": float(np.median([len(s[1]) for s in sets]))}
+        exact = {name: all(kept(name, s) == kept("torchvision.ops.batched_nms", s) for s in sets) for name in calls}
+    return {**timing.to_dict(), "exact": exact,
+            "candidates_per_frame_p50": float(np.median([len(s["score"]) for s in sets]))}
 
 
 def parity(rt: Any, val: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -264,7 +301,8 @@ def _measure(name: str, engine: Path, val: Any, args: argparse.Namespace) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dense", type=Path, default=None, help="dense checkpoint (default: train_default's)")
+    p.add_argument("--checkpoint", "--dense", dest="checkpoint", type=Path, default=None,
+                   help=f"trained dense checkpoint (default: {WORK / 'train_default' / 'model.pt'} when present)")
     p.add_argument("--data", default=None, help="COCO root (default: benchmarks/_work synthetic data)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--blocks", type=int, default=None,
@@ -296,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     val = load_split(root, "val", train=False)
     work = WORK / "engine"
     work.mkdir(parents=True, exist_ok=True)
-    dense_ckpt = args.dense or _first(WORK / "train_default" / "model.pt", WORK / "train_default_quick" / "model.pt")
+    load_before = os.getloadavg()
+    dense_ckpt = args.checkpoint or _first(WORK / "train_default" / "model.pt", WORK / "train_default_quick" / "model.pt")
     notes = []
     if dense_ckpt is None:
         dense = build_detector("ssdlite320_mobilenet_v3_large").eval()
@@ -337,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                "params": {r["name"]: r["params"] for r in rows}, "pruned_how": pruned_how,
                "dense_checkpoint": str(dense_ckpt), "notes": notes, "threads": args.threads, "blocks": args.blocks,
                "frames": len(frames), "frame_size": list(frames[0].shape[:2]), "quick": args.quick,
-               "machine": machine_line(), "seconds": round(time.perf_counter() - t0, 1)}
+               "machine": machine_line(), "seconds": round(time.perf_counter() - t0, 1),
+               "load_average": {"start": [round(x, 2) for x in load_before],
+                                "end": [round(x, 2) for x in os.getloadavg()]}}
     ASSETS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(ASSETS / "engine.json", payload)
     text = _markdown(payload, args, val, dense_ckpt)
@@ -405,6 +446,11 @@ def _markdown(r: dict[str, Any], args: argparse.Namespace, val: Any, dense_ckpt:
               f"| frame, after | {f(sd['p50_ms'])} | {f(sp['p50_ms'])} | frame_speedup {ci(g['frame_speedup'])} |",
               f"| frame, before | {f(g['frame_before']['summaries']['dense']['p50_ms'])} | "
               f"{f(g['frame_before']['summaries']['pruned']['p50_ms'])} | {ci(g['frame_speedup_before'])} |"]
+    st = g["frame"]["stages"]
+    lines += ["", "Per-stage split of the paired frame run, p50 ms (dense / pruned): " + ", ".join(
+        f"{name} {f(st['dense'][key]['p50_ms'])} / {f(st['pruned'][key]['p50_ms'])}"
+        for key, name in (("preprocess", "preprocess"), ("graph", "graph"), ("postprocess", "decode + NMS")))
+        + f". Load average (1, 5, 15 min) at start {r['load_average']['start']}, at end {r['load_average']['end']}."]
     if r["rows"]:
         base = r["rows"][0]
         lines += ["", "| model | params (M) | e2e p50 ms | e2e p99 ms | graph p50 ms | speed-up (graph p50) | mAP | AP50 |",

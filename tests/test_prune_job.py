@@ -345,6 +345,11 @@ def test_budget_below_the_tables_reach_stops_before_fine_tuning(assets, ray_loca
     assert "budget.latency_ms: 0.01 ms" in msg and "nearest feasible budget: latency_ms >=" in msg
     assert e.value.nearest_latency_ms > 0.01
     assert StageStore(out).finished() == ["baseline"] and not (out / "search").exists()
+    # issue #13: the budget's dense p50 is the median of >= 5 timed blocks, each recorded
+    base = StageStore(out).load("baseline")
+    blocks = base["latency_blocks_ms"]
+    assert len(blocks) >= 5 and base["latency"]["p50_ms"] == pytest.approx(float(np.median(blocks)))
+    assert base["latency_spread"]["min_ms"] == min(blocks) and base["dense"]["p50_ms"] == base["latency"]["p50_ms"]
 
 
 def test_allocation_controller_with_blocks_tiny_job(assets, ray_local, tmp_path):

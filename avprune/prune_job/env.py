@@ -11,15 +11,16 @@ by ``deploy.timing`` (end to end, or the graph alone when ``budget.end_to_end`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from avprune.config.prune import PruneJobConfig
 
@@ -28,13 +29,15 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from deploy.timing import LatencySummary
+    from deploy.timing import LatencySummary, PairedTiming
     from deploy.verify import VerifiedExport
     from perception.data import CocoDetectionDataset
 
 log = logging.getLogger(__name__)
 
 LayerFilter = Callable[[str, "nn.Module"], bool]
+#: Timed blocks behind the baseline latency (the budget): their median p50, and their spread
+BASELINE_BLOCKS = 5
 
 
 @dataclass(frozen=True)
@@ -208,21 +211,65 @@ class JobEnv:
 
     def measure_latency(self, model: nn.Module, work_dir: Path) -> LatencySummary:
         """Latency per batch of ``model`` on the budget's runtime, device and thread count."""
-        import torch
-
-        from deploy.runtimes import open_runtime
         from deploy.timing import measure_latency
 
         b = self.config.budget
+        with self._runtime(model, work_dir / "latency_probe.onnx") as rt:
+            # one batch of budget.batch frames per call
+            return measure_latency(rt, [self.timing_frames], warmup=3, iters=b.measure_iters, end_to_end=b.end_to_end)
+
+    def measure_latency_blocks(self, model: nn.Module, work_dir: Path, blocks: int = BASELINE_BLOCKS) -> PairedTiming:
+        """``model``'s latency per batch as ``blocks`` (>= 5) timed blocks of ``budget.measure_iters``
+        calls in all (:func:`deploy.timing.time_paired` with one model): the median of the blocks'
+        p50s is a budget that one slow block cannot move, and their spread says how far to trust it."""
+        from deploy.timing import time_paired
+
+        b = self.config.budget
+        blocks = max(int(blocks), BASELINE_BLOCKS)
+        with self._runtime(model, work_dir / "latency_probe.onnx") as rt:
+            if b.end_to_end:  # one batch of budget.batch frames per call, as measure_latency times it
+                fn, batch = rt.infer, self.timing_frames
+            else:  # the graph alone, on the batch pre-processed once
+                fn, batch = rt.run, rt.preprocess(self.timing_frames)
+
+            def call(x: Any) -> None:  # returns nothing: a returned mapping would read as stage timings
+                fn(x)
+
+            return time_paired({"dense": call}, [batch], blocks=blocks,
+                               block_size=max(1, -(-b.measure_iters // blocks)), warmup=3)
+
+    def frame_timing(self, dense: nn.Module, pruned: nn.Module, work_dir: Path, *, frames: int = 8,
+                     blocks: int = BASELINE_BLOCKS) -> PairedTiming:
+        """Dense and pruned, whole frames (pre-processing, graph, decode + NMS), batch 1, paired and
+        interleaved on the same ``frames`` val frames (:func:`deploy.timing.time_runtimes`): frame
+        and per-stage summaries of both models from one run, and the frame speed-up with its interval."""
+        from deploy.timing import time_runtimes
+
+        val = self.val_set
+        images = [val.load_image(i % len(val)) for i in range(frames)]
+        with self._runtime(dense, work_dir / "frame_dense.onnx") as d, \
+                self._runtime(pruned, work_dir / "frame_pruned.onnx") as p:
+            # one frame per block entry, the models alternating frame by frame (the closest pairing)
+            return time_runtimes({"dense": d, "pruned": p}, images, reference="dense",
+                                 blocks=max(blocks, 2) * len(images), block_size=1, warmup=2)
+
+    @contextlib.contextmanager
+    def _runtime(self, model: nn.Module, onnx_path: Path) -> Iterator[Any]:
+        """``model`` opened on the budget's runtime, device and thread count (exported to ``onnx_path``
+        unless the runtime is PyTorch)."""
+        import torch
+
+        from deploy.runtimes import open_runtime
+
+        b = self.config.budget
         model = model.eval()
-        target: nn.Module | Path = model if b.runtime == "pytorch" else self.export_core(model, work_dir / "latency_probe.onnx")
+        target: nn.Module | Path = model if b.runtime == "pytorch" else self.export_core(model, onnx_path)
         # Pre/post-processing run in torch: give them the budget's threads too, as deployed.
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(b.threads)
         try:
             with open_runtime(target, backend=b.runtime, device=b.device, threads=b.threads) as rt:
-                # one batch of budget.batch frames per call
-                return measure_latency(rt, [self.timing_frames], warmup=3, iters=b.measure_iters, end_to_end=b.end_to_end)
+                yield rt
         finally:
             torch.set_num_threads(torch_threads)
 

@@ -32,6 +32,8 @@ from perception.io import atomic_write_bytes
 if TYPE_CHECKING:
     from torch import nn
 
+    from deploy.timing import LatencySummary, PairedTiming
+
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +78,24 @@ def with_latency_shares(channels: dict[str, dict[str, Any]], table_path: Path) -
         if n in ms and total > 0:
             v["latency_share"] = ms[n] / total
     return channels
+
+
+def frame_figures(timing: PairedTiming) -> JSONDict:
+    """Graph and frame p50/p99 of dense and pruned from ONE paired run, the per-stage split
+    (preprocess, graph, decode + NMS) and both speed-ups (frame: with its bootstrap interval)."""
+    def pp(s: LatencySummary) -> JSONDict:
+        return {"p50_ms": s.p50_ms, "p99_ms": s.p99_ms}
+
+    models = {
+        name: {"frame": pp(timing.summaries[name]), "preprocess": pp(timing.stages[name]["preprocess"]),
+               "graph": pp(timing.stages[name]["graph"]), "decode_nms": pp(timing.stages[name]["postprocess"])}
+        for name in ("dense", "pruned")
+    }
+    return {**models,
+            "frame_speedup": timing.ratios["pruned"].to_dict(),
+            "graph_speedup": models["dense"]["graph"]["p50_ms"] / models["pruned"]["graph"]["p50_ms"],
+            "blocks": timing.blocks, "block_size": timing.block_size,
+            "how": "deploy.timing.time_runtimes: batch 1, val frames, the models alternating frame by frame"}
 
 
 def run(ctx: StageContext) -> FinalizeRecord:
@@ -144,6 +164,10 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "onnx_verification": verified.to_dict(),
         "config": cfg.model_dump(mode="json"),
     }
+    ctx.progress.stage_start("finalize", note="paired frame timing")
+    doc["frame_timing"] = frame_figures(env.frame_timing(env.load_dense(), model, out / "work"))
+    doc["baseline_latency"] = {"p50_ms": base.latency.p50_ms, "blocks_ms": list(base.latency_blocks_ms),
+                               "spread": base.latency_spread()}
     ctx.progress.stage_start("finalize", note="report")
     write_report_json(out / "report.json", doc)
     write_report_html(out / "report.html", doc, table)

@@ -125,22 +125,37 @@ class BaselineRecord:
     latency_budget_ms: float
     map_floor: float
     val_images: int
+    # p50 of each timed block; latency.p50_ms is their median (records before issue #13: one run, none)
+    latency_blocks_ms: tuple[float, ...] = ()
 
     @property
     def note(self) -> str:
         return (f"mAP {self.dense.map:.3f}, p50 {self.latency.p50_ms:.2f} ms -> budget {self.latency_budget_ms:.2f} ms, "
                 f"floor {self.map_floor:.3f}")
 
+    def latency_spread(self) -> JSONDict:
+        """How far one block's p50 strays from the median the budget uses (empty for older records)."""
+        b = self.latency_blocks_ms
+        if not b:
+            return {}
+        med = self.latency.p50_ms
+        return {"blocks": len(b), "median_ms": med, "min_ms": min(b), "max_ms": max(b),
+                "max_rel_dev": max(abs(x - med) for x in b) / med if med > 0 else math.nan}
+
     def to_dict(self) -> JSONDict:
-        return {"dense": self.dense.to_dict(), "latency": self.latency.to_dict(),
-                "latency_budget_ms": self.latency_budget_ms, "map_floor": self.map_floor,
-                "val_images": self.val_images, "note": self.note}
+        d = {"dense": self.dense.to_dict(), "latency": self.latency.to_dict(),
+             "latency_budget_ms": self.latency_budget_ms, "map_floor": self.map_floor,
+             "val_images": self.val_images, "note": self.note}
+        if self.latency_blocks_ms:
+            d.update(latency_blocks_ms=list(self.latency_blocks_ms), latency_spread=self.latency_spread())
+        return d
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> BaselineRecord:
         return cls(dense=ModelSummary.from_dict(d["dense"]), latency=latency_from_dict(d["latency"]),
                    latency_budget_ms=float(d["latency_budget_ms"]), map_floor=float(d["map_floor"]),
-                   val_images=int(d["val_images"]))
+                   val_images=int(d["val_images"]),
+                   latency_blocks_ms=tuple(float(x) for x in d.get("latency_blocks_ms", ())))
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,7 @@ def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None)
         f"Selected <b>{html.escape(doc['candidate_id'])}</b>: {doc['speedup']:.2f}&times; faster.</p>",
         _infeasible_banner(doc),
         summary,
+        frame_section(doc),
         "<h2>Candidates</h2>",
         _table(doc.get("measured", []), ["candidate_id", "map", "map50", "p50_ms", "p99_ms", "params", "gmacs"]),
         _table([{k: c.get(k) for k in ("candidate_id", "importance", "controller", "ramp", "status", "steps")}
@@ -247,3 +248,21 @@ def _infeasible_banner(doc: JSONDict) -> str:
     message = (doc.get("infeasible") or {}).get("message", "the budget was not met")
     return ("<p style='background:#fdecea;border:1px solid #d93025;padding:8px'><b>Budget NOT met.</b> "
             f"{html.escape(message)}. The model below is the best trade-off reached (best_tradeoff.*).</p>")
+
+
+def frame_section(doc: JSONDict) -> str:
+    """Graph and frame p50/p99 of dense and pruned from one paired run, and the per-stage split."""
+    ft = doc.get("frame_timing")
+    if not ft:
+        return ""
+    rows = [{"model": m, **{f"{stage} {q}": ft[m][stage][f"{q}_ms"] for stage in ("frame", "graph", "preprocess",
+                                                                                  "decode_nms") for q in ("p50", "p99")}}
+            for m in ("dense", "pruned")]
+    fs = ft["frame_speedup"]
+    spread = (doc.get("baseline_latency") or {}).get("spread") or {}
+    note = (f" Baseline (the budget's dense p50): median of {spread['blocks']} blocks, {spread['min_ms']:.2f}-"
+            f"{spread['max_ms']:.2f} ms." if spread else "")
+    return (f"<h2>Whole frames, paired (ms)</h2><p>Frame speed-up <b>{fs['ratio']:.2f}&times;</b> "
+            f"[{fs['low']:.2f}, {fs['high']:.2f}], graph speed-up {ft['graph_speedup']:.2f}&times; "
+            f"({html.escape(ft['how'])}).{note}</p>"
+            + _table(rows, list(rows[0])))

@@ -74,7 +74,7 @@ class DetectorRuntime:
     """
 
     info: RuntimeInfo
-    #: torch threads for pre/post-processing. These are small ops: more threads only add
+    #: torch and OpenCV threads for pre/post-processing. These are small ops: more threads only add
     #: fork/join overhead and fight the backend's own thread pool (measured on 2 cores: post
     #: 4 ms with 1 thread, 10-300 ms with 2 threads next to a busy ONNX Runtime pool).
     host_threads: int = 1
@@ -101,16 +101,23 @@ class DetectorRuntime:
 
     @contextlib.contextmanager
     def _host_threads(self) -> Iterator[None]:
+        """torch's and OpenCV's thread counts set to ``host_threads`` for the block (both are
+        process-wide settings; each switch costs < 1 us)."""
+        import cv2
         import torch
 
-        before = torch.get_num_threads()
+        before, before_cv = torch.get_num_threads(), cv2.getNumThreads()
         if before != self.host_threads:
             torch.set_num_threads(self.host_threads)
+        if before_cv != self.host_threads:
+            cv2.setNumThreads(self.host_threads)
         try:
             yield
         finally:
             if before != self.host_threads:
                 torch.set_num_threads(before)
+            if before_cv != self.host_threads:
+                cv2.setNumThreads(before_cv)
 
     def __enter__(self) -> DetectorRuntime:
         return self
@@ -137,6 +144,8 @@ class DetectorRuntime:
         raise NotImplementedError(f"{type(self).__name__} has no stage-2 runner")
 
     def postprocess(self, raw: Any, prepared: Prepared) -> list[Detections]:
+        if self.form == "core" and self.meta.family == "ssd":  # numpy throughout: no torch dispatch per op
+            return self._ssd_postprocess(raw, prepared)
         import torch
 
         from deploy.core_graph import to_frame_coords
@@ -147,12 +156,6 @@ class DetectorRuntime:
         with self._host_threads(), torch.no_grad():
             if self.form == "full":
                 dets = [{k: tensor(v) for k, v in d.items()} for d in raw]
-            elif self.meta.family == "ssd":  # decode + NMS of the survivors only, one NMS for the batch
-                from deploy.runtimes.postprocess import SSDPost
-
-                # knobs read per call: a user may change the skeleton's score_thresh after opening
-                ssd = SSDPost.from_model(self.post.model, self.post.anchors(1)[0], self.meta.image_size)
-                dets = ssd.detect(tensor(raw["bbox_regression"]), tensor(raw["cls_logits"]))
             else:
                 dets = self.post.detect({k: tensor(v) for k, v in raw.items()}, prepared.input_sizes, self._stage2)
             return [
@@ -160,9 +163,43 @@ class DetectorRuntime:
                 for d, rs, os_ in zip(dets, prepared.input_sizes, prepared.original_sizes, strict=True)
             ]
 
+    def _ssd_postprocess(self, raw: Any, prepared: Prepared) -> list[Detections]:
+        """Decode + NMS of the survivors only, one NMS for the batch (:mod:`deploy.runtimes.postprocess`)."""
+        from deploy.runtimes.postprocess import SSDPost
+
+        def array(v: Any) -> np.ndarray:
+            return v if isinstance(v, np.ndarray) else v.detach().cpu().numpy()
+
+        # knobs read per call (a user may change the skeleton's score_thresh after opening); the
+        # decoder with its anchor arrays is rebuilt only when they change
+        knobs = SSDPost.knobs(self.post.model)
+        cached = getattr(self, "_ssd_cache", None)
+        if cached is None or cached[0] != knobs:
+            cached = self._ssd_cache = (knobs, SSDPost.from_model(self.post.model, self.post.anchors(1)[0],
+                                                                  self.meta.image_size))
+        with self._host_threads():
+            dets = cached[1].detect_arrays(array(raw["bbox_regression"]), array(raw["cls_logits"]))
+        return [
+            frame_detections(d, rs, os_)
+            for d, rs, os_ in zip(dets, prepared.input_sizes, prepared.original_sizes, strict=True)
+        ]
+
     def infer(self, frames: Sequence[np.ndarray]) -> list[Detections]:
         prepared = self.preprocess(frames)
         return self.postprocess(self.run(prepared), prepared)
+
+
+def frame_detections(det: tuple[np.ndarray, np.ndarray, np.ndarray], resized: tuple[int, int],
+                     original: tuple[int, int]) -> Detections:
+    """Canvas (boxes, scores, labels) of one image -> its frame's pixels (``core_graph.to_frame_coords``
+    in numpy: the same float32 multiply and clamp)."""
+    boxes, scores, labels = det
+    (rh, rw), (oh, ow) = resized, original
+    scale = np.array([ow / rw, oh / rh, ow / rw, oh / rh], dtype=np.float32)
+    hi = np.array([ow, oh, ow, oh], dtype=np.float32)
+    out = np.multiply(boxes.reshape(-1, 4), scale, dtype=np.float32)
+    np.clip(out, 0, hi, out=out)
+    return Detections(boxes=out, scores=scores.astype(np.float32, copy=False), labels=labels.astype(np.int64, copy=False))
 
 
 def cpu_name() -> str:

@@ -1,16 +1,20 @@
-"""SSD decoding and NMS at the cost of what survives the score threshold.
+"""SSD decoding and NMS at the cost of what survives the score threshold, in numpy.
 
 torchvision's ``SSD.postprocess_detections`` decodes every anchor of every image, then loops in
 Python over images and classes (threshold, top-k, concatenate) before one NMS per image. At the
-deployed threshold (0.01) only a few hundred of the ``anchors x classes`` scores survive, so we
-reorder the same arithmetic and do it once for the whole batch:
+deployed threshold (0.01) a trained detector leaves a few hundred of the ``anchors x classes``
+scores, so we reorder the same arithmetic, do it once for the whole batch, and keep every small
+array in numpy (a torch op costs ~5-10 us of dispatch here; these arrays hold a few hundred rows):
 
-1. softmax over classes (all of it: every score needs the full denominator), then the score
-   threshold, keeping ``(image, anchor, class)`` triples of the survivors;
-2. torchvision's per-class top-k (``topk_candidates`` per image and class) on the survivors only,
-   as one sort (skipped when no class of any image has more survivors than ``k``);
-3. decode only the survivors' boxes (torchvision's ``BoxCoder.decode_single`` arithmetic, row by
-   row, so each box is the same float computation) and clip them to the canvas;
+1. a conservative pre-filter on the logits: a foreground score ``softmax(x)_c`` is at most
+   ``exp(x_c - x_0)`` (the denominator holds the background term), so only anchors with some
+   ``x_c - x_0 > log(score_thresh)`` can pass; torch's softmax then runs on those rows only (a row's
+   softmax does not depend on other rows: the scores are bit-identical to torchvision's);
+2. the score threshold, keeping ``(image, anchor, class)`` triples of the survivors, and
+   torchvision's per-class top-k (``topk_candidates`` per image and class) as one sort, skipped
+   when no class of any image has more survivors than ``k``;
+3. decode only the survivors' boxes (torchvision's ``BoxCoder.decode_single`` float32 arithmetic,
+   with the anchors' widths and centres computed once) and clip them to the canvas;
 4. ONE ``torchvision.ops.nms`` call for the batch, with each (image, class) group moved to its own
    region of the plane (the coordinate trick of ``torchvision.ops.batched_nms``) in float64, so no
    group can suppress another and the shifted coordinates lose no precision;
@@ -20,22 +24,25 @@ Greedy NMS decides each box from higher-scored boxes only, so NMS over each imag
 ``2 x detections_per_img`` candidates decides those exactly; only when an image keeps fewer than
 ``detections_per_img`` of them does the next, larger prefix run.
 
-The result equals ``postprocess_detections`` at the same threshold and top-k (same boxes, scores
-and labels). Where scores tie exactly, which of the tied boxes the top-k and NMS keep is
-implementation-defined in torchvision too, and may differ. Alternatives measured side by side in
-:mod:`benchmarks.engine`: ``cv2.dnn.NMSBoxesBatched`` kept the same boxes but was 2-8x slower;
-``torchvision.ops.batched_nms`` (one NMS per class above 1000 boxes, a Python loop) beats the single
-shifted call on thousands of candidates (NMS costs ~ kept x candidates), which the prefix above
-avoids for a trained detector at a deployed threshold.
+The result equals ``postprocess_detections`` at the same threshold and top-k (same scores and
+labels, boxes to float rounding: numpy's and torch's ``exp`` may differ in the last bit). Where
+scores tie exactly, which of the tied boxes the top-k and NMS keep is implementation-defined in
+torchvision too, and may differ. Alternatives measured side by side in :mod:`benchmarks.engine`
+(``cv2.dnn.NMSBoxesBatched``, ``torchvision.ops.batched_nms``, the torch version of this module).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+#: (boxes float32 (K, 4) x1, y1, x2, y2 on the canvas, scores float32 (K,), labels int64 (K,)) of one image
+ImageDets = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -50,104 +57,157 @@ class SSDPost:
     topk_candidates: int
     weights: tuple[float, float, float, float]
     bbox_xform_clip: float
+    # anchor widths/heights (A, 2) and centres (A, 2), float32, as decode_single computes them
+    _size: np.ndarray = field(init=False, repr=False, compare=False)
+    _ctr: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        a = self.anchors.detach().to(torch.float32).cpu().numpy()
+        size = a[:, 2:] - a[:, :2]
+        object.__setattr__(self, "_size", np.ascontiguousarray(size))
+        object.__setattr__(self, "_ctr", np.ascontiguousarray(a[:, :2] + np.float32(0.5) * size))
+
+    @staticmethod
+    def knobs(model: Any) -> tuple[float, float, int, int, tuple[float, ...], float]:
+        """The post-processing settings of a torchvision SSD (what a cached :class:`SSDPost` depends on)."""
+        coder = model.box_coder
+        return (float(model.score_thresh), float(model.nms_thresh), int(model.detections_per_img),
+                int(model.topk_candidates), tuple(float(w) for w in coder.weights), float(coder.bbox_xform_clip))
 
     @staticmethod
     def from_model(model: Any, anchors: Tensor, canvas: tuple[int, int]) -> SSDPost:
         """Read the knobs from a torchvision SSD (or its post-processing skeleton)."""
-        coder = model.box_coder
+        score, nms, per_img, topk, weights, clip = SSDPost.knobs(model)
         return SSDPost(
             anchors=anchors.detach().to(torch.float32).contiguous(), canvas=(int(canvas[0]), int(canvas[1])),
-            score_thresh=float(model.score_thresh), nms_thresh=float(model.nms_thresh),
-            detections_per_img=int(model.detections_per_img), topk_candidates=int(model.topk_candidates),
-            weights=tuple(float(w) for w in coder.weights), bbox_xform_clip=float(coder.bbox_xform_clip),
+            score_thresh=score, nms_thresh=nms, detections_per_img=per_img, topk_candidates=topk,
+            weights=weights, bbox_xform_clip=clip,
         )
 
     def detect(self, bbox_regression: Tensor, cls_logits: Tensor) -> list[dict[str, Tensor]]:
-        """Raw head outputs ``[N, A, 4]`` and ``[N, A, C]`` -> per-image boxes/scores/labels (canvas)."""
+        """Raw head outputs ``[N, A, 4]`` and ``[N, A, C]`` (tensors) -> per-image boxes/scores/labels tensors."""
+        out = self.detect_arrays(_np(bbox_regression), _np(cls_logits))
+        return [{"boxes": torch.from_numpy(b), "scores": torch.from_numpy(s), "labels": torch.from_numpy(lab)}
+                for b, s, lab in out]
+
+    def detect_arrays(self, bbox_regression: np.ndarray, cls_logits: np.ndarray) -> list[ImageDets]:
+        """Raw head outputs ``[N, A, 4]`` and ``[N, A, C]`` (float32 arrays) -> per image (boxes, scores,
+        labels) on the canvas, best first."""
         n, a, c = cls_logits.shape
-        if bbox_regression.shape != (n, a, 4) or self.anchors.shape != (a, 4):
+        if bbox_regression.shape != (n, a, 4) or self._size.shape != (a, 2):
             raise ValueError(
                 f"SSD outputs disagree: bbox_regression {tuple(bbox_regression.shape)}, cls_logits "
                 f"{tuple(cls_logits.shape)}, anchors {tuple(self.anchors.shape)}; re-export the model"
             )
-        img, anchor, cls, score = self._candidates(torch.softmax(cls_logits, dim=-1)[:, :, 1:])
-        per_image = torch.bincount(img, minlength=n)
+        img, anchor, cls, score = self._candidates(cls_logits)
+        per_image = np.bincount(img, minlength=n)
         limit = max(2 * self.detections_per_img, 1)
         # Greedy NMS decides each box from the higher-scored boxes only, so NMS over each image's best
         # `limit` candidates decides those exactly. Once an image keeps detections_per_img of them,
         # its lower-scored candidates cannot make the output. (Usually every candidate fits at once.)
         order = rank = None
         while True:
-            if int(per_image.max()) <= limit:
-                take = torch.arange(score.numel())
+            if per_image.max(initial=0) <= limit:
+                take = None
             else:
                 if order is None:  # candidates grouped by image, best first, and their rank in the image
-                    order = torch.sort(score, descending=True, stable=True).indices
-                    if n > 1:
-                        order = order[torch.sort(img[order], stable=True).indices]
-                    img_sorted = img[order]
-                    rank = torch.arange(order.numel()) - torch.searchsorted(img_sorted, img_sorted)
+                    if n == 1:
+                        order = np.argsort(-score, kind="stable")
+                        rank = np.arange(order.size)
+                    else:
+                        order = np.lexsort((-score, img))
+                        img_sorted = img[order]
+                        rank = np.arange(order.size) - np.searchsorted(img_sorted, img_sorted)
                 take = order[rank < limit]
-            boxes = self._decode(bbox_regression[img[take], anchor[take]], self.anchors[anchor[take]])
-            kept = _nms_grouped(boxes, score[take], img[take] * (c - 1) + cls[take], self.nms_thresh)
-            kept_per_image = torch.bincount(img[take][kept], minlength=n)
+            t_img, t_anchor, t_cls, t_score = (img, anchor, cls, score) if take is None else (
+                img[take], anchor[take], cls[take], score[take])
+            boxes = self._decode(bbox_regression[t_img, t_anchor], t_anchor)
+            kept = nms_grouped(boxes, t_score, t_img * (c - 1) + t_cls, self.nms_thresh)
+            kept_per_image = np.bincount(t_img[kept], minlength=n)
             short = (kept_per_image < self.detections_per_img) & (per_image > limit)
-            if not bool(short.any()):
+            if not short.any():
                 break
             # grow the prefix to where the keep rate seen so far would give detections_per_img (+25%)
             worst = max(int(kept_per_image[short].min()), 1)
             limit = max(2 * limit, int(1.25 * limit * self.detections_per_img / worst) + 1)
-        take_k = take[kept]
-        img_k, boxes, score_k, labels = img[take_k], boxes[kept], score[take_k], cls[take_k] + 1
-        if n > 1:  # kept is sorted by score (descending); a stable sort by image keeps that order per image
-            by_image = torch.sort(img_k, stable=True).indices
-            img_k, boxes, score_k, labels = img_k[by_image], boxes[by_image], score_k[by_image], labels[by_image]
+        img_k, boxes, score_k, labels = t_img[kept], boxes[kept], t_score[kept], t_cls[kept].astype(np.int64) + 1
+        if n == 1:
+            k = min(kept.size, self.detections_per_img)
+            return [(boxes[:k], score_k[:k], labels[:k])]
+        # kept is sorted by score (descending); a stable sort by image keeps that order per image
+        by_image = np.argsort(img_k, kind="stable")
+        img_k, boxes, score_k, labels = img_k[by_image], boxes[by_image], score_k[by_image], labels[by_image]
         out, start = [], 0
         for count in kept_per_image.tolist():
             stop = start + min(count, self.detections_per_img)
-            out.append({"boxes": boxes[start:stop], "scores": score_k[start:stop], "labels": labels[start:stop]})
+            out.append((boxes[start:stop], score_k[start:stop], labels[start:stop]))
             start += count
         return out
 
-    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(image, anchor, class, score) of the foreground scores above the threshold, at most
-        ``topk_candidates`` per image and class (torchvision's per-class top-k)."""
-        hit = scores > self.score_thresh
-        k = min(self.topk_candidates, scores.shape[1])
-        if int(hit.sum(dim=1).max()) <= k:  # the usual case at a deployed threshold: no top-k to apply
-            img, anchor, cls = hit.nonzero(as_tuple=True)
-            return img, anchor, cls, scores[img, anchor, cls]
-        values, index = scores.transpose(1, 2).topk(k, dim=2)  # [N, C-1, k], one call for every class
-        img, cls, j = (values > self.score_thresh).nonzero(as_tuple=True)
-        return img, index[img, cls, j], cls, values[img, cls, j]
+        ``topk_candidates`` per image and class (torchvision's per-class top-k). ``class`` is 0-based
+        over the foreground classes."""
+        n, a, c = logits.shape
+        flat = logits.reshape(n * a, c)
+        if self.score_thresh > 0 and c > 1:
+            # softmax(x)_c <= exp(x_c - x_0): rows where no foreground logit beats the background by
+            # log(thresh) cannot pass (a margin of 1e-3 in log space absorbs float rounding). The max
+            # over classes column by column: numpy's reduction over a short last axis is 4x slower.
+            best = flat[:, 1].copy()
+            for j in range(2, c):
+                np.maximum(best, flat[:, j], out=best)
+            best -= flat[:, 0]
+            rows = np.flatnonzero(best > math.log(self.score_thresh) - 1e-3)
+        else:
+            rows = np.arange(n * a)
+        # torch's softmax on those rows (its kernel works row by row: the scores are bit-identical
+        # to torchvision's softmax over the whole tensor; numpy's is 2x slower on thousands of rows)
+        probs = torch.softmax(torch.from_numpy(flat[rows]), dim=-1).numpy()[:, 1:]
+        r, cls = np.nonzero(probs > self.score_thresh)
+        score = probs[r, cls]
+        row = rows[r]
+        img, anchor = np.divmod(row, a) if n > 1 else (np.zeros_like(row), row)
+        k = min(self.topk_candidates, a)
+        if cls.size > k:
+            group = img * (c - 1) + cls
+            counts = np.bincount(group)
+            if counts.max() > k:  # rank within each (image, class) by score; keep the best k
+                order = np.lexsort((-score, group))
+                g = group[order]
+                rank = np.arange(order.size) - np.searchsorted(g, g)
+                keep = np.sort(order[rank < k])
+                img, anchor, cls, score = img[keep], anchor[keep], cls[keep], score[keep]
+        return img, anchor, cls, score
 
-    def _decode(self, rel: Tensor, anchors: Tensor) -> Tensor:
-        """torchvision's ``BoxCoder.decode_single`` on rows, then ``clip_boxes_to_image``."""
-        widths = anchors[:, 2] - anchors[:, 0]
-        heights = anchors[:, 3] - anchors[:, 1]
-        ctr_x = anchors[:, 0] + 0.5 * widths
-        ctr_y = anchors[:, 1] + 0.5 * heights
+    def _decode(self, rel: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+        """torchvision's ``BoxCoder.decode_single`` on rows (float32), then ``clip_boxes_to_image``."""
+        size, ctr = self._size[anchor], self._ctr[anchor]
         wx, wy, ww, wh = self.weights
-        dx, dy = rel[:, 0] / wx, rel[:, 1] / wy
-        dw = torch.clamp(rel[:, 2] / ww, max=self.bbox_xform_clip)
-        dh = torch.clamp(rel[:, 3] / wh, max=self.bbox_xform_clip)
-        pred_ctr_x = dx * widths + ctr_x
-        pred_ctr_y = dy * heights + ctr_y
-        half_w = 0.5 * (torch.exp(dw) * widths)
-        half_h = 0.5 * (torch.exp(dh) * heights)
+        rel = rel.astype(np.float32, copy=False)
+        d_ctr = rel[:, :2] / np.array([wx, wy], dtype=np.float32)
+        d_size = np.minimum(rel[:, 2:] / np.array([ww, wh], dtype=np.float32), np.float32(self.bbox_xform_clip))
+        pred_ctr = d_ctr * size + ctr
+        half = np.float32(0.5) * (np.exp(d_size) * size)
         h, w = self.canvas
-        return torch.stack((
-            (pred_ctr_x - half_w).clamp(0, w), (pred_ctr_y - half_h).clamp(0, h),
-            (pred_ctr_x + half_w).clamp(0, w), (pred_ctr_y + half_h).clamp(0, h),
-        ), dim=1)
+        hi = np.array([w, h], dtype=np.float32)
+        out = np.empty((rel.shape[0], 4), dtype=np.float32)
+        np.clip(pred_ctr - half, 0, hi, out=out[:, :2])
+        np.clip(pred_ctr + half, 0, hi, out=out[:, 2:])
+        return out
 
 
-def _nms_grouped(boxes: Tensor, scores: Tensor, group: Tensor, iou: float) -> Tensor:
-    """One NMS over all groups: boxes of different groups never overlap after the shift."""
-    from torchvision.ops import nms
+def nms_grouped(boxes: np.ndarray, scores: np.ndarray, group: np.ndarray, iou: float) -> np.ndarray:
+    """One NMS over all groups (indices into ``boxes``, best first): boxes of different groups never
+    overlap after the shift (float64: the shifted coordinates are exact)."""
+    import torchvision.ops  # noqa: F401  (registers torch.ops.torchvision)
 
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    b = boxes.to(torch.float64)
-    shift = group.to(torch.float64) * (b.max() + 1.0)
-    return nms(b + shift[:, None], scores.to(torch.float64), iou)
+    if boxes.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    b = boxes.astype(np.float64)
+    b += (group.astype(np.float64) * (float(b.max()) + 1.0))[:, None]
+    return torch.ops.torchvision.nms(torch.from_numpy(b), torch.from_numpy(scores.astype(np.float64)), iou).numpy()
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)

@@ -18,8 +18,9 @@ Two resize modes:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -49,25 +50,61 @@ def preprocess_frames(
     frames: Sequence[np.ndarray], meta: ModelMeta, *, resize: ResizeDtype = "float32"
 ) -> tuple[Tensor, tuple[tuple[int, int], ...]]:
     """HxWx3 uint8 RGB frames -> (normalised canvas batch [N,3,H,W] float32, resized (h, w) per frame)."""
-    import cv2
     import torch
 
     if resize not in RESIZE_DTYPES:
         raise ValueError(f"resize must be one of {', '.join(RESIZE_DTYPES)}; got {resize!r}")
     if len(frames) == 0:
         raise ValueError("preprocess_frames needs at least one frame")
+    for i, f in enumerate(frames):
+        if not (isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[2] == 3 and f.dtype == np.uint8):
+            got = f"{type(f).__name__} {getattr(f, 'shape', '')} {getattr(f, 'dtype', '')}"
+            raise TypeError(f"frame {i}: expected an HxWx3 uint8 RGB array, got {got}")
+    H, W = meta.image_size
+    sizes = tuple(resized_size(f.shape[:2], meta) for f in frames)
+    if all(s == (H, W) for s in sizes):  # SSD: every frame fills the canvas
+        return torch.from_numpy(_blob(frames, meta, resize)), sizes
+    pasted = tuple((min(oh, H), min(ow, W)) for oh, ow in sizes)
+    return torch.from_numpy(_pasted(frames, sizes, meta, resize)), pasted
+
+
+def _blob(frames: Sequence[np.ndarray], meta: ModelMeta, resize: ResizeDtype) -> np.ndarray:
+    """Frames that fill the canvas: resize, normalise and lay out as NCHW in one OpenCV call.
+
+    ``cv2.dnn.blobFromImagesWithParams`` resizes at the input's depth, then computes
+    ``(x - 255 mean) / (255 std)`` per channel while it transposes to planes: one pass over the
+    canvas instead of numpy's three strided ones (0.53 vs 0.71 ms per 640x384 frame here).
+    """
+    import cv2
+
+    params = _blob_params(tuple(meta.mean), tuple(meta.std), tuple(meta.image_size))
+    images = [f.astype(np.float32) for f in frames] if resize == "float32" else list(frames)
+    return cv2.dnn.blobFromImagesWithParams(images, params)
+
+
+@functools.lru_cache(maxsize=8)
+def _blob_params(mean: tuple[float, ...], std: tuple[float, ...], size: tuple[int, int]) -> Any:
+    import cv2
+
+    scale = tuple(float(1.0 / (255.0 * s)) for s in std) + (1.0,)
+    shift = tuple(float(255.0 * m) for m in mean) + (0.0,)
+    # blobFromImage resizes with INTER_LINEAR (half-pixel centres), as cv2.resize does
+    return cv2.dnn.Image2BlobParams(scale, (size[1], size[0]), shift, False, cv2.CV_32F)
+
+
+def _pasted(
+    frames: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]], meta: ModelMeta, resize: ResizeDtype
+) -> np.ndarray:
+    """Aspect-kept resize, each frame pasted top-left on a zero canvas."""
+    import cv2
+
     H, W = meta.image_size
     # (x / 255 - mean) / std as one multiply-add per pixel
     std = np.asarray(meta.std, dtype=np.float64)
     px_scale = (1.0 / (255.0 * std)).astype(np.float32)
     px_shift = (-np.asarray(meta.mean, dtype=np.float64) / std).astype(np.float32)
     batch = np.zeros((len(frames), 3, H, W), dtype=np.float32)
-    sizes = []
-    for i, f in enumerate(frames):
-        if not (isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[2] == 3 and f.dtype == np.uint8):
-            got = f"{type(f).__name__} {getattr(f, 'shape', '')} {getattr(f, 'dtype', '')}"
-            raise TypeError(f"frame {i}: expected an HxWx3 uint8 RGB array, got {got}")
-        oh, ow = resized_size(f.shape[:2], meta)
+    for i, (f, (oh, ow)) in enumerate(zip(frames, sizes, strict=True)):
         img = f if resize == "uint8" else f.astype(np.float32)
         out = cv2.resize(img, (ow, oh), interpolation=cv2.INTER_LINEAR) if (oh, ow) != f.shape[:2] else img
         rh, rw = min(oh, H), min(ow, W)
@@ -76,5 +113,4 @@ def preprocess_frames(
             # (a uint8 plane is converted inside the multiply: no float copy of the frame)
             np.multiply(planes[c], px_scale[c], out=batch[i, c, :rh, :rw], dtype=np.float32)
             batch[i, c, :rh, :rw] += px_shift[c]
-        sizes.append((int(rh), int(rw)))
-    return torch.from_numpy(batch), tuple(sizes)
+    return batch
