@@ -104,3 +104,22 @@ def test_sensitivity_when_measured_decides_which_block_returns() -> None:
     assert hook.observe(0.1, 0.5) == "2"
     assert hook.observe(0.1, 0.5) == "1"  # then by Taylor importance
     assert hook.observe(0.1, 0.5) == "3" and hook.observe(0.1, 0.5) is None  # nothing left to bring back
+
+
+def test_report_rows_name_when_each_block_went_its_share_and_its_cost() -> None:
+    from avprune.prune_job.report_blocks import block_rows, blocks_html
+
+    pruning = {"block_events": [{"step": 10, "block": "a", "event": "fading"},
+                                {"step": 30, "block": "a", "event": "removed"},
+                                {"step": 10, "block": "b", "event": "fading"},
+                                {"step": 20, "block": "b", "event": "restoring"}],
+               "block_importance": {"a": 0.1, "b": 0.7}, "blocks_restored": ["b"]}
+    rows = block_rows(["a"], pruning, {"a": 0.5, "b": 0.25}, 5.0, {"a": 0.3, "b": 1.2})
+    assert [(r["block"], r["status"]) for r in rows] == [("a", "removed"), ("b", "ramped back")]
+    a, b = rows
+    assert a["share"] == pytest.approx(0.1) and a["fading_step"] == 10 and a["removed_step"] == 30
+    assert a["map_cost_points"] == 0.3 and a["importance"] == 0.1 and a["restoring_step"] is None
+    assert b["restoring_step"] == 20 and b["removed_step"] is None
+    page = blocks_html({"removed_blocks": [a], "restored_blocks": [b], "block_events": pruning["block_events"]})
+    assert "Removed blocks (1)" in page and "ramped back" in page and "restoring" in page
+    assert blocks_html({}) == ""
