@@ -98,8 +98,10 @@ def test_a_block_ramps_back_up_after_the_floor_is_missed_and_restores_the_output
 
 
 def test_sensitivity_when_measured_decides_which_block_returns() -> None:
-    hook = _hook(_net(), reach=9.0, patience=1)
+    hook = _hook(_net(), reach=9.0, patience=1, ramp=4)
     _step(hook, 3)
+    assert hook.observe(0.1, 0.5) is None  # mid-ramp: the dip is the ramp's
+    _step(hook, 4, 3)
     hook.gates.set_sensitivity("2", 0.05)  # measured: removing "2" alone costs 5 points
     assert hook.observe(0.1, 0.5) == "2"
     assert hook.observe(0.1, 0.5) == "1"  # then by Taylor importance

@@ -14,9 +14,9 @@ alone, so that rule never removed a block, while the measured depth speed-up bea
 sees the budget plus the blocks' saving (:attr:`BlockStep.removed_ms`), so it does not cut width
 for latency the blocks already won.
 
-**Ramp-back.** Every measured mAP goes to :meth:`BlockStep.observe`. When the mAP stays below the
-floor for ``patience`` measurements in a row (the first dip after a change is often transient)
-while blocks are going or gone, the most important of them (measured sensitivity when known, else
+**Ramp-back.** Every measured mAP goes to :meth:`BlockStep.observe`. When, with the chosen blocks
+fully gated off (a dip mid-ramp is expected and not yet recovered), the mAP stays below the floor
+for ``patience`` measurements in a row, the most important of them (measured sensitivity when known, else
 its Taylor importance) turns around and ramps back to 1 over the same ramp (reversible, as the
 channel masks: Guo et al., "Dynamic Network Surgery", NeurIPS 2016); one block per measurement.
 A restored block is not scheduled off again, and its saving leaves :attr:`removed_ms`, so the
@@ -107,7 +107,8 @@ class BlockStep:
     def observe(self, map_value: float, map_floor: float) -> str | None:
         """A measured mAP: after ``patience`` misses of the floor in a row, the most important block
         still going or gone ramps back up. Returns the restored block's name, if any."""
-        if map_value >= map_floor or not self.chosen:  # misses count only while blocks are going or gone
+        # misses count only once the chosen blocks are gone: a dip mid-ramp is the ramp's, not yet recovered
+        if map_value >= map_floor or not self.chosen or any(self.gates.gate(n) > 0.0 for n in self.chosen):
             self.misses = 0
             return None
         self.misses += 1
