@@ -50,3 +50,39 @@ def test_targets_name_the_best_point_within_the_drop() -> None:
     met, line = target_line("#14", best, 2.5, 1.0)
     assert not met and "NOT met" in line
     assert target_line("#14", best_within(pts, 0.1), 2.5, 1.0)[0] is False
+
+
+def test_results_section_and_plot_from_a_record(tmp_path) -> None:
+    """The RESULTS.md section renders from the JSON record alone (``--report-only``), with the verdicts."""
+    from benchmarks import prune_job
+    from benchmarks.prune_job_front import plot_fronts
+    from benchmarks.prune_job_report import markdown
+
+    row = {"map": 0.5, "map50": 0.8, "graph_p50_ms": 2.0, "graph_speedup": 2.4, "graph_speedup_ci": [2.2, 2.6],
+           "frame_p50_ms": 4.0, "frame_speedup": 1.6, "frame_speedup_ci": None, "params": 1e6, "gmacs": 0.2}
+    cand = {**_p("channel+block c0", 2.4, 0.6), "granularity": "channel+block", "channel_multiple": 16,
+            "removed_blocks": ["backbone.features.0.3"], "blocks_restored": [], "feasible": False}
+    points = {"channel": [_p("channel c0", 1.9, 0.7), _p("channel c0@50", 1.2, 0.1, "search")],
+              "channel+block": [cand, _p("channel+block c0@50", 1.5, 0.2, "search")]}
+    record = {"quick": False, "machine": "test machine", "steps": 400, "budget_speedup": 2.5, "max_drop_points": 1.0,
+              "candidates_per_granularity": 2, "ramp": 0.5, "measure_every": 50, "dense_long_map_job_val": 0.51,
+              "map_floor": 0.5, "wall_s": 1800.0,
+              "config": {"channel": {"budget": {"input_size": [320, 320], "threads": 2, "score_thresh": 0.01},
+                                     "finetune": {"batch_size": 8, "distill": True},
+                                     "pruning": {"importances": ["magnitude"], "controller": "allocation",
+                                                 "allocation": "uniform", "channel_multiple": 16}}},
+              "jobs": {"channel": {"job_wall_s": 600.0, "peak_rss_gib": 5.0, "candidate_id": "c0",
+                                   "stage_wall_s": {"search": 500.0}, "infeasible": "infeasible budget: x"}},
+              "side_by_side": {"dense": {**row, "graph_speedup": 1.0}, "dense_long": {**row, "map": 0.51},
+                               "channel+block c0": row, "one-shot 75% (ceiling)": {**row, "graph_speedup": 3.0}},
+              "candidates": [cand], "points": points,
+              "pareto": {g: pareto_front(p) for g, p in points.items()},
+              "sensitivity": [{"layers": 4, "one_worker_s": 9.0, "two_workers_s": 6.0, "speedup": 1.5}]}
+    record.update(prune_job._verdicts(record))
+    assert record["targets"]["issue12_required"]["met"] and not record["targets"]["issue14_target"]["met"]
+    assert record["comparison"]["range"] == [0.2, 0.6]  # where both fronts have points
+    md = markdown(record, "prune_job_pareto.png")
+    assert "**400 fine-tune steps**" in md and "#14 target, channel+block" in md and "NOT met" in md
+    assert "channel+block vs channel at equal drop" in md and "results/prune_job_pareto.png" in md
+    png = plot_fronts(tmp_path / "p.png", points, record["pareto"], 1.0, (1.5, 2.0, 2.5), "t")
+    assert png.stat().st_size > 1000
