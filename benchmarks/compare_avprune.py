@@ -9,7 +9,14 @@
   once, before fine-tuning, to land on the latency target (table prediction corrected by one
   measurement), so it is compared at the same budget.
 
-Both ramps end at ``RAMP_END`` of the step budget so the rest is recovery at the final width, as
+- ``avprune_channel_block``: the budget controller (magnitude) with residual blocks gated too
+  (issue #14): at the end of the warm-up the blocks least important per millisecond are scheduled
+  off for their share of the budget (:class:`avprune.prune_job.block_step.BlockStep`), they fade
+  over the ramp, a block whose removal keeps the mAP under the floor ramps back, and the channels
+  cover the rest of the budget (predicted latency minus the blocks' saving; measured latency with
+  the gated-off blocks removed).
+
+The ramps end at ``RAMP_END`` of the step budget so the rest is recovery at the final width, as
 every other method gets.
 """
 
@@ -206,6 +213,64 @@ def run_cubic(ctx: MethodContext) -> MethodOutput:
     return _run(ctx, pruner, model, {"importance": "magnitude", "final_sparsity": final})
 
 
+def run_channel_block(ctx: MethodContext) -> MethodOutput:
+    """avprune's budget controller (magnitude) over channels and residual blocks together (``channel+block``)."""
+    from avprune.prune_job.block_step import BlockStep
+    from avprune.prune_job.latency_table import block_costs
+    from perception.models import drop_blocks
+    from pruning.block_gates import BlockGates
+    from pruning.blocks import require_blocks
+    from pruning.controllers import build_controller
+    from pruning.filters import detector_core_forward
+
+    model = load_base(ctx)
+    dense = load_base(ctx).eval()
+    table = _table(ctx)
+    names = [b.name for b in require_blocks(model, ctx.example_inputs, detector_core_forward)]
+    ramp = max(1, int(RAMP_END * ctx.steps))
+    warmup = max(1, min(20, ctx.steps // 10))  # the fine-tune's warm-up: Taylor scores exist by then
+    block_ms = block_costs(table, names)
+    gates = BlockGates(model, names, ramp_steps=max(1, ramp - warmup))
+    holder: dict[str, Any] = {}
+
+    def small_now() -> nn.Module:
+        small = finalized_copy(holder["pruner"])
+        drop_blocks(small, gates.removed())
+        return small
+
+    def measure() -> tuple[float, float]:
+        # paired with the dense model, as run_budget; the gated-off blocks are gone from the copy
+        pruned_ms, dense_ms = ctx.measure_ms(small_now()), ctx.measure_ms(dense)
+        m = ctx.map_of(holder["pruner"].model)
+        holder["step"].observe(m, ctx.map_floor)  # a block costing mAP below the floor ramps back
+        return ctx.dense_ms * pruned_ms / dense_ms, m
+
+    def predict(config: dict[str, int]) -> float:
+        return table.predict(config) - holder["step"].removed_ms
+
+    controller = build_controller(
+        "budget", latency_budget_ms=ctx.latency_target_ms, map_floor=ctx.map_floor, predict_latency=predict,
+        measure=measure, measure_every=ctx.measure_every, max_sparsity=MAX_RATIO,
+        max_rate=min(1.0, MAX_RATIO / ramp),
+    )
+    pruner = _pruner(model, ctx, "magnitude", controller, table)
+    pruner.predict_latency = predict
+    holder["pruner"] = pruner
+    step = BlockStep(gates, block_ms, budget_ms=ctx.latency_target_ms, dense_ms=float(table.predict({})),
+                     reach_ms=lambda: float(table.predict(pruner.config_at(MAX_RATIO))), decide_step=warmup,
+                     ramp_steps=max(1, ramp - warmup))
+    holder["step"] = step
+    traj: list[TrajectoryPoint] = start_point(ctx, small_now)
+    traj += finetune(model, ctx, steps=ctx.steps, snapshot=small_now, hooks=(step, pruner))
+    small = pruner.finalize().eval()
+    removed = step.finalize()  # gated-off blocks become identities in the trained model
+    drop_blocks(small, removed)
+    points = [p.__dict__ for p in controller.points if p.map is not None]
+    return MethodOutput(small, traj, {"importance": "magnitude", "removed_blocks": removed,
+                                      "blocks_restored": step.restored, "infeasible": bool(controller.infeasible),
+                                      "final_sparsity_level": controller.u, "measured": points})
+
+
 def _budget_runner(importance: str) -> Any:
     def run(ctx: MethodContext) -> MethodOutput:
         return run_budget(ctx, importance)
@@ -218,4 +283,5 @@ def _budget_runner(importance: str) -> Any:
 METHODS = (
     *(MethodSpec(f"avprune_budget_{imp}", _budget_runner(imp), "channel", f"avprune budget, {imp}") for imp in IMPORTANCES),
     MethodSpec("avprune_cubic", run_cubic, "channel", "avprune cubic ramp, magnitude"),
+    MethodSpec("avprune_channel_block", run_channel_block, "channel", "avprune channel+block, budget, magnitude"),
 )

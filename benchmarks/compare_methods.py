@@ -91,7 +91,7 @@ def load_checkpoint_like_base(path: Path, base: Path) -> nn.Module:
     second each time; a deep copy of the cached base resized to the checkpoint's shapes is the
     same model (``perception.models.load_detector`` does this resize after the build).
     """
-    from perception.models import read_checkpoint, resize_to_state_dict
+    from perception.models import drop_blocks, read_checkpoint, resize_to_state_dict
 
     template = _template(str(base), base.stat().st_mtime_ns)
     model = copy.deepcopy(template)
@@ -103,6 +103,7 @@ def load_checkpoint_like_base(path: Path, base: Path) -> nn.Module:
     differ += ["image_size"] if list(meta.get("image_size") or []) != list(own["image_size"]) else []
     if differ:
         raise ValueError(f"{path}: {', '.join(differ)} differ from the base checkpoint {base}; not one of this comparison's models")
+    drop_blocks(model, [str(n) for n in meta.get("removed_blocks", ())])  # a depth-pruned model (channel+block)
     resize_to_state_dict(model, ckpt["state_dict"])
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return model

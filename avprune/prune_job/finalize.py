@@ -27,6 +27,7 @@ from avprune.prune_job.records import (
     SensitivityRecord,
     )
 from avprune.prune_job.report import write_report_html, write_report_json
+from avprune.prune_job.report_blocks import block_section
 from perception.io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -155,10 +156,7 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "allocation": {"controller": c.controller, "granularity": p.granularity,
                        "mode": p.allocation if c.controller == "allocation" else f"{c.controller} (one global ratio)"},
         "widest_reach_ms": table_rec.widest_reach_ms,
-        "removed_blocks": [{"block": b, "latency_ms": table_rec.block_ms.get(b),
-                            "share": (table_rec.block_ms.get(b, 0.0) / base.dense.p50_ms) if base.dense.p50_ms else None}
-                           for b in getattr(model, "avprune_meta", {}).get("removed_blocks", [])],
-        "block_events": pruning.get("block_events", []),
+        **block_section(env, model, pruning, table_rec.block_ms, base.dense.p50_ms),  # issue #14
         "pruner_history": pruning.get("history", []),
         "artifacts": {"checkpoint": f"{stem}.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},
         "onnx_verification": verified.to_dict(),

@@ -203,10 +203,9 @@ def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None)
     fig_ch = _channels_figure(channels, shares) if channels else None
     if fig_ch:
         parts += ["<h2>Channels per layer (selected model)</h2>", fig_ch]
-    blocks = doc.get("removed_blocks") or []
-    if blocks:
-        parts += [f"<h2>Removed blocks ({len(blocks)})</h2>", _table(blocks, ["block", "latency_ms", "share"]),
-                  _table(doc.get("block_events") or [], ["step", "block", "event"])]
+    from avprune.prune_job.report_blocks import blocks_html
+
+    parts.append(blocks_html(doc))  # which blocks went, when, their latency share and mAP cost (#14)
     layers = doc.get("layers") or {}
     if layers:
         parts += ["<h2>Per layer (selected candidate)</h2>", _layers_figure(layers)]

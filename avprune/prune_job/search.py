@@ -192,6 +192,8 @@ class _Trial:
         lat = self._latency(small)
         score = self.env.evaluate_map(pruner.model)
         self.last = _Measured(step=pruner.step_count, latency=lat, score=score)
+        if self.blocks is not None:  # a block whose removal keeps mAP under the floor ramps back (#14)
+            self.blocks.observe(score.map, self.spec.map_floor)
         if lat.p50_ms <= self.spec.latency_budget_ms and score.map >= max(self.spec.map_floor, self.best):
             # Keep the best point that met both targets (NetAdapt keeps its best too): the controller
             # may give capacity back later and end over budget on a noisy measurement.
@@ -238,8 +240,7 @@ class _Trial:
             "channel_multiple": pruner.channel_multiple,
             "allocation": getattr(ctrl, "allocation_kind", None),
             "removed_blocks": removed,
-            "block_events": [] if self.blocks is None else
-            [{"step": e.step, "block": e.block, "event": e.event} for e in self.blocks.gates.history],
+            **({"block_events": []} if self.blocks is None else self.blocks.report()),
         })
         self.last = _Measured(step=steps, latency=self._latency(small), score=self.env.evaluate_map(small))
         self.report(steps, done=True, infeasible=infeasible)
