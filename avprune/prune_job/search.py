@@ -11,6 +11,10 @@ worker-kill test), fine-tunes with ``perception.train`` checkpointing there ever
 ``measure_every`` steps, and ends with ``pruned.pt`` (the finalized, physically smaller model)
 and ``pruning.json`` (per-layer records). A restarted trial (worker died, or the driver was
 killed and the job resumed) continues from its last training checkpoint.
+
+With a relative floor (``budget.max_map_drop``, ``search.shadow_dense``) a dense shadow trial runs
+first (:mod:`avprune.prune_job.shadow`); each candidate's spec carries its mAP curve, and the floor a
+measurement is judged against is the shadow's mAP at that step minus the drop.
 """
 
 from __future__ import annotations
