@@ -30,7 +30,7 @@ import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -136,6 +136,7 @@ def calibrate_in_graph(
     max_factor: float = 3.0,
     holdout: Sequence[float | Mapping[str, float]] = (),
     pruner_kwargs: Mapping[str, Any] | None = None,
+    prior: Literal["table", "proportional"] = "table",
 ) -> GraphCalibration:
     """Probe ``model`` whole with one channel group thinned at a time and fit ``table`` to it (in place).
 
@@ -143,7 +144,14 @@ def calibrate_in_graph(
     then one per group, then ``holdout``) side by side; ``holdout`` entries (a global sparsity or a
     per-group sparsity map) are measured with the probes but left out of the fit, and returned as
     (predicted, measured) pairs to check the fit out of sample. ``model`` itself is not modified.
+
+    ``prior`` is what the ridge pulls every factor toward: ``"table"`` keeps the table's current
+    ``scale`` (the caller calibrated it); ``"proportional"`` first sets ``scale`` to the measured dense
+    graph over the isolated sum, with no constant overhead and any earlier per-layer factors dropped
+    (a table whose constant overhead absorbed the isolated timings' excess is a poor prior: its scale is 1).
     """
+    if prior not in ("table", "proportional"):
+        raise ValueError(f"prior must be 'table' or 'proportional'; got {prior!r}")
     from pruning.controllers import FixedController
     from pruning.groups import Coupling
     from pruning.pruner import Pruner
@@ -180,6 +188,9 @@ def calibrate_in_graph(
     if len(ms) != len(models):
         raise ValueError(f"measure_many returned {len(ms)} latencies for {len(models)} models")
     n_fit = 1 + len(probes)
+    if prior == "proportional":
+        table.layer_scale = {}
+        table.scale, table.overhead_ms = ms[0] / table.layer_sum({}), 0.0
     points = list(zip(configs, ms[:n_fit], strict=True))
     layer_scale, rms = fit_layer_scales(table, points, ridge=ridge, max_factor=max_factor)
     fitted = tuple((root, kept_channels(sizes[root], sp, channel_multiple), m, table.predict(cfg))

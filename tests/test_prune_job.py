@@ -239,6 +239,37 @@ def test_tiny_job_local_ray_survives_a_killed_trial_worker(reference):
     assert sum(p.numel() for p in pruned.parameters()) == result.pruned.params
 
 
+def test_tiny_job_judges_its_relative_floor_against_a_dense_shadow(reference):
+    """Issue #12: with budget.max_map_drop the search trains a dense shadow (its own Tune trial, same
+    steps); every candidate measurement is judged against the shadow's mAP at that step minus the drop,
+    and selection against its final mAP; report.json and report.html show both curves."""
+    from avprune.prune_job.records import SearchRecord, SelectRecord
+
+    out = reference["out"]
+    search = SearchRecord.from_dict(StageStore(out).load("search"))
+    sel = SelectRecord.from_dict(StageStore(out).load("select"))
+    base = json.loads((out / "stages" / "baseline.json").read_text())["result"]
+    shadow = search.shadow
+    assert shadow is not None and shadow.max_map_drop == 1.0 and shadow.steps == 6
+    assert [p.step for p in shadow.curve] == [0, 3, 6]  # the checkpoint, then every measure_every steps
+    assert shadow.curve[0].map == base["dense"]["map"]
+    attempts = list((out / "search" / "trials" / "shadow").glob("attempt-*.json"))
+    assert attempts and (out / "search" / "shadow_tune").is_dir()  # a Ray Tune trial of its own
+    curve = json.loads((out / "search" / "trials" / "shadow" / "curve.json").read_text())
+    assert curve["done"] and [p["map"] for p in curve["points"]] == [p.map for p in shadow.curve[1:]]
+    judged = [(c.candidate_id, h) for c in search.candidates for h in c.history if h.step is not None]
+    assert judged
+    for cid, h in judged:  # the floor at each measurement: shadow mAP at that step minus the drop
+        assert h.map_floor == pytest.approx(max(0.0, shadow.map_at(h.step) - 1.0)), (cid, h)
+    assert sel.floor_reference == "shadow" and sel.reference_map == pytest.approx(shadow.final_map)
+    assert sel.map_floor == pytest.approx(shadow.final_floor)
+    report = json.loads((out / "report.json").read_text())
+    assert report["floor"]["reference"] == "shadow" and report["map_floor"] == pytest.approx(shadow.final_floor)
+    assert [p["map"] for p in report["floor"]["shadow"]["curve"]] == [p.map for p in shadow.curve]
+    assert set(report["floor"]["candidates"]) == {"c0", "c1"}
+    assert "mAP floor" in (out / "report.html").read_text() and "dense shadow" in (out / "report.html").read_text()
+
+
 def _cli(job: Path, *args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen([PY, "-m", "avprune", "prune", str(job), "--no-progress", *args], cwd=ROOT,
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -271,10 +302,14 @@ def test_driver_killed_then_resume_selects_the_same_candidate(assets, reference,
     # Same config (the output folder is not part of it): the uninterrupted job's choice.
     assert selected == reference["result"].candidate_id
 
-    # Resuming a finished job redoes nothing and reports the same candidate.
+    # Resuming a finished job redoes nothing and reports the same candidate (nor re-trains the dense shadow).
+    shadow_dir = out / "search" / "trials" / "shadow"
+    shadow_files = {p.name: p.stat().st_mtime for p in shadow_dir.iterdir()}
+    assert "curve.json" in shadow_files and any(n.startswith("attempt-") for n in shadow_files)
     third = _cli(job, "--resume")
     stdout3, _ = third.communicate(timeout=120)
     assert third.returncode == 0 and f"candidate {selected}" in stdout3
+    assert {p.name: p.stat().st_mtime for p in shadow_dir.iterdir()} == shadow_files
 
 
 @pytest.fixture
@@ -490,6 +525,7 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     # the channel multiple the old job pruned with)
     assert dumped["pruning"].pop("channel_multiple") == data["pruning"]["round_to"] == 8
     assert dumped["pruning"].pop("allocation") == "uniform" and dumped["finetune"].pop("distill") is None
+    assert dumped["pruning"].pop("in_graph_calibration") is None and dumped["search"].pop("shadow_dense") is None
     assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"checkpoint": Path(stored["config"]["model"]["checkpoint"])}),

@@ -122,3 +122,26 @@ def test_fit_pins_negative_factors_at_zero() -> None:
     capped, _ = fit_layer_scales(table, [({}, 10.0), ({"a": 8}, 1.0)], max_factor=2.0)
     assert max(capped.values()) == pytest.approx(2.0)
     assert table.predict({"b": 8}) < table.predict({})
+
+
+def test_proportional_prior_ignores_the_tables_earlier_calibration() -> None:
+    """The job's table arrives calibrated with a constant overhead (scale 1): ``prior="proportional"``
+    re-starts from the measured dense graph over the isolated sum, as the benchmark does by hand."""
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    by_hand = _table(model)  # scale = graph / isolated sum, overhead 0
+    job = _table(model)
+    job.scale, job.layer_scale = 1.0, {"a": 5.0}
+    job.calibrate(graph_ms(model))  # the job's additive calibration: overhead absorbs the difference
+    assert job.scale != pytest.approx(by_hand.scale)
+
+    def measure_many(models):
+        return [graph_ms(m) for m in models]
+
+    calibrate_in_graph(by_hand, model, X16, measure_many, channel_multiple=8)
+    calibrate_in_graph(job, model, X16, measure_many, channel_multiple=8, prior="proportional")
+    assert job.scale == pytest.approx(by_hand.scale)
+    assert job.layer_scale == pytest.approx(by_hand.layer_scale)
+    assert job.predict({"a": 16}) == pytest.approx(by_hand.predict({"a": 16}))
+    with pytest.raises(ValueError, match="prior"):
+        calibrate_in_graph(job, model, X16, measure_many, prior="global")

@@ -172,6 +172,12 @@ class PruningSpec(StrictModel):
     round_to: int | None = Field(None, ge=1, description="older name of channel_multiple")
     update_every: int = Field(5, ge=1)
     max_sparsity: float = Field(0.75, gt=0, lt=1)
+    in_graph_calibration: bool | None = Field(
+        None,
+        description="re-fit the latency table's per-layer costs to the whole graph (one probe per channel "
+        "group, timed on the budget's runtime; cached with the table). None: on for controller 'allocation' "
+        "with allocation 'latency', whose knapsack an isolated-layer table misleads on ONNX Runtime CPU",
+    )
 
     @field_validator("channel_multiple", mode="before")
     @classmethod
@@ -207,7 +213,16 @@ class PruningSpec(StrictModel):
         if self.controller == "allocation" and self.granularity not in ("channel", "channel+block"):
             raise ValueError(f"pruning.controller 'allocation' allocates channel groups; it needs granularity "
                              f"'channel' or 'channel+block', not {self.granularity!r}")
+        if self.in_graph_calibration and not self.prunes_channels:
+            raise ValueError(f"pruning.in_graph_calibration: its probes thin channel groups, and granularity "
+                             f"{self.granularity!r} prunes none; set it to false or use granularity 'channel'")
         return self
+
+    def in_graph(self) -> bool:
+        """Whether the latency-table stage calibrates the table in-graph (``in_graph_calibration``, resolved)."""
+        if self.in_graph_calibration is not None:
+            return self.in_graph_calibration
+        return self.controller == "allocation" and self.allocation == "latency"
 
     @property
     def prunes_channels(self) -> bool:
@@ -274,6 +289,14 @@ class SearchSpec(StrictModel):
     early_stopping: bool = Field(True, description="ASHA stops trials in the bottom half at each rung")
     grace_period: int = Field(2, ge=1, description="ASHA: reports before a trial may be stopped")
     max_failures: int = Field(2, ge=0, description="restarts per trial after a worker dies")
+    shadow_dense: bool | None = Field(
+        None,
+        description="train a dense 'shadow' (same recipe, seed and steps, nothing pruned) as a Ray Tune trial "
+        "before the candidates, and judge a relative floor (budget.max_map_drop) against it: at each "
+        "measurement the floor is the shadow's mAP at that step minus the drop, and selection uses its final "
+        "mAP. None: on when budget.max_map_drop is set. false: the floor is judged against the starting "
+        "checkpoint (the baseline's dense mAP), as the demo does to save the extra fine-tune",
+    )
 
 
 class ResourcesSpec(StrictModel):
@@ -307,11 +330,23 @@ class PruneJobConfig(StrictModel):
         if self.finetune.distill and not distill_supported(self.model.name):
             raise ValueError(f"finetune.distill: distillation supports SSD / SSDlite detectors, not "
                              f"{self.model.name!r}; set finetune.distill: false")
+        if self.search.shadow_dense and self.budget.max_map_drop is None:
+            raise ValueError("search.shadow_dense: the dense shadow judges a relative floor (budget.max_map_drop); "
+                             "budget.map_floor is absolute and stays so. Set budget.max_map_drop, or drop "
+                             "search.shadow_dense")
+        if self.pruning.in_graph_calibration and self.budget.runtime == "tensorrt":
+            raise ValueError("pruning.in_graph_calibration: the whole-graph probes run on onnxruntime or pytorch, "
+                             "not tensorrt; set it to false")
         if self.finetune.measure_every > self.finetune.steps:
             raise ValueError(
                 f"finetune.measure_every ({self.finetune.measure_every}) must be <= finetune.steps ({self.finetune.steps})"
             )
         return self
+
+    def shadow_dense(self) -> bool:
+        """Whether the search trains a dense shadow to judge the floor against (``search.shadow_dense``, resolved)."""
+        s = self.search.shadow_dense
+        return self.budget.max_map_drop is not None if s is None else bool(s)
 
     def distill(self) -> bool:
         """Whether trials distil from the dense model (``finetune.distill``, resolved)."""
@@ -330,6 +365,10 @@ class PruneJobConfig(StrictModel):
             p.pop("allocation", None)
         if ft.get("distill") is None:
             ft.pop("distill", None)
+        if p.get("in_graph_calibration") is None:
+            p.pop("in_graph_calibration", None)
+        if data["search"].get("shadow_dense") is None:
+            data["search"].pop("shadow_dense", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -65,10 +65,22 @@ class TrialSpec:
     sensitivity: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # unit -> (sparsity, drop)
     channel_multiple: int = 8  # resolved by the latency-table stage (8: jobs before issue #12 used round_to 8)
     block_ms: dict[str, float] = field(default_factory=dict)  # removable block -> its latency (block granularity)
+    # The dense shadow's mAP per step (search.shadow_dense): the floor at a measurement is its mAP at that
+    # step minus ``max_map_drop``. Empty: the floor is the constant ``map_floor``.
+    floor_curve: list[tuple[int, float]] = field(default_factory=list)
+    max_map_drop: float | None = None
+    shadow: bool = False  # this trial IS the dense shadow (nothing pruned)
 
     @property
     def candidate_id(self) -> str:
         return self.candidate.candidate_id
+
+    def floor_at(self, step: int) -> float:
+        """The mAP floor a measurement at ``step`` is judged against."""
+        if not self.floor_curve or self.max_map_drop is None:
+            return self.map_floor
+        at = [m for s, m in self.floor_curve if s <= step] or [self.floor_curve[0][1]]
+        return max(0.0, at[-1] - self.max_map_drop)
 
     def to_dict(self) -> JSONDict:
         d = asdict(self)
@@ -86,4 +98,7 @@ class TrialSpec:
                    map_floor=float(d["map_floor"]), dense_map=float(d["dense_map"]),
                    sensitivity={k: [(float(s), float(m)) for s, m in v] for k, v in d.get("sensitivity", {}).items()},
                    channel_multiple=int(d.get("channel_multiple", 8)),
-                   block_ms={k: float(v) for k, v in d.get("block_ms", {}).items()})
+                   block_ms={k: float(v) for k, v in d.get("block_ms", {}).items()},
+                   floor_curve=sorted((int(s), float(m)) for s, m in d.get("floor_curve") or ()),
+                   max_map_drop=None if d.get("max_map_drop") is None else float(d["max_map_drop"]),
+                   shadow=bool(d.get("shadow", False)))

@@ -28,6 +28,7 @@ from avprune.prune_job.records import (
     )
 from avprune.prune_job.report import write_report_html, write_report_json
 from avprune.prune_job.report_blocks import block_section
+from avprune.prune_job.select import floor_block
 from perception.io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ def run(ctx: StageContext) -> FinalizeRecord:
     cand = search.candidate(sel.candidate_id)  # "c0@60": candidate c0's snapshot at step 60
     model = env.load_model(out / sel.checkpoint)
     row = sel.selected
+    floor = base.map_floor if sel.map_floor is None else sel.map_floor  # the dense shadow's, when one ran
     stem = "pruned" if sel.feasible else "best_tradeoff"  # never call a miss "pruned"
     ctx.progress.stage_start("finalize", note="checkpoint + ONNX")
     c = cand.candidate
@@ -115,7 +117,7 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "candidate": {"importance": c.importance, "controller": c.controller, "ramp": c.ramp,
                       "candidate_id": sel.candidate_id},
         "map": row.map, "p50_ms": row.p50_ms, "latency_budget_ms": base.latency_budget_ms,
-        "map_floor": base.map_floor, "runtime": cfg.budget.runtime, "device": cfg.budget.device,
+        "map_floor": floor, "runtime": cfg.budget.runtime, "device": cfg.budget.device,
     }})
     verified = env.export_verified(model, out / f"{stem}.onnx")  # raises unless outputs and mAP match
     onnx_path = verified.path
@@ -141,7 +143,8 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "pruned": pruned.to_dict(),
         "speedup": speedup,
         "latency_budget_ms": base.latency_budget_ms,
-        "map_floor": base.map_floor,
+        "map_floor": floor,
+        "floor": floor_block(cfg, base, sel, search),
         "runtime": cfg.budget.runtime,
         "device": cfg.budget.device,
         "threads": cfg.budget.threads,

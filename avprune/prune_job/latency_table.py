@@ -157,7 +157,7 @@ def load_cached(path: Path, key: str, *, runtime: str, device: str) -> LatencyTa
 def load_or_measure(model: nn.Module, example_input: object, config: PruneJobConfig,
                     measure_fn: MeasureFn) -> tuple[LatencyTable, Path, str]:
     """The cached table of this graph, runtime, threads and device, or a freshly measured (and cached)
-    one. Returns (table, cache file, "cache" | "measured")."""
+    one. Returns (table, cache file, "cache" | "measured"); the table's ``meta["cache_key"]`` is the key."""
     from pruning.latency_model import LatencyTable
 
     b = config.budget
@@ -166,6 +166,7 @@ def load_or_measure(model: nn.Module, example_input: object, config: PruneJobCon
     path = cache_path(config, key)
     table = load_cached(path, key, runtime=b.runtime, device=b.device)
     if table is not None:
+        table.meta["cache_key"] = key
         return table, path, "cache"
     t0 = time.perf_counter()
     table = LatencyTable.measure(model, example_input, measure_fn, runtime=b.runtime, device=b.device,
@@ -185,10 +186,23 @@ def run(ctx: StageContext) -> LatencyTableRecord:
     table, cached, source = load_or_measure(model, ctx.env.example_input(b.batch), cfg, measure_fn_for(cfg))
     base = ctx.record(BaselineRecord)
     overhead = table.calibrate(base.dense.p50_ms)
-    path = ctx.out_dir / "work" / "latency_table.json"
-    atomic_write_json(path, table.to_dict())
     multiple, reason = resolve_channel_multiple(cfg, table)
     log.info("channel multiple %d (%s)", multiple, reason)
+    in_graph = None
+    if cfg.pruning.in_graph():
+        # After the proportional start, before the feasibility check: the knapsack and the check both
+        # read the in-graph costs (issue #12: the isolated table led the knapsack to 1.05x, this to 1.67x).
+        from avprune.prune_job import in_graph as ig
+
+        ctx.progress.stage_start("latency_table", note="in-graph calibration (one probe per channel group)")
+        in_graph = ig.calibrate(table, ctx.env, table_cache=cached, table_key=str(table.meta["cache_key"]),
+                                channel_multiple=multiple, dense_p50_ms=base.dense.p50_ms)
+        overhead = table.overhead_ms
+        log.info("in-graph calibration (%s): %d probes, residual RMS %.3f ms, holdout %s pred / %s meas, %.1f s",
+                 in_graph.source, in_graph.probes, in_graph.residual_rms_ms, in_graph.holdout_predicted_ms,
+                 in_graph.holdout_measured_ms, in_graph.wall_s)
+    path = ctx.out_dir / "work" / "latency_table.json"
+    atomic_write_json(path, table.to_dict())
     blocks = preflight.model_blocks(ctx.env) if cfg.pruning.prunes_blocks else []
     block_ms = block_costs(table, blocks)
     # Feasibility before any fine-tuning: the widest pruning the job allows must reach the budget.
@@ -203,4 +217,22 @@ def run(ctx: StageContext) -> LatencyTableRecord:
             latency_budget_ms=base.latency_budget_ms, nearest_latency_ms=reach)
     return LatencyTableRecord(path=str(path), cache=str(cached), source=source, entries=len(table.entries),
                               overhead_ms=overhead, channel_multiple=multiple, channel_multiple_reason=reason,
-                              widest_reach_ms=reach, blocks=tuple(blocks), block_ms=block_ms)
+                              widest_reach_ms=reach, blocks=tuple(blocks), block_ms=block_ms,
+                              **_in_graph_fields(cfg, in_graph))
+
+
+def _in_graph_fields(cfg: PruneJobConfig, res: object | None) -> dict[str, object]:
+    """The record's ``in_graph_*`` fields: what the calibration did, or why it was off."""
+    p = cfg.pruning
+    if res is None:
+        why = ("pruning.in_graph_calibration: false" if p.in_graph_calibration is False else
+               f"off by default for controller {p.controller!r}" +
+               (f" with allocation {p.allocation!r}" if p.controller == "allocation" else ""))
+        return {"in_graph": False, "in_graph_reason": why}
+    why = ("pruning.in_graph_calibration: true" if p.in_graph_calibration else
+           "on by default for controller 'allocation' with allocation 'latency'")
+    return {"in_graph": True, "in_graph_reason": why, "in_graph_source": res.source, "in_graph_cache": res.cache,
+            "in_graph_probes": res.probes, "in_graph_residual_rms_ms": res.residual_rms_ms,
+            "in_graph_holdout_predicted_ms": res.holdout_predicted_ms,
+            "in_graph_holdout_measured_ms": res.holdout_measured_ms, "in_graph_s": round(res.wall_s, 2),
+            "in_graph_timing": res.timing}

@@ -176,11 +176,24 @@ class LatencyTableRecord:
     widest_reach_ms: float | None = None  # predicted latency at the widest allowed pruning (feasibility bound)
     blocks: tuple[str, ...] = ()  # removable residual blocks (granularity block / channel+block)
     block_ms: dict[str, float] = field(default_factory=dict)  # measured saving of removing each block alone
+    # In-graph calibration (avprune.prune_job.in_graph; off, with no fields, in records before it):
+    # whether the per-layer costs were re-fitted to whole-graph probes, why, and how well they fit.
+    in_graph: bool = False
+    in_graph_reason: str = ""
+    in_graph_source: str = ""  # "cache" or "measured"
+    in_graph_cache: str = ""
+    in_graph_probes: int = 0
+    in_graph_residual_rms_ms: float | None = None
+    in_graph_holdout_predicted_ms: float | None = None  # every group at 50%: predicted vs measured
+    in_graph_holdout_measured_ms: float | None = None
+    in_graph_s: float | None = None  # the calibration's wall time in this stage
+    in_graph_timing: dict[str, float] = field(default_factory=dict)  # probes / export / timing seconds
 
     @property
     def note(self) -> str:
         mult = f", channel multiple {self.channel_multiple}" if self.channel_multiple else ""
-        return f"{self.entries} entries ({self.source}), overhead {self.overhead_ms:.2f} ms{mult}"
+        ig = f", in-graph ({self.in_graph_probes} probes, {self.in_graph_source})" if self.in_graph else ""
+        return f"{self.entries} entries ({self.source}), overhead {self.overhead_ms:.2f} ms{mult}{ig}"
 
     def to_dict(self) -> JSONDict:
         return {**asdict(self), "note": self.note}
@@ -263,6 +276,7 @@ class TrialReport:
     score: float | None = None
     node_id: str | None = None  # the Ray node and worker process that made the report
     worker_pid: int | None = None
+    map_floor: float | None = None  # the floor this measurement was judged against (moves with a dense shadow)
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> TrialReport:
@@ -309,12 +323,65 @@ class CandidateRecord:
 
 
 @dataclass(frozen=True)
+class ShadowPoint:
+    """The dense shadow's mAP at one fine-tune step (step 0: the starting checkpoint, as the baseline scored it)."""
+
+    step: int
+    map: float
+    map50: float = 0.0
+
+
+@dataclass(frozen=True)
+class ShadowRecord:
+    """The dense model trained alongside the candidates (``search.shadow_dense``): same recipe, seed and
+    steps, nothing pruned. A relative floor (``budget.max_map_drop``) is judged against its curve."""
+
+    curve: tuple[ShadowPoint, ...]
+    max_map_drop: float
+    seed: int
+    steps: int
+    status: str = "done"
+    path: str = ""  # its work folder, relative to OUT
+
+    def map_at(self, step: int) -> float:
+        """The shadow's mAP at ``step``: its last measurement at or before it (step 0 at the latest)."""
+        pts = [p for p in self.curve if p.step <= step] or list(self.curve[:1])
+        if not pts:
+            raise ValueError("the shadow record has no measurement")
+        return max(pts, key=lambda p: p.step).map
+
+    def floor_at(self, step: int) -> float:
+        """The floor at ``step``: the shadow's mAP there minus the drop (never below 0)."""
+        return max(0.0, self.map_at(step) - self.max_map_drop)
+
+    @property
+    def final_map(self) -> float:
+        return max(self.curve, key=lambda p: p.step).map
+
+    @property
+    def final_floor(self) -> float:
+        return max(0.0, self.final_map - self.max_map_drop)
+
+    def to_dict(self) -> JSONDict:
+        return {**asdict(self), "curve": [asdict(p) for p in self.curve], "final_map": self.final_map,
+                "final_floor": self.final_floor}
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> ShadowRecord:
+        return cls(curve=tuple(ShadowPoint(int(p["step"]), float(p["map"]), float(p.get("map50") or 0.0))
+                               for p in d["curve"]),
+                   max_map_drop=float(d["max_map_drop"]), seed=int(d["seed"]), steps=int(d["steps"]),
+                   status=str(d.get("status", "done")), path=str(d.get("path", "")))
+
+
+@dataclass(frozen=True)
 class SearchRecord:
-    """Stage 4: every candidate, in candidate order."""
+    """Stage 4: every candidate, in candidate order, and the dense shadow when one was trained."""
 
     STAGE: ClassVar[str] = "search"
 
     candidates: tuple[CandidateRecord, ...]
+    shadow: ShadowRecord | None = None  # None: no shadow (absolute floor, switched off, or an older record)
 
     @property
     def note(self) -> str:
@@ -331,11 +398,14 @@ class SearchRecord:
                          f"(candidates: {', '.join(c.candidate_id for c in self.candidates)})")
 
     def to_dict(self) -> JSONDict:
-        return {"candidates": [c.to_dict() for c in self.candidates], "note": self.note}
+        return {"candidates": [c.to_dict() for c in self.candidates],
+                "shadow": None if self.shadow is None else self.shadow.to_dict(), "note": self.note}
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> SearchRecord:
-        return cls(candidates=tuple(CandidateRecord.from_dict(c) for c in d["candidates"]))
+        sh = d.get("shadow")
+        return cls(candidates=tuple(CandidateRecord.from_dict(c) for c in d["candidates"]),
+                   shadow=None if not sh else ShadowRecord.from_dict(sh))
 
 
 @dataclass(frozen=True)
@@ -414,6 +484,12 @@ class SelectRecord:
     measured: tuple[MeasuredModel, ...]
     pareto: tuple[Point, ...]
     infeasible: Infeasible | None = None
+    # The floor selection judged against, and its reference: "shadow" (the dense shadow's final mAP minus
+    # budget.max_map_drop), "checkpoint" (the baseline's dense mAP minus the drop) or "absolute"
+    # (budget.map_floor). None / "": records written before the shadow (their floor is the baseline's).
+    map_floor: float | None = None
+    floor_reference: str = ""
+    reference_map: float | None = None  # the mAP the drop was taken from (None: absolute floor)
 
     @property
     def feasible(self) -> bool:
@@ -429,7 +505,8 @@ class SelectRecord:
         return {"candidate_id": self.candidate_id, "checkpoint": self.checkpoint, "selected": self.selected.to_dict(),
                 "measured": [m.to_dict() for m in self.measured], "pareto": [p.to_dict() for p in self.pareto],
                 "feasible": self.feasible, "infeasible": None if self.infeasible is None else self.infeasible.to_dict(),
-                "note": self.note}
+                "map_floor": self.map_floor, "floor_reference": self.floor_reference,
+                "reference_map": self.reference_map, "note": self.note}
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> SelectRecord:
@@ -438,7 +515,9 @@ class SelectRecord:
                    selected=MeasuredModel.from_dict(d["selected"]),
                    measured=tuple(MeasuredModel.from_dict(m) for m in d["measured"]),
                    pareto=tuple(Point.from_dict(p) for p in d["pareto"]),
-                   infeasible=None if not inf else Infeasible.from_dict(inf))
+                   infeasible=None if not inf else Infeasible.from_dict(inf),
+                   map_floor=_opt_float(d.get("map_floor")), floor_reference=str(d.get("floor_reference") or ""),
+                   reference_map=_opt_float(d.get("reference_map")))
 
 
 @dataclass(frozen=True)

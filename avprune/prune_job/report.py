@@ -194,6 +194,7 @@ def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None)
                 for c in doc["candidates"]], ["candidate_id", "importance", "controller", "ramp", "status", "steps"]),
         _tradeoff_figure(doc),
         _over_time_figure(doc),
+        _floor_section(doc),
         "<h2>Pareto front</h2>",
         _table(doc.get("pareto", []), ["source", "latency_ms", "map", "map50"]),
     ]
@@ -238,6 +239,43 @@ def _pruning_setup(doc: JSONDict) -> str:
             f"<br>Allocation: <b>{html.escape(str(al.get('mode')))}</b>, controller "
             f"<code>{html.escape(str(al.get('controller')))}</code>, granularity "
             f"<code>{html.escape(str(al.get('granularity')))}</code>.</p>")
+
+
+def _floor_section(doc: JSONDict) -> str:
+    """Which reference judged the mAP floor, and both curves: the dense shadow's mAP with the floor it
+    set at each step, and each candidate's mAP with the floor its measurements met."""
+    fl = doc.get("floor") or {}
+    if not fl:
+        return ""
+    text = (f"<h2>mAP floor</h2><p>Judged against {html.escape(str(fl.get('description', '')))}.")
+    if fl.get("reference") == "checkpoint":
+        text += (" <code>search.shadow_dense</code> is off: a fine-tune moves the dense model too, so this floor "
+                 "does not say what pruning cost against a dense model trained as long.")
+    text += "</p>"
+    shadow = fl.get("shadow")
+    cands = {k: v for k, v in (fl.get("candidates") or {}).items() if v}
+    if not shadow and not cands:
+        return text
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    if shadow:
+        steps = [p["step"] for p in shadow["curve"]]
+        ax.plot(steps, [p["map"] for p in shadow["curve"]], "k-s", ms=4, label="dense shadow mAP")
+        ax.plot([p["step"] for p in shadow["floor"]], [p["map_floor"] for p in shadow["floor"]], "k:",
+                label=f"floor = shadow - {fl.get('max_map_drop')}")
+    else:
+        ax.axhline(fl["map_floor"], color="tab:green", lw=1, label=f"floor ({fl.get('reference')})")
+    for cid, hist in cands.items():
+        pts = [(h["step"], h["map"]) for h in hist if h.get("map") is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, "-o", ms=3, alpha=0.8, label=f"{cid} mAP")
+    ax.set(xlabel="fine-tune step", ylabel="mAP@[.5:.95]", title="candidates vs the floor's reference")
+    ax.legend(fontsize=7, loc="best")
+    rows = [{"model": "dense shadow" if shadow else "starting checkpoint",
+             "final mAP": fl.get("reference_map"), "floor": fl.get("map_floor")}] if fl.get("reference_map") is not None else []
+    return text + _png(fig) + (_table(rows, ["model", "final mAP", "floor"]) if rows else "")
 
 
 def _infeasible_banner(doc: JSONDict) -> str:

@@ -210,7 +210,7 @@ def summarize(out_dir: Path, results: Mapping[str, StageRecord], wall: dict[str,
         dense=dense,
         pruned=pruned,
         latency_budget_ms=base.latency_budget_ms,
-        map_floor=base.map_floor,
+        map_floor=base.map_floor if sel.map_floor is None else sel.map_floor,  # the dense shadow's, when one ran
         speedup=dense.p50_ms / pruned.p50_ms if pruned.p50_ms > 0 else float("nan"),
         checkpoint=out_dir / fin.checkpoint,
         onnx=out_dir / fin.onnx,

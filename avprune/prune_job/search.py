@@ -11,6 +11,10 @@ worker-kill test), fine-tunes with ``perception.train`` checkpointing there ever
 ``measure_every`` steps, and ends with ``pruned.pt`` (the finalized, physically smaller model)
 and ``pruning.json`` (per-layer records). A restarted trial (worker died, or the driver was
 killed and the job resumed) continues from its last training checkpoint.
+
+With a relative floor (``budget.max_map_drop``, ``search.shadow_dense``) a dense shadow trial runs
+first (:mod:`avprune.prune_job.shadow`); each candidate's spec carries its mAP curve, and the floor a
+measurement is judged against is the shadow's mAP at that step minus the drop.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from avprune.prune_job.records import (
     LatencyTableRecord,
     SearchRecord,
     SensitivityRecord,
+    ShadowRecord,
     TrialReport,
 )
 
@@ -161,6 +166,7 @@ class _Measured:
     step: int
     latency: LatencySummary
     score: MapScore
+    map_floor: float | None = None  # the floor this measurement was judged against
 
 
 class _Trial:
@@ -191,10 +197,15 @@ class _Trial:
             self.blocks.apply_to(small)
         lat = self._latency(small)
         score = self.env.evaluate_map(pruner.model)
-        self.last = _Measured(step=pruner.step_count, latency=lat, score=score)
+        floor = self.spec.floor_at(pruner.step_count)
+        if self.spec.floor_curve and hasattr(pruner.controller, "map_floor"):
+            # the dense shadow's mAP at this step minus the drop: the controller compares mAP with it
+            # right after this call returns
+            pruner.controller.map_floor = floor
+        self.last = _Measured(step=pruner.step_count, latency=lat, score=score, map_floor=floor)
         if self.blocks is not None:  # a block whose removal keeps mAP under the floor ramps back (#14)
-            self.blocks.observe(score.map, self.spec.map_floor)
-        if lat.p50_ms <= self.spec.latency_budget_ms and score.map >= max(self.spec.map_floor, self.best):
+            self.blocks.observe(score.map, floor)
+        if lat.p50_ms <= self.spec.latency_budget_ms and score.map >= max(floor, self.best):
             # Keep the best point that met both targets (NetAdapt keeps its best too): the controller
             # may give capacity back later and end over budget on a noisy measurement.
             save_checkpoint(self.work / "snapshot.pt", small,
@@ -242,7 +253,8 @@ class _Trial:
             "removed_blocks": removed,
             **({"block_events": []} if self.blocks is None else self.blocks.report()),
         })
-        self.last = _Measured(step=steps, latency=self._latency(small), score=self.env.evaluate_map(small))
+        self.last = _Measured(step=steps, latency=self._latency(small), score=self.env.evaluate_map(small),
+                              map_floor=self.spec.floor_at(steps))
         self.report(steps, done=True, infeasible=infeasible)
 
     def report(self, step: int, **extra: float | bool | None) -> None:
@@ -257,7 +269,8 @@ class _Trial:
         from avprune.prune_job.cluster import worker_identity
 
         tune.report({"step": step, "map": m.map, "map50": m.map50, "latency_ms": lat.p50_ms,
-                     "latency_p99_ms": lat.p99_ms, "score": score, **extra, **worker_identity()})
+                     "latency_p99_ms": lat.p99_ms, "score": score, "map_floor": self.last.map_floor,
+                     **extra, **worker_identity()})
 
 
 def trial(params: dict[str, object]) -> None:
@@ -373,8 +386,9 @@ class _ChannelBudget:
 # ----------------------------------------------------------------------------- the stage
 
 
-def trial_specs(ctx: StageContext) -> list[TrialSpec]:
-    """One :class:`TrialSpec` per candidate, from the baseline (budget), table and sensitivity records."""
+def trial_specs(ctx: StageContext, shadow: ShadowRecord | None = None) -> list[TrialSpec]:
+    """One :class:`TrialSpec` per candidate, from the baseline (budget), table and sensitivity records,
+    and the dense shadow's curve (the moving floor) when there is one."""
     base = ctx.record(BaselineRecord)
     sens = ctx.find(SensitivityRecord)
     job = ctx.config.model_dump(mode="json")
@@ -385,7 +399,9 @@ def trial_specs(ctx: StageContext) -> list[TrialSpec]:
                       latency_table=table.path, latency_budget_ms=base.latency_budget_ms,
                       map_floor=base.map_floor, dense_map=base.dense.map,
                       sensitivity=sens.profile() if sens is not None else {},
-                      channel_multiple=int(multiple), block_ms=dict(table.block_ms))
+                      channel_multiple=int(multiple), block_ms=dict(table.block_ms),
+                      floor_curve=[] if shadow is None else [(p.step, p.map) for p in shadow.curve],
+                      max_map_drop=None if shadow is None else shadow.max_map_drop)
             for c in candidates(ctx.config)]
 
 
@@ -395,7 +411,14 @@ def run(ctx: StageContext) -> SearchRecord:
     from avprune.prune_job.ray_exec import run_trials
 
     cfg, out = ctx.config, ctx.out_dir
-    specs = trial_specs(ctx)
+    shadow = None
+    if cfg.shadow_dense():
+        from avprune.prune_job import shadow as shadow_stage
+
+        # First, as its own Tune trial: the candidates then read their floor from its finished curve
+        # (see avprune.prune_job.shadow for why before, not beside them).
+        shadow = shadow_stage.run(ctx, ctx.record(LatencyTableRecord).path)
+    specs = trial_specs(ctx, shadow)
     ft = cfg.finetune
     reports = ft.steps // ft.measure_every + 1
     ctx.progress.stage_start("search", total=len(specs), note=f"{len(specs)} candidates as Ray Tune trials")
@@ -429,7 +452,7 @@ def run(ctx: StageContext) -> SearchRecord:
     if not any(r.status == "done" or r.snapshot for r in records):
         errors = "; ".join(f"{r.candidate_id}: {r.error or r.status}" for r in records)
         raise RuntimeError(f"no candidate finished its fine-tuning ({errors})")
-    return SearchRecord(candidates=tuple(records))
+    return SearchRecord(candidates=tuple(records), shadow=shadow)
 
 
 def pid_files(out_dir: Path) -> dict[str, int]:

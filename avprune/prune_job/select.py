@@ -4,26 +4,31 @@ Every finished candidate is re-measured here, one after another in the driver, o
 frames, each right after the dense model (its latency is the ratio to that dense timing, expressed
 at the baseline's dense latency): the latencies trials reported were taken while other trials
 shared the cores, and absolute timings minutes apart drift. mAP is
-re-evaluated on the same val subset. Ties break deterministically: mAP, then AP50 (both rounded
-to 4 decimals, below evaluation noise), then candidate index — never on latency, which is noisy.
+re-evaluated on the same val subset. The floor is the dense shadow's final mAP minus
+``budget.max_map_drop`` when the search trained one (:func:`judged_floor`). Ties break
+deterministically: mAP, then AP50 (both rounded to 4 decimals, below evaluation noise), then
+candidate index — never on latency, which is noisy.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from avprune.config.prune import PruneJobConfig
 from avprune.prune_job.context import StageContext
 from avprune.prune_job.errors import InfeasibleBudgetError
 from avprune.prune_job.records import (
     BaselineRecord,
     Deliverable,
     Infeasible,
+    JSONDict,
     MeasuredModel,
     Point,
     SearchRecord,
     SelectRecord,
-    )
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +91,75 @@ def deliverables(search: SearchRecord) -> list[Deliverable]:
     return out
 
 
-def pick(measured: Sequence[MeasuredModel], base: BaselineRecord) -> tuple[MeasuredModel, Infeasible | None]:
+@dataclass(frozen=True)
+class Floor:
+    """The mAP floor selection judges against, and what it was taken from."""
+
+    map_floor: float
+    reference: str  # "shadow", "checkpoint" or "absolute"
+    reference_map: float | None  # the mAP the drop was taken from (None: absolute)
+
+    def describe(self, drop: float | None) -> str:
+        if self.reference == "shadow":
+            return (f"the dense shadow (same recipe, seed and steps, nothing pruned): final mAP "
+                    f"{self.reference_map:.4f} - max_map_drop {drop:g} = {self.map_floor:.4f}")
+        if self.reference == "checkpoint":
+            return (f"the starting checkpoint (no dense shadow trained): dense mAP {self.reference_map:.4f} - "
+                    f"max_map_drop {drop:g} = {self.map_floor:.4f}")
+        return f"the absolute budget.map_floor {self.map_floor:.4f}"
+
+
+def judged_floor(base: BaselineRecord, search: SearchRecord | None, max_map_drop: float | None) -> Floor:
+    """The dense shadow's final mAP minus the drop when the search trained one; else the baseline's floor
+    (the starting checkpoint's mAP minus the drop, or the absolute floor)."""
+    shadow = None if search is None else search.shadow
+    if shadow is not None:
+        return Floor(shadow.final_floor, "shadow", shadow.final_map)
+    if max_map_drop is not None:
+        return Floor(base.map_floor, "checkpoint", base.dense.map)
+    return Floor(base.map_floor, "absolute", None)
+
+
+def floor_block(config: PruneJobConfig, base: BaselineRecord, sel: SelectRecord, search: SearchRecord) -> JSONDict:
+    """report.json's ``floor``: the floor selection judged against, its reference, and both curves (the
+    dense shadow's mAP and the floor it set per step, each candidate's mAP and the floor it met)."""
+    drop = config.budget.max_map_drop
+    floor = (Floor(sel.map_floor, sel.floor_reference, sel.reference_map) if sel.map_floor is not None
+             else judged_floor(base, search, drop))
+    shadow = search.shadow
+    return {
+        "map_floor": floor.map_floor, "reference": floor.reference, "reference_map": floor.reference_map,
+        "max_map_drop": drop, "baseline_map_floor": base.map_floor, "starting_checkpoint_map": base.dense.map,
+        "shadow_dense": config.shadow_dense(), "description": floor.describe(drop),
+        "shadow": None if shadow is None else {
+            **shadow.to_dict(), "floor": [{"step": p.step, "map_floor": shadow.floor_at(p.step)} for p in shadow.curve]},
+        "candidates": {c.candidate_id: [{"step": h.step, "map": h.map, "map_floor": h.map_floor}
+                                        for h in c.history if h.step is not None]
+                       for c in search.candidates},
+    }
+
+
+def pick(measured: Sequence[MeasuredModel], base: BaselineRecord,
+         floor: Floor | None = None) -> tuple[MeasuredModel, Infeasible | None]:
     """The model to ship, and why the budget was missed (None when it was met).
 
-    When no model meets both targets, the best trade-off among the candidates is still returned
-    (finalized as best_tradeoff.*, never as pruned.*) with the reason; the job then ends with the
-    infeasible message. Only models one could ship inform that message (trial reports are in the report).
+    ``floor`` is the floor to judge against (default: the baseline's). When no model meets both
+    targets, the best trade-off among the candidates is still returned (finalized as best_tradeoff.*,
+    never as pruned.*) with the reason; the job then ends with the infeasible message. Only models one
+    could ship inform that message (trial reports are in the report).
     """
     points = [m.point() for m in measured]
-    budget_ms, floor = base.latency_budget_ms, base.map_floor
+    budget_ms = base.latency_budget_ms
+    floor_map = base.map_floor if floor is None else floor.map_floor
     dense = Point(base.dense.p50_ms, base.dense.map, base.dense.map50, "dense")
     infeasible = None
     try:
-        chosen = choose(points, budget_ms=budget_ms, floor=floor, others=[dense])
+        chosen = choose(points, budget_ms=budget_ms, floor=floor_map, others=[dense])
     except InfeasibleBudgetError as e:
         if not points:
             raise
         infeasible = Infeasible(**e.to_dict(), message=str(e))
-        chosen = min(points, key=lambda p: _miss(p, budget_ms, floor))
+        chosen = min(points, key=lambda p: _miss(p, budget_ms, floor_map))
     return next(m for m in measured if m.candidate_id == chosen.source), infeasible
 
 
@@ -131,8 +187,14 @@ def run(ctx: StageContext) -> SelectRecord:
         measured.append(row)
         ctx.progress.stage_advance("select")
         log.info("candidate %s: mAP %.3f, p50 %.2f ms", row.candidate_id, row.map, row.p50_ms)
-    chosen, infeasible = pick(measured, base)
+    floor = judged_floor(base, search, ctx.config.budget.max_map_drop)
+    log.info("mAP floor: %s", floor.describe(ctx.config.budget.max_map_drop))
+    chosen, infeasible = pick(measured, base, floor)
     dense = Point(base.dense.p50_ms, base.dense.map, base.dense.map50, "dense")
     everything = [*(m.point() for m in measured), dense, *trial_points(search)]
+    if search.shadow is not None:  # same architecture as the dense model: its latency
+        everything.append(Point(base.dense.p50_ms, search.shadow.final_map, search.shadow.curve[-1].map50,
+                                "dense shadow"))
     return SelectRecord(candidate_id=chosen.candidate_id, checkpoint=chosen.checkpoint, selected=chosen,
-                        measured=tuple(measured), pareto=tuple(pareto_front(everything)), infeasible=infeasible)
+                        measured=tuple(measured), pareto=tuple(pareto_front(everything)), infeasible=infeasible,
+                        map_floor=floor.map_floor, floor_reference=floor.reference, reference_map=floor.reference_map)

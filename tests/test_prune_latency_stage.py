@@ -1,0 +1,130 @@
+"""The latency-table stage with in-graph calibration (issue #12), on SSDlite at 128x128, no Ray.
+
+Deterministic 'runtimes' stand in for ONNX Runtime: the isolated one charges each conv its MACs plus
+a layout conversion proportional to its input and output maps (what ORT pays around a layer timed
+alone), the whole-graph one charges MACs only plus a fixed cost. The stage must fit the table to the
+graph, say so in its record, cache the fit, and judge feasibility on the fitted table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from avprune.config.prune import PruneJobConfig
+from avprune.prune_job import in_graph, latency_table
+from avprune.prune_job.context import StageContext
+from avprune.prune_job.env import JobEnv
+from avprune.prune_job.errors import BudgetUnreachableError
+from avprune.prune_job.progress import JobProgress
+from avprune.prune_job.records import BaselineRecord, LatencyTableRecord, ModelSummary
+from deploy.timing import LatencySummary
+from pruning.latency_model import LatencyTable
+from tests.conftest import flops_ms
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (1, 3, 128, 128)
+
+
+def isolated_ms(module: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """MACs plus a layout conversion of the layer's input and output maps (paid by a layer timed alone)."""
+    with torch.no_grad():
+        out = module(torch.zeros(input_shape))
+    return flops_ms(module, input_shape) + 2e-5 * (torch.Size(input_shape).numel() + out.numel())
+
+
+def graph_ms(det: nn.Module) -> float:
+    """The whole core's 'latency': Σ MACs of its convs at their physically pruned shapes, + 0.3 ms."""
+    from pruning.filters import DetectorCore
+
+    core = DetectorCore(det).eval()
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: inputs untouched
+            shapes.setdefault(name, tuple(args[0].shape))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in core.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        core(torch.zeros(SHAPE))
+    for h in hooks:
+        h.remove()
+    return sum(flops_ms(core.get_submodule(n), s) for n, s in shapes.items()) + 0.3
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    from perception.models import build_detector, save_checkpoint
+
+    torch.manual_seed(0)
+    det = build_detector("ssdlite320_mobilenet_v3_large", image_size=128).eval()
+    save_checkpoint(tmp_path / "dense.pt", det)
+    data = yaml.safe_load((ROOT / "avprune/config/examples/prune_tiny.yaml").read_text())
+    data["model"]["checkpoint"] = str(tmp_path / "dense.pt")
+    data["output_dir"], data["cache_dir"] = str(tmp_path / "out"), str(tmp_path / "cache")
+    data["budget"].update({"speedup": None, "latency_ms": 1.0})
+    data["pruning"].update({"controller": "allocation", "allocation": "latency", "importances": ["magnitude"]})
+    calls: list[int] = []
+
+    def fake_many(config, timing):
+        def measure_many(models):
+            calls.append(len(models))
+            return [graph_ms(m) for m in models]
+        return measure_many
+
+    monkeypatch.setattr(latency_table, "measure_fn_for", lambda config: isolated_ms)
+    monkeypatch.setattr(in_graph, "measure_many_for", fake_many)
+    return {"data": data, "dense_ms": graph_ms(det), "calls": calls, "out": tmp_path / "out"}
+
+
+def _run(job: dict, **budget) -> LatencyTableRecord:
+    data = {**job["data"], "budget": {**job["data"]["budget"], **budget}}
+    cfg = PruneJobConfig.model_validate(data)
+    ms = job["dense_ms"]
+    base = BaselineRecord(dense=ModelSummary(map=0.5, map50=0.7, p50_ms=ms, p99_ms=ms, params=1, gmacs=1.0),
+                          latency=LatencySummary(ms, ms, ms, ms, 5), latency_budget_ms=cfg.budget.latency_target(ms),
+                          map_floor=0.4, val_images=6)
+    ctx = StageContext(config=cfg, env=JobEnv(cfg), out_dir=job["out"], progress=JobProgress(False),
+                       results={"baseline": base})
+    return latency_table.run(ctx)
+
+
+def test_latency_stage_calibrates_in_graph_caches_it_and_checks_feasibility_on_it(job):
+    dense = job["dense_ms"]
+    rec = _run(job, latency_ms=0.9 * dense)
+    assert rec.in_graph and rec.in_graph_source == "measured" and "allocation 'latency'" in rec.in_graph_reason
+    assert rec.in_graph_probes > 0 and job["calls"] == [rec.in_graph_probes + 2]  # dense + probes + holdout, one call
+    assert "in-graph" in rec.note
+    table = LatencyTable.load(rec.path)
+    assert table.layer_scale and table.meta["in_graph"]["points"] == rec.in_graph_probes
+    assert table.predict({}) == pytest.approx(dense, rel=1e-6)  # anchored to the baseline's dense latency
+    # Out of sample (every group at 50%, left out of the fit): the fitted table predicts the graph.
+    assert rec.in_graph_holdout_predicted_ms == pytest.approx(rec.in_graph_holdout_measured_ms, rel=0.1)
+    assert Path(rec.in_graph_cache).is_file()
+
+    # The record survives its JSON; a record written before the calibration reads as "off".
+    assert LatencyTableRecord.from_dict(rec.to_dict()) == rec
+    old = {k: v for k, v in rec.to_dict().items() if not k.startswith("in_graph")}
+    assert LatencyTableRecord.from_dict(old).in_graph is False
+
+    # Feasibility runs on the calibrated table: a budget under its widest reach stops, naming that reach.
+    with pytest.raises(BudgetUnreachableError) as e:
+        _run(job, latency_ms=0.5 * rec.widest_reach_ms)
+    assert e.value.nearest_latency_ms == pytest.approx(rec.widest_reach_ms, rel=1e-6)
+    assert job["calls"] == [rec.in_graph_probes + 2]  # the second run read the fit from the cache
+
+    again = _run(job, latency_ms=0.9 * dense)
+    assert again.in_graph_source == "cache" and again.widest_reach_ms == pytest.approx(rec.widest_reach_ms)
+    assert LatencyTable.load(again.path).layer_scale == pytest.approx(table.layer_scale)
+
+    # The check would say something else on the isolated table: the calibration is what it reads.
+    job["data"]["pruning"]["in_graph_calibration"] = False
+    off = _run(job, latency_ms=0.9 * dense)
+    assert not off.in_graph and off.in_graph_reason == "pruning.in_graph_calibration: false"
+    assert not LatencyTable.load(off.path).layer_scale
+    assert abs(rec.widest_reach_ms / off.widest_reach_ms - 1) > 0.02
