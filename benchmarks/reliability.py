@@ -273,7 +273,7 @@ def _markdown(outcomes: list[Outcome], node_loss: dict | None, context: dict) ->
         "Exit codes: 0 ok, 1 gate failed, 2 input or usage error, 3 internal error.",
         "",
         f"Machine state during the run: load average {context['load_before']} before, {context['load_after']} after "
-        f"(2 cores shared with other jobs; this run at `nice -n 10`); a fresh `python -c 'import torch'` took "
+        f"(this process at nice {os.nice(0)}); a fresh `python -c 'import torch'` took "
         f"{context['torch_import_s']:.2f} s ({context['torch_import_cpu_s']:.2f} s CPU): wall seconds above the CPU "
         "seconds are time spent waiting for a core. "
         f"{sum(o.cpu_s < context['torch_import_cpu_s'] for o in bad)} / {len(bad)} bad inputs fail in less CPU time "
