@@ -282,7 +282,7 @@ def _sensitivity_scaling(cfg: Any, layer_counts: tuple[int, ...]) -> list[dict[s
     from avprune.prune_job import sensitivity
     from avprune.prune_job.ray_exec import ray_session
 
-    dense = sensitivity.dense_map_on_subset(cfg)
+    dense = sensitivity.dense_value(cfg)
     rows = []
     for count in layer_counts:
         layers = sensitivity.largest_units(cfg, count)

@@ -18,6 +18,9 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   recovers it) and the layers cut since the previous measurement get their importance scaled up in
   proportion to their cut, so their groups are the first to regrow; ``set_sensitivity`` does the
   same up front from a sensitivity scan.
+- **Measured damage.** ``set_damage`` hands the knapsack each unit's sensitivity curve, so it
+  compares units by what pruning them costs the model rather than by importance normalised within
+  each unit (see :mod:`pruning.allocation`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 
 from pruning._controller import CONTROLLERS, Controller
-from pruning.allocation import ALLOCATIONS, Allocation, Unit
+from pruning.allocation import ALLOCATIONS, Allocation, Unit, damage_curve
 from pruning.granularity import check_channel_multiple, check_sparsity
 from pruning.latency_model import LatencyTable
 from pruning.schedules import latency_target
@@ -94,6 +97,7 @@ class AllocationController(Controller):
         self.channel_multiple = 1
         self.unit_specs: tuple[Unit, ...] = ()
         self.weights: dict[str, float] = {}
+        self.damage: dict[str, list[tuple[float, float]]] = {}
         self.correction = 0.0
         self.prev_error: float | None = None
         self.under_floor = False
@@ -120,6 +124,12 @@ class AllocationController(Controller):
         for unit, drop in drops.items():
             if unit in self.weights and drop > 0:
                 self.weights[unit] *= 1.0 + strength * float(drop) / top
+
+    def set_damage(self, curves: Mapping[str, Sequence[tuple[float, float]]]) -> None:
+        """Per unit, ``[(sparsity, metric drop), ...]`` with only that unit pruned (a sensitivity scan)."""
+        for unit, curve in curves.items():
+            damage_curve(curve, f"damage[{unit!r}]")  # validates now, not at the first allocation
+        self.damage = {u: [(float(s), float(d)) for s, d in c] for u, c in curves.items()}
 
     # ------------------------------------------------------------------ loop
     def ramp_end(self) -> int:
@@ -177,6 +187,8 @@ class AllocationController(Controller):
         kw: dict[str, Any] = {"channel_multiple": self.channel_multiple, "max_unit_sparsity": self.max_unit_sparsity}
         if self.allocation_kind == "latency":
             kw["weights"] = self.weights
+            if self.damage:
+                kw["damage"] = self.damage
         self.last = fn(self.unit_specs, scores, self.table, self.target_ms(), **kw)
         self.kept = dict(self.last.kept)
         self.points.append(AllocationPoint(self.last_step, self.last.target_ms, self.last.predicted_ms))
@@ -195,7 +207,8 @@ class AllocationController(Controller):
         return {
             **super().state_dict(),
             "correction": self.correction, "prev_error": self.prev_error, "under_floor": self.under_floor,
-            "weights": dict(self.weights), "kept": dict(self.kept), "kept_at_measure": dict(self.kept_at_measure),
+            "weights": dict(self.weights), "damage": {u: list(c) for u, c in self.damage.items()},
+            "kept": dict(self.kept), "kept_at_measure": dict(self.kept_at_measure),
             "last": None if self.last is None else asdict(self.last),
             "points": [asdict(p) for p in self.points],
         }
@@ -205,6 +218,7 @@ class AllocationController(Controller):
         self.correction, self.prev_error = float(state["correction"]), state["prev_error"]
         self.under_floor = bool(state["under_floor"])
         self.weights = {k: float(v) for k, v in state["weights"].items()}
+        self.damage = {k: [(float(s), float(d)) for s, d in c] for k, c in state.get("damage", {}).items()}
         self.kept = {k: int(v) for k, v in state["kept"].items()}
         self.kept_at_measure = {k: int(v) for k, v in state["kept_at_measure"].items()}
         last = state.get("last")

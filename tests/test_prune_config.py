@@ -195,6 +195,9 @@ def test_overrides_by_dotted_key(tmp_path, ckpt):
         ({"pruning.controller": "allocation", "pruning.granularity": "block"}, "pruning", "allocates channel groups"),
         ({"model.name": "fasterrcnn_mobilenet_v3_large_fpn", "finetune.distill": True}, "(top level)",
          "finetune.distill"),
+        ({"sensitivity.metric": "recall"}, "sensitivity.metric", "'loss' or 'map'"),
+        ({"pruning.controller": "layer_adaptive"}, "(top level)", "set sensitivity.metric: map"),
+        ({"sensitivity.max_layers": 0}, "sensitivity.max_layers", "greater than or equal to 1"),
     ],
 )
 def test_new_pruning_fields_name_the_field(tmp_path, ckpt, changes, field, words):

@@ -171,7 +171,7 @@ def test_sensitivity_workers_share_the_layers(assets, ray_local, tmp_path):
     cfg = PruneJobConfig.model_validate(tiny_job(assets, tmp_path / "job", **{"sensitivity.max_layers": 4}))
     layers = largest_units(cfg, 4)
     share = calls_per_worker(len(layers), cfg.resources.cpus_per_trial)
-    curves = scan(cfg, layers, dense_map=0.0)
+    curves = scan(cfg, layers, dense_value=0.0)
     assert sorted(curves) == sorted(layers)
     per_worker = Counter(rec.worker_pid for rec in curves.values())
     assert None not in per_worker and os.getpid() not in per_worker

@@ -94,6 +94,43 @@ def test_latency_allocation_cuts_the_layer_with_more_latency_per_importance() ->
     assert weighted.feasible and weighted.kept["b"] > alloc.kept["b"] and weighted.kept["a"] < alloc.kept["a"]
 
 
+def test_damage_curves_decide_between_units_and_importance_ranks_within() -> None:
+    _, table, units = _two_branch()
+    scores = {"a": torch.ones(32), "b": torch.ones(32)}
+    target = 0.85 * table.predict({})
+    by_importance = allocate_latency(units, scores, table, target, channel_multiple=8)
+    assert by_importance.kept["b"] < by_importance.kept["a"]
+    # b (the cheaper cut per ms under normalised importance) measured far more harmful to prune: a goes instead
+    damage = {"a": [(0.25, 0.01), (0.5, 0.02), (0.75, 0.05)], "b": [(0.25, 1.0), (0.5, 3.0), (0.75, 9.0)]}
+    by_damage = allocate_latency(units, scores, table, target, channel_multiple=8, damage=damage)
+    assert by_damage.feasible and by_damage.predicted_ms <= target
+    assert by_damage.kept["b"] == 32 and by_damage.kept["a"] < 32
+    # a unit without a curve takes the median of the measured ones (here: one of them), not "free"
+    only_b = allocate_latency(units, scores, table, target, channel_multiple=8, damage={"b": damage["b"]})
+    assert only_b.feasible and only_b.kept == by_importance.kept
+    # flat (all-zero) curves leave the importance tie-break: the weakest channels of a unit go first
+    ranked = {"a": torch.arange(32.0) + 1, "b": torch.arange(32.0) + 1}
+    flat = allocate_latency(units, ranked, table, target, channel_multiple=8,
+                            damage={"a": [(0.5, 0.0)], "b": [(0.5, 0.0)]})
+    assert flat.feasible and flat.kept["b"] < 32
+
+
+def test_damage_curve_is_monotone_and_extends_past_the_last_point() -> None:
+    from pruning.allocation import damage_curve
+
+    f = damage_curve([(0.25, 0.2), (0.5, 0.1), (0.75, 0.6)])  # 0.1 at 0.5 is noise: held at 0.2
+    assert f(0.0) == 0.0 and f(0.125) == pytest.approx(0.1)
+    assert f(0.5) == pytest.approx(0.2) and f(0.75) == pytest.approx(0.6)
+    assert f(0.9) == pytest.approx(0.6 + 0.6 / 0.75 * 0.15)  # slope origin -> last point: the floor is never free
+    assert damage_curve([(0.5, -0.3)])(0.5) == 0.0  # a negative drop (the metric improved) costs nothing
+    for bad, match in (([], "empty"), ([(1.0, 0.1)], r"\[0, 1\)")):
+        with pytest.raises(ValueError, match=match):
+            damage_curve(bad)
+    ctrl = _controller(_two_branch()[1], 1.0)
+    with pytest.raises(ValueError, match=r"damage\['a'\]"):
+        ctrl.set_damage({"a": [(1.5, 0.1)]})
+
+
 def test_uniform_allocation_is_one_global_ratio() -> None:
     model = small_net()
     table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)

@@ -5,7 +5,8 @@ its own custom resource, its own ``--temp-dir`` and a capped object store (small
 tiny job (``tests.conftest``'s ``assets``) runs through the CLI with ``--address``. A watcher
 maps each trial's worker process to its node (the process's command line names its raylet's
 socket, inside that node's temp dir); once a trial on the worker node has written its first
-training checkpoint, the worker node's raylet is SIGKILLed. The job must still finish on the head
+training checkpoint, the worker node is SIGKILLed (the trial's worker, the raylet and all the
+raylet started, as when a machine dies). The job must still finish on the head
 and select a candidate. Every process of both nodes is stopped by pid afterwards, and none may be
 left running.
 """
@@ -124,8 +125,9 @@ def two_nodes() -> Iterator[TwoNodes]:
 
 def _watch(cluster: TwoNodes, out: Path, seen: dict[str, list[tuple[int, str]]], killed: list[int],
            stop: list[bool]) -> None:
-    """Record each trial worker (pid, node) per candidate; SIGKILL the worker node's raylet once a
-    trial there has written its first training checkpoint (mid fine-tune, mid search)."""
+    """Record each trial worker (pid, node) per candidate; SIGKILL the worker node (the trial's
+    worker, its raylet and everything the raylet started) once a trial there has written its
+    first training checkpoint (mid fine-tune, mid search)."""
     from avprune.prune_job.search import pid_files
 
     deadline = time.monotonic() + 600
@@ -137,10 +139,19 @@ def _watch(cluster: TwoNodes, out: Path, seen: dict[str, list[tuple[int, str]]],
             work = out / "search" / "trials" / cid
             if (not killed and node == "worker" and (work / "train" / "last.pt").exists()
                     and not (work / "pruned.pt").exists()):  # fine-tuning, not finished
+                # A lost machine loses every process on it at once. Killing only the raylet lets
+                # the trial's worker finish its last steps and report before it notices (the
+                # tiny fine-tune is seconds long), and then nothing is retried: so the trial's
+                # worker goes first, then the raylet and everything it started.
                 raylet = cluster.raylet(cluster.worker_dir)
                 with contextlib.suppress(psutil.Error):  # its agents would be orphaned: track them
                     cluster.extra_pids.update(c.pid for c in raylet.children(recursive=True))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 os.kill(raylet.pid, signal.SIGKILL)
+                for orphan in cluster.extra_pids - {pid}:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(orphan, signal.SIGKILL)
                 killed.append(raylet.pid)
         time.sleep(0.2)
 

@@ -239,10 +239,18 @@ class PruningSpec(StrictModel):
 
 
 class SensitivitySpec(StrictModel):
-    """Per-layer scan: a subset of layers (largest first) at a few sparsities."""
+    """Per-layer scan: each unit alone pruned at a few sparsities, its damage measured.
 
-    max_layers: int = Field(8, ge=1)
-    sparsities: list[float] = Field(default_factory=lambda: [0.3, 0.6], min_length=1)
+    ``metric: loss`` measures the detection loss on ``eval_images`` fixed training images (a
+    forward pass: cheap, deterministic, moves with every channel); ``map`` measures mAP on that
+    many val images (what the ``layer_adaptive`` controller needs: it reads drops in mAP). The
+    ``allocation`` controller's latency knapsack compares units by these curves (issue #12: by
+    normalised importance alone it cut the sensitive residual streams to their floor).
+    """
+
+    metric: Literal["loss", "map"] = "loss"
+    max_layers: int | None = Field(None, ge=1, description="the largest units only (by weights); None: every unit")
+    sparsities: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], min_length=1)
     eval_images: int = Field(16, ge=1)
 
     @field_validator("sparsities")
@@ -337,6 +345,9 @@ class PruneJobConfig(StrictModel):
         if self.pruning.in_graph_calibration and self.budget.runtime == "tensorrt":
             raise ValueError("pruning.in_graph_calibration: the whole-graph probes run on onnxruntime or pytorch, "
                              "not tensorrt; set it to false")
+        if self.pruning.controller == "layer_adaptive" and self.sensitivity.metric != "map":
+            raise ValueError("sensitivity.metric: the layer_adaptive controller sets each layer's sparsity from "
+                             "its mAP drop against the floor; set sensitivity.metric: map")
         if self.finetune.measure_every > self.finetune.steps:
             raise ValueError(
                 f"finetune.measure_every ({self.finetune.measure_every}) must be <= finetune.steps ({self.finetune.steps})"

@@ -206,8 +206,8 @@ class LatencyTableRecord:
 @dataclass(frozen=True)
 class CurvePoint:
     sparsity: float
-    map: float
-    drop: float  # dense mAP on the scan's subset minus ``map``
+    value: float  # the scan's metric with only this unit pruned (mAP, or minus the detection loss)
+    drop: float  # the dense value on the scan's images minus ``value`` (higher: more damage)
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,8 @@ class LayerSensitivity:
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> LayerSensitivity:
-        curve = tuple(CurvePoint(float(c["sparsity"]), float(c["map"]), float(c["drop"])) for c in d["curve"])
+        curve = tuple(CurvePoint(float(c["sparsity"]), float(c["value"] if "value" in c else c["map"]), float(c["drop"]))
+                      for c in d["curve"])
         return cls(curve=curve, worker_pid=_opt_int(d.get("worker_pid")))
 
     @property
@@ -235,32 +236,38 @@ class LayerSensitivity:
 
 @dataclass(frozen=True)
 class SensitivityRecord:
-    """Stage 3: per-unit sensitivity curves (the ``layer_adaptive`` controller's profile)."""
+    """Stage 3: per-unit sensitivity curves (the allocation knapsack's damage, ``layer_adaptive``'s profile).
+
+    ``metric`` is what was measured: ``map`` (values are mAP) or ``loss`` (values are minus the
+    detection loss, so that for both a higher value is better and a drop is damage).
+    """
 
     STAGE: ClassVar[str] = "sensitivity"
 
-    dense_map: float
+    dense_value: float
     layers: dict[str, LayerSensitivity]
+    metric: str = "map"
 
     @property
     def note(self) -> str:
         if not self.layers:
             return "0 layers"
         worst = max(self.layers, key=lambda u: self.layers[u].worst_drop)
-        return f"{len(self.layers)} layers, most sensitive: {worst}"
+        return f"{len(self.layers)} layers ({'detection loss' if self.metric == 'loss' else 'mAP'}), most sensitive: {worst}"
 
     def profile(self) -> dict[str, list[tuple[float, float]]]:
-        """(sparsity, mAP drop) per unit, as :class:`pruning.LayerAdaptiveController` takes it."""
+        """(sparsity, drop) per unit, as :class:`pruning.LayerAdaptiveController` and the knapsack take it."""
         return {name: [(c.sparsity, c.drop) for c in rec.curve] for name, rec in self.layers.items()}
 
     def to_dict(self) -> JSONDict:
-        return {"dense_map": self.dense_map, "layers": {k: v.to_dict() for k, v in self.layers.items()},
-                "note": self.note}
+        return {"metric": self.metric, "dense_value": self.dense_value,
+                "layers": {k: v.to_dict() for k, v in self.layers.items()}, "note": self.note}
 
     @classmethod
-    def from_dict(cls, d: JSONDict) -> SensitivityRecord:
-        return cls(dense_map=float(d["dense_map"]),
-                   layers={k: LayerSensitivity.from_dict(v) for k, v in d["layers"].items()})
+    def from_dict(cls, d: JSONDict) -> SensitivityRecord:  # records before the loss metric: mAP, "dense_map"
+        return cls(dense_value=float(d["dense_value"] if "dense_value" in d else d["dense_map"]),
+                   layers={k: LayerSensitivity.from_dict(v) for k, v in d["layers"].items()},
+                   metric=str(d.get("metric", "map")))
 
 
 @dataclass(frozen=True)

@@ -153,12 +153,17 @@ def _sensitivity_figure(sens: JSONDict) -> str | None:
     layers = sens.get("layers") or {}
     if not layers:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    loss = sens.get("metric") == "loss"  # values are minus the loss: plot the loss itself
+    sign = -1.0 if loss else 1.0
+    dense = sens["dense_value"] if "dense_value" in sens else sens["dense_map"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6 if len(layers) <= 12 else 4.8))
     for name, rec in layers.items():
         curve = rec.get("curve", [])
-        ax.plot([0.0, *[c["sparsity"] for c in curve]], [sens["dense_map"], *[c["map"] for c in curve]], "-o", ms=3, label=name)
-    ax.set(xlabel="sparsity of the layer alone", ylabel="mAP", title="per-layer sensitivity")
-    ax.legend(fontsize=6)
+        ys = [sign * dense, *[sign * c.get("value", c.get("map", 0.0)) for c in curve]]
+        ax.plot([0.0, *[c["sparsity"] for c in curve]], ys, "-o", ms=3, label=name)
+    ax.set(xlabel="sparsity of the layer alone", ylabel="detection loss (fixed images)" if loss else "mAP",
+           title="per-layer sensitivity")
+    ax.legend(fontsize=5 if len(layers) > 12 else 6, ncol=2 if len(layers) > 12 else 1)
     return _png(fig)
 
 

@@ -91,8 +91,9 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
             ramp_fraction=min(1.0, ramp_steps / steps), measure=measure,
             measure_every=cfg.finetune.measure_every, map_floor=spec.map_floor, max_unit_sparsity=p.max_sparsity,
         )
-        if spec.sensitivity:  # layers the scan found sensitive keep their groups longer
-            ctrl.set_sensitivity({u: max((d for _, d in curve), default=0.0) for u, curve in spec.sensitivity.items()})
+        if spec.sensitivity and p.allocation == "latency":
+            # the knapsack compares units by their measured damage curves (importance ranks within a unit)
+            ctrl.set_damage(spec.sensitivity)
         return ctrl
     if cand.controller == "budget":
         return build_controller(

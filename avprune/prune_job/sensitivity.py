@@ -1,10 +1,12 @@
-"""Stage 3, per-layer sensitivity: mAP when one prunable unit alone is pruned, layers in parallel.
+"""Stage 3, per-layer sensitivity: the damage when one prunable unit alone is pruned, layers in parallel.
 
 Each layer is one Ray task (retried if its worker dies); a task masks only its layer at each
-scanned sparsity and scores the val subset. Worker processes are shared by an equal share of the
-layers, then exit; the record names the worker process that scanned each layer. The scan covers
-the ``sensitivity.max_layers`` largest units (by weight count), so its cost stays bounded on big
-backbones. The curves feed the ``layer_adaptive`` controller and the report.
+scanned sparsity and measures ``sensitivity.metric``: the detection loss on fixed training images
+(default: a forward pass per point) or mAP on the val subset. Worker processes are shared by an
+equal share of the layers, then exit; the record names the worker process that scanned each
+layer. The scan covers every unit, or the ``sensitivity.max_layers`` largest (by weight count) to
+bound its cost on big backbones. The curves are the latency knapsack's damage (``allocation:
+latency``), the ``layer_adaptive`` controller's profile, and a report figure.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def job_channel_multiple(ctx: StageContext) -> int:
     return m if isinstance(m, int) else 8
 
 
-def largest_units(cfg: PruneJobConfig, max_layers: int, channel_multiple: int = 16) -> list[str]:
-    """The prunable units (channel groups by root layer, or layers) with the most weights."""
+def largest_units(cfg: PruneJobConfig, max_layers: int | None, channel_multiple: int = 16) -> list[str]:
+    """The prunable units (channel groups by root layer, or layers) with the most weights (None: all)."""
     from pruning.controllers import build_controller
 
     env = JobEnv.from_config(cfg)
@@ -69,8 +71,20 @@ class ScanTask:
     layer: str
     sparsities: tuple[float, ...]
     importance: str
-    dense_map: float
+    dense_value: float
     channel_multiple: int = 8  # the job's resolved multiple (latency-table record)
+
+
+def metric_fn(env: JobEnv) -> Callable[[nn.Module], float]:
+    """The scan's metric, higher is better: mAP on val images, or minus the loss on training images."""
+    spec = env.config.sensitivity
+    if spec.metric == "loss":
+        from perception.loss_probe import loss_metric
+
+        return loss_metric(env.train_set, images=spec.eval_images, batch_size=min(8, spec.eval_images),
+                           seed=env.config.seed)
+    val = env.val_subset(spec.eval_images)
+    return lambda m: env.evaluate_map(m, val).map
 
 
 def scan_layer_task(task: ScanTask) -> tuple[str, LayerSensitivity]:
@@ -79,26 +93,25 @@ def scan_layer_task(task: ScanTask) -> tuple[str, LayerSensitivity]:
 
     env = JobEnv.from_config(PruneJobConfig.model_validate(task.job))  # once per worker process
     env.set_worker_threads()
-    val = env.val_subset(env.config.sensitivity.eval_images)
     model = env.load_dense()
     p = env.config.pruning
     curve = scan_layer(
-        model, task.layer, lambda m: env.evaluate_map(m, val).map, list(task.sparsities),
+        model, task.layer, metric_fn(env), list(task.sparsities),
         importance=task.importance, granularity=p.pruner_granularity(), example_inputs=env.example_input(),
         channel_multiple=task.channel_multiple, layer_filter=env.layer_filter(model, task.importance),
     )
-    points = tuple(CurvePoint(sparsity=s, map=m, drop=task.dense_map - m) for s, m in curve)
+    points = tuple(CurvePoint(sparsity=s, value=v, drop=task.dense_value - v) for s, v in curve)
     return task.layer, LayerSensitivity(curve=points, worker_pid=os.getpid())
 
 
-def scan(cfg: PruneJobConfig, layers: Sequence[str], dense_map: float, *, channel_multiple: int = 16,
+def scan(cfg: PruneJobConfig, layers: Sequence[str], dense_value: float, *, channel_multiple: int = 16,
          on_result: Callable[[int, object], None] | None = None) -> dict[str, LayerSensitivity]:
     """Scan ``layers`` as parallel Ray tasks (one CPU each) in the current Ray session."""
     from avprune.prune_job.ray_exec import map_tasks
 
     job = cfg.model_dump(mode="json")
     tasks = [{"task": ScanTask(job=job, layer=layer, sparsities=tuple(cfg.sensitivity.sparsities),
-                               importance=cfg.pruning.importances[0], dense_map=dense_map,
+                               importance=cfg.pruning.importances[0], dense_value=dense_value,
                                channel_multiple=channel_multiple)} for layer in layers]
     # A worker process costs ~3 s to start here (Ray, torch, the model), a layer's scan ~1.5 s: each
     # worker takes an equal share of the layers in one process (measured on 2 cores, 4 layers: 17.4 s
@@ -118,17 +131,18 @@ def calls_per_worker(tasks: int, cpus_per_task: float) -> int:
     return max(1, math.ceil(tasks / workers))
 
 
-def dense_map_on_subset(cfg: PruneJobConfig) -> float:
-    """Dense mAP on the scan's val subset (every curve's reference point)."""
+def dense_value(cfg: PruneJobConfig) -> float:
+    """The dense model's metric on the scan's images (every curve's reference point)."""
     env = JobEnv.from_config(cfg)
-    return env.evaluate_map(env.load_dense(), env.val_subset(cfg.sensitivity.eval_images)).map
+    return metric_fn(env)(env.load_dense())
 
 
 def run(ctx: StageContext) -> SensitivityRecord:
     cfg = ctx.config
     multiple = job_channel_multiple(ctx)
     layers = largest_units(cfg, cfg.sensitivity.max_layers, multiple)
-    dense = dense_map_on_subset(cfg)
-    ctx.progress.stage_start("sensitivity", total=len(layers), note=f"{len(layers)} layers as Ray tasks")
+    dense = dense_value(cfg)
+    ctx.progress.stage_start("sensitivity", total=len(layers),
+                             note=f"{len(layers)} layers as Ray tasks ({cfg.sensitivity.metric})")
     curves = scan(cfg, layers, dense, channel_multiple=multiple, on_result=lambda i, r: ctx.progress.stage_advance("sensitivity"))
-    return SensitivityRecord(dense_map=dense, layers={u: curves[u] for u in layers})
+    return SensitivityRecord(dense_value=dense, layers={u: curves[u] for u in layers}, metric=cfg.sensitivity.metric)
