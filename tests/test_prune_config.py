@@ -196,7 +196,8 @@ def test_overrides_by_dotted_key(tmp_path, ckpt):
         ({"model.name": "fasterrcnn_mobilenet_v3_large_fpn", "finetune.distill": True}, "(top level)",
          "finetune.distill"),
         ({"sensitivity.metric": "recall"}, "sensitivity.metric", "'loss' or 'map'"),
-        ({"pruning.controller": "layer_adaptive"}, "(top level)", "set sensitivity.metric: map"),
+        ({"pruning.controller": "layer_adaptive", "sensitivity.metric": "loss"}, "(top level)",
+         "set sensitivity.metric: map"),
         ({"sensitivity.max_layers": 0}, "sensitivity.max_layers", "greater than or equal to 1"),
     ],
 )
@@ -206,6 +207,20 @@ def test_new_pruning_fields_name_the_field(tmp_path, ckpt, changes, field, words
         load_prune_config(path)
     msg = str(e.value)
     assert f"  {field}:" in msg and words in msg, msg
+
+
+def test_sensitivity_defaults_follow_what_reads_the_curves(tmp_path, ckpt):
+    unset = {"sensitivity.max_layers": _DELETE, "sensitivity.sparsities": _DELETE}  # the tiny example sets them
+    knap = load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **unset, **{"pruning.controller": "allocation",
+                                                                                "pruning.allocation": "latency"})))
+    assert knap.sensitivity_metric() == "loss" and knap.sensitivity_max_layers() is None  # every unit
+    assert knap.sensitivity_sparsities() == [0.25, 0.5, 0.75]
+    adaptive = load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **unset, **{"pruning.controller": "layer_adaptive"})))
+    assert adaptive.sensitivity_metric() == "map" and adaptive.sensitivity_max_layers() == 8  # as before issue #12
+    assert adaptive.sensitivity_sparsities() == [0.3, 0.6]
+    given = load_prune_config(_write(tmp_path, _job(tmp_path, ckpt, **{"sensitivity.max_layers": 3,
+                                                                        "sensitivity.sparsities": [0.6, 0.2]})))
+    assert given.sensitivity_max_layers() == 3 and given.sensitivity_sparsities() == [0.2, 0.6]
 
 
 def test_channel_multiple_allocation_and_distill_defaults(tmp_path, ckpt):

@@ -400,7 +400,7 @@ def test_allocation_controller_with_blocks_tiny_job(assets, ray_local, tmp_path)
     changes = {"budget.latency_ms": None, "budget.speedup": 1.06, "budget.max_map_drop": 1.0,
                "pruning.controller": "allocation", "pruning.allocation": "uniform", "pruning.granularity": "channel+block",
                "pruning.max_sparsity": 0.05, "pruning.importances": ["magnitude"], "search.candidates": 1,
-               "sensitivity.max_layers": 1}
+               "sensitivity.max_layers": 1, "search.shadow_dense": False}
     cfg = PruneJobConfig.model_validate(tiny_job(assets, out, **changes))
     assert cfg.distill()
     try:
@@ -450,16 +450,17 @@ def test_deliverables_include_each_trials_best_snapshot_in_a_fixed_order():
     from avprune.prune_job.records import Candidate, CandidateRecord, SearchRecord
     from avprune.prune_job.select import deliverables
 
-    def rec(i, checkpoint, snapshot=None, step=None):
+    def rec(i, checkpoint, snapshot=None, step=None, steps=100):
         cand = Candidate(candidate_id=f"c{i}", index=i, importance="magnitude", controller="cubic", ramp=0.5, seed=i)
         return CandidateRecord(candidate=cand, status="done" if checkpoint else "stopped early", checkpoint=checkpoint,
-                               snapshot=snapshot, snapshot_step=step)
+                               snapshot=snapshot, snapshot_step=step, steps=steps if checkpoint else 40)
 
     search = SearchRecord(candidates=(rec(0, "a/pruned.pt", "a/snapshot.pt", 60), rec(1, None, "b/snapshot.pt", 40),
-                                      rec(2, "c/pruned.pt")))
+                                      rec(2, "c/pruned.pt"), rec(3, "d/pruned.pt", "d/snapshot.pt", 100)))
     got = [(d.candidate_id, d.index, d.checkpoint) for d in deliverables(search)]
+    # c3's snapshot is from its last step: its final model again, not measured twice
     assert got == [("c0", 0, "a/pruned.pt"), ("c0@60", 1, "a/snapshot.pt"), ("c1@40", 3, "b/snapshot.pt"),
-                   ("c2", 4, "c/pruned.pt")]
+                   ("c2", 4, "c/pruned.pt"), ("c3", 6, "d/pruned.pt")]
     assert SearchRecord.from_dict(search.to_dict()) == search  # the record survives its JSON
 
 
@@ -526,6 +527,7 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     assert dumped["pruning"].pop("channel_multiple") == data["pruning"]["round_to"] == 8
     assert dumped["pruning"].pop("allocation") == "uniform" and dumped["finetune"].pop("distill") is None
     assert dumped["pruning"].pop("in_graph_calibration") is None and dumped["search"].pop("shadow_dense") is None
+    assert dumped["sensitivity"].pop("metric") is None  # resolved: what the old job meant
     assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"checkpoint": Path(stored["config"]["model"]["checkpoint"])}),

@@ -161,7 +161,10 @@ def run_node_loss(work: Path, assets: dict[str, Path] | None = None) -> dict:
     assets = assets or make_job_assets(work / "assets")
     out = work / "job"
     job = work / "job.yaml"
-    job.write_text(yaml.safe_dump(tiny_job(assets, out, **{"search.max_failures": 3})))
+    # No dense shadow (a sequential trial before the candidates; tested in test_prune_job) and one
+    # scanned layer: the node loss is what this test is about, and it runs in CI's time.
+    job.write_text(yaml.safe_dump(tiny_job(assets, out, **{"search.max_failures": 3, "search.shadow_dense": False,
+                                                           "sensitivity.max_layers": 1})))
     seen: dict[str, list[tuple[int, str]]] = {}
     killed: list[int] = []
     stop: list[bool] = []

@@ -248,14 +248,21 @@ class SensitivitySpec(StrictModel):
     normalised importance alone it cut the sensitive residual streams to their floor).
     """
 
-    metric: Literal["loss", "map"] = "loss"
-    max_layers: int | None = Field(None, ge=1, description="the largest units only (by weights); None: every unit")
-    sparsities: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], min_length=1)
+    metric: Literal["loss", "map"] | None = Field(
+        None, description="None: map for the layer_adaptive controller (it reads mAP drops), loss otherwise")
+    max_layers: int | None = Field(
+        None, ge=1, description="the largest units only (by weights). None: every unit when the latency knapsack "
+        "reads the curves (controller allocation, allocation latency), else 8")
+    sparsities: list[float] | None = Field(
+        None, min_length=1, description="None: [0.25, 0.5, 0.75] for the latency knapsack (its curves reach the "
+        "pruning's depth), else [0.3, 0.6]")
     eval_images: int = Field(16, ge=1)
 
     @field_validator("sparsities")
     @classmethod
-    def _range(cls, v: list[float]) -> list[float]:
+    def _range(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
         bad = [s for s in v if not 0 < s < 1]
         if bad:
             raise ValueError(f"sensitivity sparsities must be in (0, 1); got {bad}")
@@ -345,7 +352,7 @@ class PruneJobConfig(StrictModel):
         if self.pruning.in_graph_calibration and self.budget.runtime == "tensorrt":
             raise ValueError("pruning.in_graph_calibration: the whole-graph probes run on onnxruntime or pytorch, "
                              "not tensorrt; set it to false")
-        if self.pruning.controller == "layer_adaptive" and self.sensitivity.metric != "map":
+        if self.pruning.controller == "layer_adaptive" and self.sensitivity.metric == "loss":
             raise ValueError("sensitivity.metric: the layer_adaptive controller sets each layer's sparsity from "
                              "its mAP drop against the floor; set sensitivity.metric: map")
         if self.finetune.measure_every > self.finetune.steps:
@@ -353,6 +360,25 @@ class PruneJobConfig(StrictModel):
                 f"finetune.measure_every ({self.finetune.measure_every}) must be <= finetune.steps ({self.finetune.steps})"
             )
         return self
+
+    def knapsack_reads_sensitivity(self) -> bool:
+        """Whether the sensitivity curves are the latency knapsack's damage (controller allocation, latency)."""
+        return self.pruning.controller == "allocation" and self.pruning.allocation == "latency"
+
+    def sensitivity_metric(self) -> str:
+        """``sensitivity.metric``, resolved: map for layer_adaptive, loss otherwise."""
+        m = self.sensitivity.metric
+        return m if m is not None else ("map" if self.pruning.controller == "layer_adaptive" else "loss")
+
+    def sensitivity_max_layers(self) -> int | None:
+        """``sensitivity.max_layers``, resolved (None: every unit)."""
+        m = self.sensitivity.max_layers
+        return m if m is not None else (None if self.knapsack_reads_sensitivity() else 8)
+
+    def sensitivity_sparsities(self) -> list[float]:
+        """``sensitivity.sparsities``, resolved."""
+        s = self.sensitivity.sparsities
+        return list(s) if s is not None else ([0.25, 0.5, 0.75] if self.knapsack_reads_sensitivity() else [0.3, 0.6])
 
     def shadow_dense(self) -> bool:
         """Whether the search trains a dense shadow to judge the floor against (``search.shadow_dense``, resolved)."""
@@ -380,6 +406,9 @@ class PruneJobConfig(StrictModel):
             p.pop("in_graph_calibration", None)
         if data["search"].get("shadow_dense") is None:
             data["search"].pop("shadow_dense", None)
+        for key in ("metric", "max_layers", "sparsities"):  # None: resolved as a job before them meant
+            if data["sensitivity"].get(key) is None:
+                data["sensitivity"].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -217,8 +217,9 @@ class LayerSensitivity:
     curve: tuple[CurvePoint, ...]
     worker_pid: int | None = None
 
-    def to_dict(self) -> JSONDict:
-        d: JSONDict = {"curve": [asdict(c) for c in self.curve]}
+    def to_dict(self, metric: str = "map") -> JSONDict:
+        # mAP curves keep the key they had before the loss metric ("map"), so older readers still read them
+        d: JSONDict = {"curve": [{**asdict(c), **({"map": c.value} if metric == "map" else {})} for c in self.curve]}
         if self.worker_pid is not None:
             d["worker_pid"] = self.worker_pid
         return d
@@ -261,7 +262,8 @@ class SensitivityRecord:
 
     def to_dict(self) -> JSONDict:
         return {"metric": self.metric, "dense_value": self.dense_value,
-                "layers": {k: v.to_dict() for k, v in self.layers.items()}, "note": self.note}
+                **({"dense_map": self.dense_value} if self.metric == "map" else {}),
+                "layers": {k: v.to_dict(self.metric) for k, v in self.layers.items()}, "note": self.note}
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> SensitivityRecord:  # records before the loss metric: mAP, "dense_map"

@@ -254,8 +254,11 @@ class _Trial:
             "removed_blocks": removed,
             **({"block_events": []} if self.blocks is None else self.blocks.report()),
         })
-        self.last = _Measured(step=steps, latency=self._latency(small), score=self.env.evaluate_map(small),
-                              map_floor=self.spec.floor_at(steps))
+        if self.last is None or self.last.step != steps:
+            # Measured at the last step already (measure_every divides the steps): that was this very
+            # model (the pruner's state after the last step, finalized alike), so it is not timed again.
+            self.last = _Measured(step=steps, latency=self._latency(small), score=self.env.evaluate_map(small),
+                                  map_floor=self.spec.floor_at(steps))
         self.report(steps, done=True, infeasible=infeasible)
 
     def report(self, step: int, **extra: float | bool | None) -> None:

@@ -80,13 +80,15 @@ def trial_points(search: SearchRecord) -> list[Point]:
 
 def deliverables(search: SearchRecord) -> list[Deliverable]:
     """Every model the search produced: each finished candidate's final model, and each trial's
-    best snapshot that met both targets when measured (``c0@60``), in a fixed order."""
+    best snapshot that met both targets when measured (``c0@60``), in a fixed order. A snapshot
+    taken at a finished candidate's last step is its final model again (the same pruner state,
+    finalized alike), so it is not measured twice."""
     out = []
     for c in search.candidates:
         i = c.candidate.index
         if c.checkpoint:
             out.append(Deliverable(c.candidate_id, 2 * i, c.checkpoint))
-        if c.snapshot:
+        if c.snapshot and not (c.checkpoint and c.steps is not None and c.snapshot_step == c.steps):
             out.append(Deliverable(f"{c.candidate_id}@{c.snapshot_step}", 2 * i + 1, c.snapshot))
     return out
 

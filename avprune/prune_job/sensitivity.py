@@ -78,7 +78,7 @@ class ScanTask:
 def metric_fn(env: JobEnv) -> Callable[[nn.Module], float]:
     """The scan's metric, higher is better: mAP on val images, or minus the loss on training images."""
     spec = env.config.sensitivity
-    if spec.metric == "loss":
+    if env.config.sensitivity_metric() == "loss":
         from perception.loss_probe import loss_metric
 
         return loss_metric(env.train_set, images=spec.eval_images, batch_size=min(8, spec.eval_images),
@@ -110,7 +110,7 @@ def scan(cfg: PruneJobConfig, layers: Sequence[str], dense_value: float, *, chan
     from avprune.prune_job.ray_exec import map_tasks
 
     job = cfg.model_dump(mode="json")
-    tasks = [{"task": ScanTask(job=job, layer=layer, sparsities=tuple(cfg.sensitivity.sparsities),
+    tasks = [{"task": ScanTask(job=job, layer=layer, sparsities=tuple(cfg.sensitivity_sparsities()),
                                importance=cfg.pruning.importances[0], dense_value=dense_value,
                                channel_multiple=channel_multiple)} for layer in layers]
     # A worker process costs ~3 s to start here (Ray, torch, the model), a layer's scan ~1.5 s: each
@@ -140,9 +140,9 @@ def dense_value(cfg: PruneJobConfig) -> float:
 def run(ctx: StageContext) -> SensitivityRecord:
     cfg = ctx.config
     multiple = job_channel_multiple(ctx)
-    layers = largest_units(cfg, cfg.sensitivity.max_layers, multiple)
+    layers = largest_units(cfg, cfg.sensitivity_max_layers(), multiple)
     dense = dense_value(cfg)
     ctx.progress.stage_start("sensitivity", total=len(layers),
-                             note=f"{len(layers)} layers as Ray tasks ({cfg.sensitivity.metric})")
+                             note=f"{len(layers)} layers as Ray tasks ({cfg.sensitivity_metric()})")
     curves = scan(cfg, layers, dense, channel_multiple=multiple, on_result=lambda i, r: ctx.progress.stage_advance("sensitivity"))
-    return SensitivityRecord(dense_value=dense, layers={u: curves[u] for u in layers}, metric=cfg.sensitivity.metric)
+    return SensitivityRecord(dense_value=dense, layers={u: curves[u] for u in layers}, metric=cfg.sensitivity_metric())
