@@ -75,14 +75,16 @@ def test_scan_task_measures_loss_drops_against_the_dense_value(assets, tmp_path)
     assert dense == metric_fn(env)(env.load_dense()) < 0
     units = largest_units(cfg, None)
     assert len(units) > len(largest_units(cfg, 2)) == 2  # None: every unit
-    layer = units[0]
-    task = ScanTask(job=cfg.model_dump(mode="json"), layer=layer, sparsities=(0.25, 0.75), importance="magnitude",
-                    dense_value=dense, channel_multiple=16)
-    name, rec = scan_layer_task(task)
-    assert name == layer and [c.sparsity for c in rec.curve] == [0.25, 0.75]
-    for c in rec.curve:
-        assert c.drop == pytest.approx(dense - c.value)
-    assert rec.curve[-1].value != dense  # pruning the unit to 25% of its channels moves the loss
+    moved = []
+    for layer in units[:3]:  # the largest units; one may feed a scale where these images have no boxes
+        task = ScanTask(job=cfg.model_dump(mode="json"), layer=layer, sparsities=(0.25, 0.75),
+                        importance="magnitude", dense_value=dense, channel_multiple=16)
+        name, rec = scan_layer_task(task)
+        assert name == layer and [c.sparsity for c in rec.curve] == [0.25, 0.75]
+        for c in rec.curve:
+            assert c.drop == pytest.approx(dense - c.value)
+        moved.append(rec.curve[-1].value != dense)
+    assert any(moved), "pruning none of the three largest units to 25% moved the loss"
 
 
 def test_sensitivity_record_reads_older_map_records_and_round_trips():
