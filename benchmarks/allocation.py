@@ -232,17 +232,13 @@ def finetune(model: Any, train_set: Any, steps: int, seed: int, hooks: tuple = (
 def damage_curves(ckpt: Path, train_set: Any, images: int = 32) -> tuple[dict[str, list[list[float]]], float]:
     """Per unit, the detection-loss increase with only that unit pruned to 25/50/75% (cached per checkpoint);
     and the scan's wall seconds. The same scan the prune job's sensitivity stage runs (``metric: loss``)."""
-    import hashlib
-
     import torch
 
     from perception.loss_probe import loss_metric
     from perception.models import load_detector
     from pruning.sensitivity import metric_drops, sensitivity_scan
 
-    st = Path(ckpt).stat()
-    key = hashlib.sha256(f"{Path(ckpt).resolve()}|{st.st_size}|{st.st_mtime_ns}|{images}".encode()).hexdigest()[:12]
-    path = WORK / f"damage_{key}.json"
+    path = WORK / f"damage_{_cache_key(ckpt, images)}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         return saved["drops"], saved["wall_s"]
@@ -321,11 +317,16 @@ def matched_uniform_budget(ckpt: Path, table: Any, reference: Any, rounds: int, 
 
 def _variant_cache(ckpt: Path, steps: int, seed: int, ramp: float, budget_ms: float, quick: bool) -> Path:
     """Folder for this run's fine-tuned variants, keyed by everything that shapes them."""
+    return WORK / "variants" / _cache_key(ckpt, steps, seed, ramp, f"{budget_ms:.3f}", quick)
+
+
+def _cache_key(ckpt: Path, *shaping: object) -> str:
+    """A short hash of the checkpoint (path, size, mtime) and what else shapes a cached result."""
     import hashlib
 
     st = Path(ckpt).stat()
-    key = f"{Path(ckpt).resolve()}|{st.st_size}|{st.st_mtime_ns}|{steps}|{seed}|{ramp}|{budget_ms:.3f}|{quick}"
-    return WORK / "variants" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    key = "|".join(str(x) for x in (Path(ckpt).resolve(), st.st_size, st.st_mtime_ns, *shaping))
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _save_variant(folder: Path, name: str, model: Any, info: dict[str, Any]) -> None:

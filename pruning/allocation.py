@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pruning.granularity import aligned_levels, check_sparsity, kept_channels, normalise
@@ -98,11 +99,7 @@ def damage_curve(curve: Curve, what: str = "damage curve") -> Callable[[float], 
     def at(sparsity: float) -> float:
         if sparsity >= xs[-1]:
             return ys[-1] + tail * (sparsity - xs[-1])
-        for i in range(1, len(xs)):
-            if sparsity <= xs[i]:
-                w = (sparsity - xs[i - 1]) / (xs[i] - xs[i - 1])
-                return ys[i - 1] + w * (ys[i] - ys[i - 1])
-        return ys[-1]  # unreachable: sparsity < xs[-1]
+        return float(np.interp(sparsity, xs, ys))
 
     return at
 
@@ -116,7 +113,7 @@ def _damage_fns(units: Sequence[Unit], damage: Mapping[str, Curve]) -> dict[str,
     if missing:
         log.info("damage: %d unit(s) without a measured curve take the median curve: %s", len(missing), missing[:6])
         grid = [i / 20 for i in range(20)]
-        median = [(s, sorted(f(s) for f in list(fns.values()))[len(fns) // 2]) for s in grid]
+        median = [(s, sorted(f(s) for f in fns.values())[len(fns) // 2]) for s in grid]
         for name in missing:
             fns[name] = damage_curve(median)
     return fns

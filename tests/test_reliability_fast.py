@@ -58,24 +58,15 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def _strip(obj):
-    """``torch.load``'s result with every tensor as a PeekedTensor, to compare with the peek."""
-    if isinstance(obj, torch.Tensor):
+def _structure(obj, leaf: type):
+    """``obj`` with every ``leaf`` (a tensor, or the peek's stand-in) as the PeekedTensor class, so a
+    ``torch.load`` result and a peek compare on structure, keys and values other than tensors."""
+    if isinstance(obj, leaf):
         return PeekedTensor
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items()}
+        return {k: _structure(v, leaf) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_strip(v) for v in obj]
-    return obj
-
-
-def _peeked(obj):
-    if isinstance(obj, PeekedTensor):
-        return PeekedTensor
-    if isinstance(obj, dict):
-        return {k: _peeked(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_peeked(v) for v in obj]
+        return [_structure(v, leaf) for v in obj]
     return obj
 
 
@@ -104,7 +95,7 @@ def test_peek_reads_what_torch_load_reads(tmp_path):
     for kind, path in files.items():
         peeked = peek_torch_file(path)
         assert peeked is not None, kind
-        assert _peeked(peeked) == _strip(load_torch_file(path)), kind
+        assert _structure(peeked, PeekedTensor) == _structure(load_torch_file(path), torch.Tensor), kind
 
 
 def test_peek_defers_to_torch_for_what_it_does_not_mimic(tmp_path):
