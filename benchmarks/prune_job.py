@@ -107,6 +107,8 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, map
         overrides.update({"budget.map_floor": map_floor, "budget.max_map_drop": None})
     if args.allocation:
         overrides["pruning.allocation"] = args.allocation
+    if args.allocation == "latency":  # the knapsack reads every unit's damage curve (resolved defaults)
+        overrides.update({"sensitivity.max_layers": None, "sensitivity.sparsities": None})
     if args.quick:
         overrides.update({"finetune.measure_every": 6, "finetune.batch_size": 4, "sensitivity.max_layers": 2,
                           "sensitivity.sparsities": [0.5], "sensitivity.eval_images": 8, "budget.measure_iters": 10})
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs[gran] = cfg
         jobs[gran] = _run_job(cfg, job_dir, args.quick)
     first = cfgs[grans[0]]
-    sens = _sensitivity_scaling(first, (2,) if args.quick else (first.sensitivity.max_layers, 16))
+    sens = _sensitivity_scaling(first, (2,) if args.quick else (first.sensitivity_max_layers() or 8, 16))
 
     cands: dict[str, dict[str, Any]] = {}
     for job in jobs.values():

@@ -214,3 +214,29 @@ def test_dynamo_failure_falls_back_to_legacy(ssd_case, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="use exporter='legacy'"):
         export_onnx(model, tmp_path / "dyn.onnx", exporter="dynamo")
     assert not (tmp_path / "dyn.onnx").exists() and not list(tmp_path.glob(".dyn.onnx*"))
+
+
+def _dets(boxes: list[list[float]], scores: list[float], labels: list[int]):
+    from deploy.runtimes.base import Detections
+
+    return Detections(boxes=np.asarray(boxes, np.float32).reshape(-1, 4), scores=np.asarray(scores, np.float32),
+                      labels=np.asarray(labels, np.int64))
+
+
+def test_detections_tied_in_score_are_excused_but_mis_decoded_boxes_are_not():
+    from deploy.verify import match_counts, match_fraction
+
+    a, b, c = [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]
+    # ref kept a and b at exactly the same score; float noise made the other runtime keep c instead of b
+    ref = _dets([a, b], [0.5, 0.5], [1, 1])
+    swapped = _dets([a, c], [0.5, 0.5], [1, 1])
+    assert match_fraction(ref, swapped) == 0.5
+    assert match_counts(ref, swapped, tie_atol=1e-5) == (1, 1, 2)
+    assert match_fraction(ref, swapped, tie_atol=1e-5) == 1.0
+    # distinct scores: a different box at the same score is a mis-decoded box, not a tie
+    ref = _dets([a, b], [0.9, 0.5], [1, 1])
+    wrong_box = _dets([a, c], [0.9, 0.5], [1, 1])
+    assert match_counts(ref, wrong_box, tie_atol=1e-5) == (1, 0, 2)
+    assert match_fraction(ref, wrong_box, tie_atol=1e-5) == 0.5
+    # every missing detection tied: nothing left to fail on
+    assert match_fraction(_dets([a, b], [0.3, 0.3], [2, 2]), _dets([], [], []), tie_atol=1e-5) == 1.0
