@@ -318,6 +318,8 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
         max_images=cfg.val_images,
         cache=work / "evals",
         base=work / "base.pt",
+        # every row's speed-up is paired against the dense model's (the first cell when it is not run)
+        reference=next((i for i, (m, _) in enumerate(cells) if m == "dense"), 0),
     )
     for rec, fin in zip(records, finals, strict=True):
         rec["final"] = fin

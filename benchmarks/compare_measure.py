@@ -56,11 +56,8 @@ def open_ort(onnx_path: Path) -> Any:
 
 
 def time_frames(rt: Any, frames: Sequence[np.ndarray], n: int, start: int = 0) -> list[float]:
-    """End-to-end milliseconds of ``n`` single-frame ``rt.infer`` calls (pre + core + post).
-
-    Our own loop rather than a summary so the final pass can interleave models sample by sample
-    and still take true percentiles over each model's samples.
-    """
+    """End-to-end milliseconds of ``n`` single-frame ``rt.infer`` calls (pre + core + post): the
+    trajectory probes' quick figure (the final pass times models paired, :func:`final_pass`)."""
     out = []
     for k in range(n):
         frame = frames[(start + k) % len(frames)]
@@ -138,20 +135,24 @@ def final_pass(
     max_images: int | None,
     cache: Path,
     base: Path,
+    reference: int = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Measure every final model side by side: accuracy, size, and interleaved end-to-end latency.
+    """Measure every final model side by side: accuracy, size, and paired end-to-end latency.
 
-    All runtimes are opened first; then ``rounds`` times, every model infers ``iters`` single
-    frames in turn (the order rotates each round). p50/p99 come from all of a model's samples.
+    All runtimes are opened first, then timed with :func:`deploy.timing.time_runtimes` (the one
+    helper every comparison uses): ``rounds`` blocks of ``iters`` frames, the models alternating
+    with the order rotated each block. Each row gets p50/p99 over its samples and its speed-up over
+    ``paths[reference]`` with a bootstrap 95% interval.
     """
     from tqdm import tqdm
 
+    from deploy.timing import time_runtimes
+
     frames = sample_frames(val_set, 8)
-    stats, acc, samples = [], [], [[] for _ in paths]
+    stats, acc, runtimes = [], [], {}
     with contextlib.ExitStack() as stack:
-        runtimes = []
-        for p in tqdm(paths, desc="final: export + accuracy", unit="model", disable=not progress):
+        for i, p in enumerate(tqdm(paths, desc="final: export + accuracy", unit="model", disable=not progress)):
             model = load_checkpoint_like_base(p, base).eval()
             stats.append(model_stats(model))
             onnx_path = cache / f"{p.stem}.onnx"
@@ -159,17 +160,16 @@ def final_pass(
                 export_core(model, onnx_path)
             rt = stack.enter_context(open_ort(onnx_path))
             acc.append(_accuracy(p, rt, val_set, max_images, cache))
-            time_frames(rt, frames, 3)  # warm-up
-            runtimes.append(rt)
-        order = list(range(len(paths)))
-        for r in tqdm(range(rounds), desc="final: latency", unit="round", disable=not progress):
-            k = r % len(order)
-            for i in order[k:] + order[:k]:  # rotate so no model always follows the same one
-                samples[i] += time_frames(runtimes[i], frames, iters, start=r * iters)
+            runtimes[f"{i}:{p.stem}"] = rt
+        names = list(runtimes)
+        timing = time_runtimes(runtimes, frames, reference=names[reference], blocks=max(2, rounds),
+                               block_size=max(1, iters), warmup=1)
     out = []
-    for s, a, lat in zip(stats, acc, samples, strict=True):
-        arr = np.asarray(lat)
+    for name, s, a in zip(names, stats, acc, strict=True):
+        summary, ratio = timing.summaries[name], timing.ratios.get(name)
         out.append({**s, **{k: a[k] for k in ("map", "map50", "map_small", "num_images")},
-                    "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
-                    "latency_samples": len(arr)})
+                    "p50_ms": summary.p50_ms, "p99_ms": summary.p99_ms, "latency_samples": summary.n,
+                    "timing_reference": names[reference].split(":", 1)[1],
+                    "speedup": 1.0 if ratio is None else ratio.ratio,
+                    "speedup_ci": None if ratio is None else [ratio.low, ratio.high]})
     return out

@@ -57,6 +57,9 @@ class Row:
     nonzero_m: Stat
     gmacs: Stat
     wall_s: Stat
+    # paired speed-up over the dense model from the final pass (older records: None)
+    speedup: Stat | None = None
+    speedup_ci: tuple[float, float] | None = None  # its bootstrap 95% interval, with one seed
 
 
 def aggregate(cells: Sequence[dict[str, Any]]) -> list[Row]:
@@ -83,13 +86,16 @@ def aggregate(cells: Sequence[dict[str, Any]]) -> list[Row]:
                 nonzero_m=Stat.of([x["nonzero_params"] / 1e6 for x in f]),
                 gmacs=Stat.of([x["gmacs"] for x in f]),
                 wall_s=Stat.of([c["wall_s"] for c in cs]),
+                speedup=Stat.of([x["speedup"] for x in f]) if all("speedup" in x for x in f) else None,
+                speedup_ci=tuple(f[0]["speedup_ci"]) if len(f) == 1 and f[0].get("speedup_ci") else None,
             )
         )
     return rows
 
 
 def table(rows: Sequence[Row]) -> str:
-    """The markdown table; speed-up is dense p50 over the method's p50 (means), from the same pass."""
+    """The markdown table; speed-up is the paired ratio over the dense model from the same pass
+    (mean over seeds; its 95% interval with one seed), or dense p50 over the method's p50 in older records."""
     dense = next((r for r in rows if r.method == "dense"), None)
     head = (
         "| method | mAP | AP50 | AP small | p50 ms | p99 ms | params M (non-zero) | GMACs | speed-up | method wall s |\n"
@@ -97,7 +103,10 @@ def table(rows: Sequence[Row]) -> str:
     )
     lines = []
     for r in rows:
-        speed = f"{dense.p50.mean / r.p50.mean:.2f}×" if dense and r.p50.mean > 0 else "n/a"
+        if r.speedup is not None and r.speedup.n:
+            speed = f"{r.speedup.mean:.2f}×" + (f" [{r.speedup_ci[0]:.2f}, {r.speedup_ci[1]:.2f}]" if r.speedup_ci else "")
+        else:
+            speed = f"{dense.p50.mean / r.p50.mean:.2f}×" if dense and r.p50.mean > 0 else "n/a"
         lines.append(
             f"| {r.label} (`{r.method}`) | {r.map.fmt()} | {r.map50.fmt()} | {r.map_small.fmt()} | {r.p50.fmt(2)} | "
             f"{r.p99.fmt(2)} | {r.params_m.mean:.2f} ({r.nonzero_m.mean:.2f}) | {r.gmacs.mean:.3f} | {speed} | "

@@ -51,6 +51,14 @@ def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, d
         assert 0.0 <= f["map"] <= 1.0 and 0.0 <= f["map50"] <= 1.0, cell["method"]
         assert f["params"] > 0 and cell["wall_s"] > 0
     by = {c["method"]: c["final"] for c in data["cells"]}
+    # Latency is paired (deploy.timing.time_runtimes): every row's speed-up is over the dense model's,
+    # with its interval, from the same interleaved pass.
+    assert by["dense"]["speedup"] == 1.0 and by["dense"]["speedup_ci"] is None
+    for m, f in by.items():
+        assert f["timing_reference"] == "dense-s0", m
+        if m != "dense":
+            lo, hi = f["speedup_ci"]
+            assert lo <= f["speedup"] <= hi and f["speedup"] > 0, (m, f["speedup"], f["speedup_ci"])
     # Channel pruning makes the model physically smaller; unstructured keeps its size but zeroes weights.
     assert by["tp_magnitude"]["params"] < by["dense"]["params"]
     assert by["tp_magnitude"]["gmacs"] < by["dense"]["gmacs"]
@@ -58,6 +66,7 @@ def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, d
     assert by["unstructured_l1"]["nonzero_params"] < 0.9 * by["dense"]["nonzero_params"]
     md = (work / "compare.md").read_text()
     assert "SMOKE RUN" in md and "| method |" in md and (work / "compare.png").stat().st_size > 1000
+    assert "| 1.00× |" in md and "× [" in md  # dense, then paired ratios with their intervals
     for m in compare_registry.list_methods():
         assert f"`{m}`" in md
 

@@ -227,6 +227,9 @@ def test_tiny_job_local_ray_survives_a_killed_trial_worker(reference):
     report = json.loads(result.report_json.read_text())
     c0 = next(c for c in report["candidates"] if c["candidate_id"] == "c0")
     assert c0["status"] == "done" and c0["history"], c0  # retried after the kill, and finished
+    # every measured point was timed paired with the dense model (another trial trains on the node)
+    timed = [h for c in report["candidates"] for h in c["history"] if h.get("latency_ms") is not None]
+    assert timed and all(h["load_factor"] > 0 for h in timed), timed
     assert {c["importance"] for c in report["candidates"]} == {"magnitude", "bn_scale"}
     assert report["layers"] and report["sensitivity"]["layers"]
     html = result.report_html.read_text()

@@ -70,6 +70,10 @@ class TrialSpec:
     floor_curve: list[tuple[int, float]] = field(default_factory=list)
     max_map_drop: float | None = None
     shadow: bool = False  # this trial IS the dense shadow (nothing pruned)
+    # The baseline's dense p50 (ms): a trial times its candidate paired with the dense model and
+    # scales by it, so another trial's training on the node does not read as latency. None: timed
+    # alone (trials of jobs started before the pairing).
+    dense_latency_ms: float | None = None
 
     @property
     def candidate_id(self) -> str:
@@ -101,4 +105,5 @@ class TrialSpec:
                    block_ms={k: float(v) for k, v in d.get("block_ms", {}).items()},
                    floor_curve=sorted((int(s), float(m)) for s, m in d.get("floor_curve") or ()),
                    max_map_drop=None if d.get("max_map_drop") is None else float(d["max_map_drop"]),
-                   shadow=bool(d.get("shadow", False)))
+                   shadow=bool(d.get("shadow", False)),
+                   dense_latency_ms=None if d.get("dense_latency_ms") is None else float(d["dense_latency_ms"]))

@@ -227,16 +227,39 @@ class JobEnv:
         b = self.config.budget
         blocks = max(int(blocks), BASELINE_BLOCKS)
         with self._runtime(model, work_dir / "latency_probe.onnx") as rt:
-            if b.end_to_end:  # one batch of budget.batch frames per call, as measure_latency times it
-                fn, batch = rt.infer, self.timing_frames
-            else:  # the graph alone, on the batch pre-processed once
-                fn, batch = rt.run, rt.preprocess(self.timing_frames)
-
-            def call(x: Any) -> None:  # returns nothing: a returned mapping would read as stage timings
-                fn(x)
-
-            return time_paired({"dense": call}, [batch], blocks=blocks,
+            # one batch of budget.batch frames per call, as measure_latency times it
+            return time_paired({"dense": _batch_call(rt, self.timing_frames, b.end_to_end)}, [None], blocks=blocks,
                                block_size=max(1, -(-b.measure_iters // blocks)), warmup=3)
+
+    def measure_latency_paired(self, model: nn.Module, dense: nn.Module | Path, work_dir: Path, *,
+                               dense_ms: float, clock_ns: Callable[[], int] | None = None,
+                               ) -> tuple[LatencySummary, float]:
+        """``model``'s latency as the job's quiet baseline would have measured it, and the load factor.
+
+        Trials share a node: one measures while another trains, which slows every call (measured
+        here: a dense-sized candidate at 16.7-21.5 ms against the 12.8 ms quiet baseline, enough to
+        drive the controller's latency correction to its clip and prune far past the budget). So
+        ``model`` is timed interleaved with the dense model ``dense`` (a module or its exported
+        graph, :meth:`runtime_target`) on the same frames, alternating blocks; the load slows both
+        alike, and the summary is scaled by ``dense_ms`` (the baseline's dense p50) over the dense
+        p50 of this run. Returns (scaled summary, that factor: < 1 under load). ``clock_ns``: the
+        timer (default ``time.perf_counter_ns``).
+        """
+        from deploy.timing import LatencySummary, time_paired
+
+        if not dense_ms > 0:
+            raise ValueError(f"dense_ms must be the baseline's dense p50 (> 0 ms); got {dense_ms}")
+        b = self.config.budget
+        with self._runtime(model, work_dir / "latency_probe.onnx") as rt, self._open(dense) as drt:
+            calls = {name: _batch_call(r, self.timing_frames, b.end_to_end) for name, r in (("dense", drt), ("model", rt))}
+            blocks = BASELINE_BLOCKS + 1
+            timing = time_paired(calls, [None], blocks=blocks, block_size=max(1, -(-b.measure_iters // blocks)),
+                                 warmup=3, **({} if clock_ns is None else {"clock_ns": clock_ns}))
+        factor = float(dense_ms) / timing.summaries["dense"].p50_ms
+        m = timing.summaries["model"]
+        scaled = LatencySummary(p50_ms=m.p50_ms * factor, p90_ms=m.p90_ms * factor, p99_ms=m.p99_ms * factor,
+                                mean_ms=m.mean_ms * factor, n=m.n)
+        return scaled, factor
 
     def frame_timing(self, dense: nn.Module, pruned: nn.Module, work_dir: Path, *, frames: int = 8,
                      blocks: int = BASELINE_BLOCKS) -> PairedTiming:
@@ -257,13 +280,21 @@ class JobEnv:
     def _runtime(self, model: nn.Module, onnx_path: Path) -> Iterator[Any]:
         """``model`` opened on the budget's runtime, device and thread count (exported to ``onnx_path``
         unless the runtime is PyTorch)."""
+        with self._open(self.runtime_target(model, onnx_path)) as rt:
+            yield rt
+
+    def runtime_target(self, model: nn.Module, onnx_path: Path) -> nn.Module | Path:
+        """What the budget's runtime opens: the model itself (PyTorch) or its core graph exported to ``onnx_path``."""
+        model = model.eval()
+        return model if self.config.budget.runtime == "pytorch" else self.export_core(model, onnx_path)
+
+    @contextlib.contextmanager
+    def _open(self, target: nn.Module | Path) -> Iterator[Any]:
         import torch
 
         from deploy.runtimes import open_runtime
 
         b = self.config.budget
-        model = model.eval()
-        target: nn.Module | Path = model if b.runtime == "pytorch" else self.export_core(model, onnx_path)
         # Pre/post-processing run in torch: give them the budget's threads too, as deployed.
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(b.threads)
@@ -289,6 +320,17 @@ class JobEnv:
         return export_verified(model, path, self.val_set, form="core", exporter="legacy",
                                score_thresh=self.config.budget.score_thresh, max_images=max_images,
                                threads=self.config.budget.threads)
+
+
+def _batch_call(rt: Any, frames: Any, end_to_end: bool) -> Callable[[Any], None]:
+    """One timed call of ``rt`` on the budget's batch: whole frames, or the graph on the batch
+    pre-processed once. Returns nothing (a returned mapping would read as stage timings)."""
+    fn, batch = (rt.infer, frames) if end_to_end else (rt.run, rt.preprocess(frames))
+
+    def call(_: Any) -> None:
+        fn(batch)
+
+    return call
 
 
 def _finite(v: float) -> float:

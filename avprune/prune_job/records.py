@@ -286,6 +286,9 @@ class TrialReport:
     node_id: str | None = None  # the Ray node and worker process that made the report
     worker_pid: int | None = None
     map_floor: float | None = None  # the floor this measurement was judged against (moves with a dense shadow)
+    # baseline dense p50 / dense p50 timed beside the candidate (< 1: the node was loaded; latency_ms
+    # is already scaled by it). None: timed alone.
+    load_factor: float | None = None
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> TrialReport:

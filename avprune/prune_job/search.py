@@ -178,12 +178,23 @@ class _Trial:
         self.pruner: Pruner | None = None
         self.blocks: BlockStep | None = None
         self.last: _Measured | None = None
+        self._dense_target: nn.Module | Path | None = None
+        self.load_factor: float | None = None  # baseline dense p50 / dense p50 in the last paired timing
         snap_meta = work / "snapshot.json"
         self.best = json.loads(snap_meta.read_text())["map"] if snap_meta.is_file() else -1.0
 
     def _latency(self, model: nn.Module) -> LatencySummary:
+        dense_ms = self.spec.dense_latency_ms
         with _measure_lock(self.work.parent / "measure.lock"):
-            return self.env.measure_latency(model, self.work)
+            if dense_ms is None:
+                return self.env.measure_latency(model, self.work)
+            if self._dense_target is None:  # exported once per trial process
+                self._dense_target = self.env.runtime_target(self.env.load_dense(), self.work / "latency_dense.onnx")
+            lat, factor = self.env.measure_latency_paired(model, self._dense_target, self.work, dense_ms=dense_ms)
+        self.load_factor = factor
+        if factor < 0.9:
+            log.info("latency measured under load (dense %.2fx its baseline): scaled to %.2f ms", 1 / factor, lat.p50_ms)
+        return lat
 
     def measure(self) -> tuple[float, float]:
         """Measured latency of the current pruned model and its mAP; keeps the best feasible snapshot."""
@@ -274,6 +285,7 @@ class _Trial:
 
         tune.report({"step": step, "map": m.map, "map50": m.map50, "latency_ms": lat.p50_ms,
                      "latency_p99_ms": lat.p99_ms, "score": score, "map_floor": self.last.map_floor,
+                     **({} if self.load_factor is None else {"load_factor": self.load_factor}),
                      **extra, **worker_identity()})
 
 
@@ -405,7 +417,8 @@ def trial_specs(ctx: StageContext, shadow: ShadowRecord | None = None) -> list[T
                       sensitivity=sens.profile() if sens is not None else {},
                       channel_multiple=int(multiple), block_ms=dict(table.block_ms),
                       floor_curve=[] if shadow is None else [(p.step, p.map) for p in shadow.curve],
-                      max_map_drop=None if shadow is None else shadow.max_map_drop)
+                      max_map_drop=None if shadow is None else shadow.max_map_drop,
+                      dense_latency_ms=base.latency.p50_ms)
             for c in candidates(ctx.config)]
 
 
