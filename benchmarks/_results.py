@@ -32,6 +32,7 @@ SECTION_ORDER = (
     "engine",
     "gpu_check",
     "validate_overhead",
+    "validate_repro",
     "compare",
     "allocation",
     "allocation_latency",

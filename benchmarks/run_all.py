@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "engine": ("--quick",),
     "gpu_check": ("--cpu-dry-run", "--budget-s", "120"),
     "validate_overhead": ("--quick",),
+    "validate_repro": ("--quick",),
     "compare": ("--quick",),
     "allocation": ("--quick",),
     "depth": ("--quick",),

@@ -10,6 +10,7 @@ records of finished stages are read back with the record type's ``from_dict``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -152,13 +153,20 @@ def run_prune_job(
     before = store.entries()
     store.open(fingerprint=config.fingerprint(), config=config.model_dump(mode="json"), resume=resume)
     stage_list = list(stages) if stages is not None else default_stages()
+    # A finished job resumed reads its records back: no stage runs, so Ray is not started for it
+    needs_ray = not all(store.done(s.name) for s in stage_list)
+    if not needs_ray:
+        log.info("every stage of %s is recorded: reading the records (Ray not started)", out)
     try:
-        with PeakRSS() as mem:
-            with ray_session(address, runtime_env=_worker_env(config)) as info, JobProgress(progress) as prog:
+        with PeakRSS() as mem, contextlib.ExitStack() as stack:
+            if needs_ray:
+                info = stack.enter_context(ray_session(address, runtime_env=_worker_env(config)))
                 log.info("Ray: %d node(s), %.0f CPUs, %.0f GPUs", info.nodes, info.num_cpus, info.num_gpus)
                 nodes_start = node_snapshot()
-                results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog,
-                                     env=JobEnv.from_config(config))
+            prog = stack.enter_context(JobProgress(progress))
+            results = run_stages(stage_list, config=config, out_dir=out, store=store, progress=prog,
+                                 env=JobEnv.from_config(config))
+            if needs_ray:
                 nodes_end = node_snapshot()
     except BaseException as e:
         try:
@@ -167,7 +175,8 @@ def run_prune_job(
             log.warning("could not clean up %s after the failure: %s", out, cleanup)
         raise
     store.clear_failed()
-    _record_cluster(out, results, nodes_start, nodes_end)
+    if needs_ray:  # otherwise report.json keeps the cluster block of the run that made it
+        _record_cluster(out, results, nodes_start, nodes_end)
     sel = results.get("select")
     if isinstance(sel, SelectRecord) and sel.infeasible is not None:
         # the best trade-off is written (best_tradeoff.*, report.*); now say so

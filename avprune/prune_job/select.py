@@ -1,8 +1,8 @@
 """Stage 5, selection: the highest-mAP candidate whose re-measured latency meets the budget.
 
 Every finished candidate is re-measured here, one after another in the driver, on the same
-frames, each right after the dense model (its latency is the ratio to that dense timing, expressed
-at the baseline's dense latency): the latencies trials reported were taken while other trials
+frames, each interleaved with the dense model (its latency is the ratio to that dense timing,
+expressed at the baseline's dense latency: ``JobEnv.measure_latency_paired``): the latencies trials reported were taken while other trials
 shared the cores, and absolute timings minutes apart drift. mAP is
 re-evaluated on the same val subset. The floor is the dense shadow's final mAP minus
 ``budget.max_map_drop`` when the search trained one (:func:`judged_floor`). Ties break
@@ -170,21 +170,19 @@ def run(ctx: StageContext) -> SelectRecord:
     env, work = ctx.env, ctx.out_dir / "work"
     base, search = ctx.record(BaselineRecord), ctx.record(SearchRecord)
     models = deliverables(search)
-    dense_model = env.load_dense()
+    dense = env.runtime_target(env.load_dense(), work / "latency_dense.onnx")  # exported once
     measured: list[MeasuredModel] = []
     for item in models:
         ctx.progress.stage_start("select", total=len(models), note=f"re-measuring {item.candidate_id}")
         model = env.load_model(ctx.out_dir / item.checkpoint)
-        # Side by side: the dense model is timed right before each candidate and the candidate's
-        # latency is taken as a ratio to it, expressed at the baseline's dense latency. Absolute
-        # timings minutes apart on a shared machine drift by tens of percent; paired ratios do not.
-        dense_now = env.measure_latency(dense_model, work)
-        lat = env.measure_latency(model, work)
-        scale = base.dense.p50_ms / dense_now.p50_ms
+        # Side by side: the candidate is timed interleaved with the dense model and its latency is
+        # taken as a ratio to it, expressed at the baseline's dense latency. Absolute timings minutes
+        # apart on a shared machine drift by tens of percent; paired ratios do not.
+        lat, factor = env.measure_latency_paired(model, dense, work, dense_ms=base.dense.p50_ms)
         score, size = env.evaluate_map(model), env.size_of(model)
         row = MeasuredModel(candidate_id=item.candidate_id, index=item.index, checkpoint=item.checkpoint,
-                            map=score.map, map50=score.map50, p50_ms=lat.p50_ms * scale, p99_ms=lat.p99_ms * scale,
-                            raw_p50_ms=lat.p50_ms, dense_p50_ms_beside=dense_now.p50_ms,
+                            map=score.map, map50=score.map50, p50_ms=lat.p50_ms, p99_ms=lat.p99_ms,
+                            raw_p50_ms=lat.p50_ms / factor, dense_p50_ms_beside=base.dense.p50_ms / factor,
                             params=size.params, gmacs=size.gmacs)
         measured.append(row)
         ctx.progress.stage_advance("select")
