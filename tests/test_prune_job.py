@@ -145,6 +145,19 @@ def test_choose_infeasible_reports_best_tradeoff_and_nearest_budget():
     assert "latency_ms >= 6.00" in str(err) and "map_floor <= 0.300" in str(err)
 
 
+def test_shadow_takes_the_slots_its_candidates_will_share(tmp_path):
+    from avprune.prune_job.shadow import shadow_share
+
+    cfg = _cfg(tmp_path)
+    two = cfg.model_copy(update={"search": cfg.search.model_copy(update={"candidates": 2})})
+    assert shadow_share(two, node_cpus=2) == (2, 2)
+    assert shadow_share(two, node_cpus=16) == (2, 2)  # never more than the candidates will use
+    assert shadow_share(two, node_cpus=1) == (1, 1)  # nor more than one node has
+    four = two.model_copy(update={"search": two.search.model_copy(update={"candidates": 4}),
+                                  "resources": two.resources.model_copy(update={"cpus_per_trial": 2, "torch_threads": 2})})
+    assert shadow_share(four, node_cpus=6) == (6, 6)
+
+
 def test_pareto_front_drops_dominated_points():
     pts = [Point(5, 0.4), Point(3, 0.2), Point(4, 0.5), Point(6, 0.45), Point(2, 0.1)]
     assert [(p.latency_ms, p.map) for p in pareto_front(pts)] == [(2, 0.1), (3, 0.2), (4, 0.5)]
@@ -260,6 +273,7 @@ def test_tiny_job_judges_its_relative_floor_against_a_dense_shadow(reference):
     assert attempts and (out / "search" / "shadow_tune").is_dir()  # a Ray Tune trial of its own
     curve = json.loads((out / "search" / "trials" / "shadow" / "curve.json").read_text())
     assert curve["done"] and [p["map"] for p in curve["points"]] == [p.map for p in shadow.curve[1:]]
+    assert curve["torch_threads"] == 2  # alone before the candidates: it takes the 2 slots they share
     judged = [(c.candidate_id, h) for c in search.candidates for h in c.history if h.step is not None]
     assert judged
     for cid, h in judged:  # the floor at each measurement: shadow mAP at that step minus the drop
