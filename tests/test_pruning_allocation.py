@@ -188,15 +188,41 @@ def test_target_schedule_shrinks_then_holds_and_pi_corrects_from_measurement() -
         latency_target(1, dense_ms=10.0, budget_ms=5.0, end_step=5, kind="linear")
     _, table, _ = _two_branch()
     dense = table.predict({})
-    ctrl = AllocationController(table, 0.5 * dense, total_steps=100, ramp_fraction=0.5,
-                                measure=lambda: (0.6 * dense, 0.9), measure_every=60)
+    ctrl = AllocationController(table, 0.5 * dense, total_steps=100, ramp_fraction=0.5, measure_every=60)
     ctrl.bind_groups([Unit("a", 32, ("a",)), Unit("b", 32, ("b",))], 8)
     for _ in range(25):
         ctrl.step()
     assert 0.5 * dense < ctrl.target_ms() < dense  # mid-ramp
-    for _ in range(35):
-        ctrl.step()  # step 60: measured 20% over the budget
-    assert ctrl.target_ms() < 0.5 * dense  # the PI shrank the predicted target
+
+
+def _measured_pruner(table_error: float, map_value: float, **kw) -> tuple[Pruner, AllocationController]:
+    """A pruner whose 'measured' latency is its allocation's prediction (dense before the first) times ``table_error``."""
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    box: list[AllocationController] = []
+    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=40, ramp=0.5, measure_every=5,
+                       measure=lambda: (table_error * (box[0].last.predicted_ms if box[0].last else box[0].dense_ms), map_value),
+                       **kw)
+    box.append(ctrl)
+    return Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=5), ctrl
+
+
+def test_pi_corrects_the_tables_error_on_the_measured_model() -> None:
+    pruner, ctrl = _measured_pruner(1.25, 0.9)  # the table under-predicts by 20%
+    for _ in range(40):
+        pruner.step()
+    assert ctrl.correction == pytest.approx(0.2, abs=0.03)  # it settles where (1 - c) * 1.25 = 1
+    assert ctrl.target_ms() == pytest.approx((1 - ctrl.correction) * ctrl.budget)
+
+
+def test_a_target_held_under_the_floor_is_not_read_as_table_error() -> None:
+    # mAP under the floor at every measurement: the target holds while the schedule shrinks, so the
+    # measured latency stays above the schedule. The table is exact: nothing to correct.
+    pruner, ctrl = _measured_pruner(1.0, 0.1, map_floor=0.5)
+    for _ in range(40):
+        pruner.step()
+    assert ctrl.under_floor and ctrl.last.predicted_ms > 1.05 * ctrl.budget
+    assert ctrl.correction == 0.0 and ctrl.target_ms() >= ctrl.last.target_ms
 
 
 def test_resume_round_trip_gives_identical_masks_and_allocations() -> None:
