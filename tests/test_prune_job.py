@@ -145,6 +145,24 @@ def test_choose_infeasible_reports_best_tradeoff_and_nearest_budget():
     assert "latency_ms >= 6.00" in str(err) and "map_floor <= 0.300" in str(err)
 
 
+def test_asha_compares_candidates_only_after_their_ramps(tmp_path):
+    from avprune.prune_job.records import Candidate
+    from avprune.prune_job.search import asha_grace
+
+    def cands(*ramps: float) -> list[Candidate]:
+        return [Candidate(candidate_id=f"c{i}", index=i, importance="magnitude", controller="allocation", ramp=r, seed=i)
+                for i, r in enumerate(ramps)]
+
+    cfg = _cfg(tmp_path)
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"steps": 400, "measure_every": 50,
+                                                                           "warmup_steps": 40})})
+    # the ramp ends at 40 + 0.5 * 360 = 220: its 5th report, then one recovering measurement
+    assert asha_grace(cfg, cands(0.5, 0.5)) == 6
+    assert asha_grace(cfg, cands(0.25, 1.0)) == 9  # a full-length ramp: compared at the last report only
+    three = cfg.model_copy(update={"search": cfg.search.model_copy(update={"grace_period": 3})})
+    assert asha_grace(three, cands(0.0, 0.0)) == 3  # one-shot: the configured grace still holds
+
+
 def test_shadow_takes_the_slots_its_candidates_will_share(tmp_path):
     from avprune.prune_job.shadow import shadow_share
 
