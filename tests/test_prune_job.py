@@ -143,6 +143,12 @@ def test_choose_infeasible_reports_best_tradeoff_and_nearest_budget():
     assert err.nearest_map_floor == pytest.approx(0.30)  # best mAP within the budget
     assert (err.best_latency_ms, err.best_map) in {(6.0, 0.45), (4.0, 0.30)}
     assert "latency_ms >= 6.00" in str(err) and "map_floor <= 0.300" in str(err)
+    # a floor above every measured model (a dense shadow fine-tuned past the checkpoint) and a budget
+    # nobody reached: the message says so, not that mAP was lost
+    with pytest.raises(InfeasibleBudgetError) as e:
+        choose(cands, budget_ms=3.0, floor=0.6, others=[dense])
+    assert e.value.nearest_latency_ms is None and e.value.nearest_map_floor is None
+    assert "no measured model, the dense one included, keeps mAP >= 0.600, and none runs within 3.00 ms" in str(e.value)
 
 
 def test_asha_compares_candidates_only_after_their_ramps(tmp_path):

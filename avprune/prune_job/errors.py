@@ -34,10 +34,14 @@ class InfeasibleBudgetError(RuntimeError):
             options.append(f"latency_ms >= {nearest_latency_ms:.2f} at mAP floor {map_floor:.3f}")
         if nearest_map_floor is not None:
             options.append(f"map_floor <= {nearest_map_floor:.3f} at {latency_budget_ms:.2f} ms")
+        # nothing measured meets either target alone (a floor above the dense model's own mAP, e.g. a
+        # dense shadow that fine-tuned past the starting checkpoint, with a budget nobody reached)
+        none = (f"none found (no measured model, the dense one included, keeps mAP >= {map_floor:.3f}, and none "
+                f"runs within {latency_budget_ms:.2f} ms)")
         super().__init__(
             f"infeasible budget: no candidate reaches {latency_budget_ms:.2f} ms at mAP >= {map_floor:.3f}; "
             f"best trade-off reached: {best_latency_ms:.2f} ms at mAP {best_map:.3f}; "
-            f"nearest feasible budget: {' or '.join(options) if options else 'none found (no candidate kept any mAP)'}"
+            f"nearest feasible budget: {' or '.join(options) if options else none}"
         )
 
     def to_dict(self) -> dict[str, float | None]:
