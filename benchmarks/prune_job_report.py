@@ -72,8 +72,9 @@ def markdown(record: dict[str, Any], png: str) -> str:
     lines += ["", f"![Pareto fronts](results/{png})", "",
               "Pareto fronts (graph speed-up vs mAP drop against dense-long) over the final models and the "
               f"candidates' measured points during the search (every {record['measure_every']} steps; their "
-              "latency was measured in the trial, beside the other trial's training, against the baseline "
-              "stage's quiet dense measurement, so their speed-ups are understated):", ""]
+              "latency was measured in the trial, paired with the dense model while the other trial trained, "
+              "and expressed at the baseline's dense latency; speed-up = the baseline's dense p50 over "
+              "that):", ""]
     for g, front in record["pareto"].items():
         pts = ", ".join(f"{q['graph_speedup']:.2f}x @ {q['map_drop_points']:.2f} ({q['name']})" for q in front)
         lines.append(f"- `{g}`: {pts or 'no point'}")
