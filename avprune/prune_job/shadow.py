@@ -60,6 +60,8 @@ def shadow_share(cfg: PruneJobConfig, node_cpus: float | None = None) -> tuple[f
     if node_cpus is None:
         import ray
 
+        if not ray.is_initialized():  # no cluster to size it by: one trial's slot
+            return r.cpus_per_trial, r.torch_threads
         node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=r.cpus_per_trial)
     cpus = max(r.cpus_per_trial, min(r.cpus_per_trial * cfg.search.candidates, float(node_cpus)))
     threads = max(r.torch_threads, int(r.torch_threads * cpus / r.cpus_per_trial))
@@ -171,6 +173,6 @@ def trial(params: dict[str, object]) -> None:
         student.avprune_meta = dict(model.avprune_meta)
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                              warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=spec.candidate.seed,
-                             num_threads=cfg.resources.torch_threads)
+                             num_threads=int(params.get("torch_threads") or cfg.resources.torch_threads))
     train(student, env.train_set, settings, out_dir=work / "train", hooks=[hook], resume=True, progress=False)
     measure(ft.steps)  # the final point (done) last: the curve is complete only once training is
