@@ -115,9 +115,14 @@ def match_fraction(ref: Detections, got: Detections, *, score_atol: float = 1e-3
                    tie_atol: float | None = None) -> float:
     """Fraction of ``ref`` detections that ``got`` reproduces (same label, IoU, score), order-free;
     with ``tie_atol``, exact ties that float noise swapped are left out of the count (:func:`match_counts`)."""
-    if len(ref) == 0:
-        return 1.0 if len(got) == 0 else 0.0
-    hits, excused, total = match_counts(ref, got, score_atol=score_atol, min_iou=min_iou, tie_atol=tie_atol)
+    return _fraction(match_counts(ref, got, score_atol=score_atol, min_iou=min_iou, tie_atol=tie_atol), len(got))
+
+
+def _fraction(counts: tuple[int, int, int], n_got: int) -> float:
+    """:func:`match_counts` as a fraction; an empty reference matches only an empty result."""
+    hits, excused, total = counts
+    if total == 0:
+        return 1.0 if n_got == 0 else 0.0
     return 1.0 if total == excused else hits / (total - excused)
 
 
@@ -179,9 +184,9 @@ def verify_export(
         dets_ref = ref.postprocess(raw_ref, prepared)
         matched = 0.0
         if dets_got is not None:
-            matched = float(np.mean([match_fraction(a, b, tie_atol=tie_atol)
-                                     for a, b in zip(dets_ref, dets_got, strict=True)]))
-            excused = sum(match_counts(a, b, tie_atol=tie_atol)[1] for a, b in zip(dets_ref, dets_got, strict=True))
+            counts = [match_counts(a, b, tie_atol=tie_atol) for a, b in zip(dets_ref, dets_got, strict=True)]
+            matched = float(np.mean([_fraction(c, len(b)) for c, b in zip(counts, dets_got, strict=True)]))
+            excused = sum(c[1] for c in counts)
             if excused:
                 notes.append(f"{excused} detections tied in score (within {tie_atol:g}) with another were not "
                              "reproduced: float noise orders exact ties, so these are not counted")

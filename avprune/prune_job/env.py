@@ -240,7 +240,7 @@ class JobEnv:
         here: a dense-sized candidate at 16.7-21.5 ms against the 12.8 ms quiet baseline, enough to
         drive the controller's latency correction to its clip and prune far past the budget). So
         ``model`` is timed interleaved with the dense model ``dense`` (a module or its exported
-        graph, :meth:`runtime_target`) on the same frames, alternating blocks; the load slows both
+        graph, :meth:`runtime_target`) on the same frames, call by call; the load slows both
         alike. The candidate's p50 is ``dense_ms`` (the baseline's dense p50) over the median ratio
         of the dense call to the candidate call beside it, and its other percentiles scale with it.
         Returns (that summary, the load factor: ``dense_ms`` over the dense p50 of this run, < 1

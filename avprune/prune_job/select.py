@@ -2,8 +2,8 @@
 
 Every finished candidate is re-measured here, one after another in the driver, on the same
 frames, each interleaved with the dense model (its latency is the ratio to that dense timing,
-expressed at the baseline's dense latency: ``JobEnv.measure_latency_paired``): the latencies trials reported were taken while other trials
-shared the cores, and absolute timings minutes apart drift. mAP is
+expressed at the baseline's dense latency: ``JobEnv.measure_latency_paired``): absolute timings
+minutes apart on a shared machine drift by tens of percent. mAP is
 re-evaluated on the same val subset. The floor is the dense shadow's final mAP minus
 ``budget.max_map_drop`` when the search trained one (:func:`judged_floor`). Ties break
 deterministically: mAP, then AP50 (both rounded to 4 decimals, below evaluation noise), then

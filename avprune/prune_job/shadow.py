@@ -143,8 +143,8 @@ def trial(params: dict[str, object]) -> None:
     atomic_write_text(work / "pid", str(os.getpid()))
     record_attempt(work)
     env.set_worker_threads()
-    if params.get("torch_threads"):  # the slots the candidates will share (shadow_share)
-        torch.set_num_threads(int(params["torch_threads"]))
+    threads = int(params.get("torch_threads") or cfg.resources.torch_threads)  # shadow_share's
+    torch.set_num_threads(threads)
     torch.manual_seed(spec.candidate.seed)
     model = env.load_dense()
     ft = cfg.finetune
@@ -173,6 +173,6 @@ def trial(params: dict[str, object]) -> None:
         student.avprune_meta = dict(model.avprune_meta)
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                              warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=spec.candidate.seed,
-                             num_threads=int(params.get("torch_threads") or cfg.resources.torch_threads))
+                             num_threads=threads)
     train(student, env.train_set, settings, out_dir=work / "train", hooks=[hook], resume=True, progress=False)
     measure(ft.steps)  # the final point (done) last: the curve is complete only once training is
