@@ -19,12 +19,11 @@ measurement is judged against is the shadow's mAP at that step minus the drop.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 from avprune.config.prune import PruneJobConfig
 from avprune.prune_job.context import StageContext, TrialSpec
 from avprune.prune_job.env import JobEnv, MapScore
+from avprune.prune_job.node_gate import NodeGate
 from avprune.prune_job.records import (
     BaselineRecord,
     Candidate,
@@ -124,21 +124,6 @@ def warmup_allocation_controller(warmup_steps: int) -> type[Controller]:
     return WarmupAllocationController
 
 
-@contextlib.contextmanager
-def _measure_lock(path: Path) -> Iterator[None]:
-    """One latency measurement at a time across trials (on one node): trials that measured
-    concurrently would each time the other's load. Training elsewhere still competes, which is
-    why selection re-measures every finished candidate alone."""
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def finalized_copy(pruner: Pruner, fresh_model: nn.Module) -> nn.Module:
     """A physically pruned copy of the pruner's current masked model (the pruner keeps training).
 
@@ -180,12 +165,15 @@ class _Trial:
         self.last: _Measured | None = None
         self._dense_target: nn.Module | Path | None = None
         self.load_factor: float | None = None  # baseline dense p50 / dense p50 in the last paired timing
+        # Latency is timed with every other trial on the node paused (a trainer on the other core
+        # squeezes the pruned/dense ratio toward 1: avprune.prune_job.node_gate)
+        self.gate = NodeGate(work.parent)
         snap_meta = work / "snapshot.json"
         self.best = json.loads(snap_meta.read_text())["map"] if snap_meta.is_file() else -1.0
 
     def _latency(self, model: nn.Module) -> LatencySummary:
         dense_ms = self.spec.dense_latency_ms
-        with _measure_lock(self.work.parent / "measure.lock"):
+        with self.gate.exclusive():
             if dense_ms is None:
                 return self.env.measure_latency(model, self.work)
             if self._dense_target is None:  # exported once per trial process
@@ -347,7 +335,7 @@ def trial(params: dict[str, object]) -> None:
         hooks.append(blocks)
         if budget_ms is not None:
             hooks.append(budget_ms)
-    hooks += [pruner, state.hook]
+    hooks += [pruner, state.hook, state.gate]  # the gate last: a measurement elsewhere waits for this step's hooks
     student = model
     if cfg.distill():
         from perception.distill import DistilledDetector
@@ -358,7 +346,13 @@ def trial(params: dict[str, object]) -> None:
     settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                              warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=spec.candidate.seed,
                              num_threads=cfg.resources.torch_threads)
-    train(student, env.train_set, settings, out_dir=work / "train", hooks=hooks, resume=True, progress=False)
+    state.gate.start_training()
+    try:
+        train(student, env.train_set, settings, out_dir=work / "train", hooks=hooks, resume=True, progress=False)
+    finally:
+        state.gate.stop_training()
+    if state.gate.waited_s > 1.0:
+        log.info("paused %.1f s in all while other trials timed latency", state.gate.waited_s)
     state.finish(pruner, ft.steps, infeasible=bool(getattr(controller, "infeasible", False)))
 
 
