@@ -18,7 +18,9 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
 - **mAP feedback per layer.** Under ``map_floor`` the target holds (a fresh cut dips, fine-tuning
   recovers it) and the layers cut since the previous measurement get their importance scaled up in
   proportion to their cut, so their groups are the first to regrow; ``set_sensitivity`` does the
-  same up front from a sensitivity scan.
+  same up front from a sensitivity scan. The schedule's clock stops while the target holds, so the
+  ramp resumes where it paused: had it run on, the release would cut a whole hold's worth of
+  schedule in one update (measured: 0% -> 19% of weights in 5 steps, and mAP 0.51 -> 0.42).
 - **Measured damage.** ``set_damage`` hands the knapsack each unit's sensitivity curve, so it
   compares units by what pruning them costs the model rather than by importance normalised within
   each unit (see :mod:`pruning.allocation`).
@@ -102,6 +104,7 @@ class AllocationController(Controller):
         self.correction = 0.0
         self.prev_error: float | None = None
         self.under_floor = False
+        self.held_steps = 0  # steps the schedule's clock stood still under the mAP floor
         self.kept: dict[str, int] = {}
         self.kept_at_measure: dict[str, int] = {}
         self.last: Allocation | None = None
@@ -136,9 +139,14 @@ class AllocationController(Controller):
     def ramp_end(self) -> int:
         return int(round(self.ramp_fraction * self.total_steps))
 
+    def schedule_clock(self) -> int:
+        """The step the schedule is at: training steps less those held under the mAP floor."""
+        return self.last_step - self.held_steps
+
     def scheduled_ms(self, step: int | None = None) -> float:
-        """The target before feedback: dense prediction shrinking to the budget, then held."""
-        step = self.last_step if step is None else step
+        """The target before feedback at schedule step ``step`` (default: :meth:`schedule_clock`):
+        dense prediction shrinking to the budget, then held."""
+        step = self.schedule_clock() if step is None else step
         return latency_target(step, dense_ms=self.dense_ms, budget_ms=self.budget, end_step=self.ramp_end(),
                               kind=self.schedule)
 
@@ -151,6 +159,8 @@ class AllocationController(Controller):
 
     def step(self) -> None:
         super().step()
+        if self.under_floor:
+            self.held_steps += 1
         if self.measure is not None and self.last_step % self.measure_every == 0:
             self._on_measurement(*self.measure())
 
@@ -214,6 +224,7 @@ class AllocationController(Controller):
         return {
             **super().state_dict(),
             "correction": self.correction, "prev_error": self.prev_error, "under_floor": self.under_floor,
+            "held_steps": self.held_steps,
             "weights": dict(self.weights), "damage": {u: list(c) for u, c in self.damage.items()},
             "kept": dict(self.kept), "kept_at_measure": dict(self.kept_at_measure),
             "last": None if self.last is None else asdict(self.last),
@@ -224,6 +235,7 @@ class AllocationController(Controller):
         super().load_state_dict(state)
         self.correction, self.prev_error = float(state["correction"]), state["prev_error"]
         self.under_floor = bool(state["under_floor"])
+        self.held_steps = int(state.get("held_steps", 0))
         self.weights = {k: float(v) for k, v in state["weights"].items()}
         self.damage = {k: [(float(s), float(d)) for s, d in c] for k, c in state.get("damage", {}).items()}
         self.kept = {k: int(v) for k, v in state["kept"].items()}

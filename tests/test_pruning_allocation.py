@@ -225,6 +225,31 @@ def test_a_target_held_under_the_floor_is_not_read_as_table_error() -> None:
     assert ctrl.correction == 0.0 and ctrl.target_ms() >= ctrl.last.target_ms
 
 
+def test_a_hold_under_the_floor_pauses_the_schedule_instead_of_skipping_it() -> None:
+    # mAP under the floor at the measurements of steps 5 and 10, recovered at 15: the schedule
+    # stood still for 10 steps, so the allocation after the release aims where the hold began,
+    # not where the schedule would be at step 15 (a whole hold's cut in one update).
+    maps = iter([0.1, 0.1] + [0.9] * 10)
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=40, ramp=0.5, measure_every=5,
+                       measure=lambda: (ctrl.last.predicted_ms if ctrl.last else ctrl.dense_ms, next(maps)),
+                       map_floor=0.5)
+    pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=5)
+    for _ in range(40):
+        pruner.step()
+    aimed = {p.step: p.target_ms for p in ctrl.points if p.latency_ms is None}
+    assert ctrl.held_steps == 10 and ctrl.schedule_clock() == 30
+    assert aimed[15] == pytest.approx(ctrl.scheduled_ms(5))
+    assert aimed[15] > 1.05 * ctrl.scheduled_ms(15)
+    assert aimed[25] > 1.02 * ctrl.budget  # the ramp ends 10 steps late ...
+    assert aimed[30] == pytest.approx(ctrl.budget)  # ... and reaches the budget then
+    # the hold survives a resume
+    again = _controller(table, 0.5 * table.predict({}), total_steps=40, ramp=0.5, measure_every=5, map_floor=0.5)
+    again.load_state_dict(ctrl.state_dict())
+    assert again.held_steps == 10
+
+
 def test_resume_round_trip_gives_identical_masks_and_allocations() -> None:
     model = small_net()
     table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)

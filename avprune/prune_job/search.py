@@ -118,7 +118,7 @@ def warmup_allocation_controller(warmup_steps: int) -> type[Controller]:
 
     class WarmupAllocationController(AllocationController):
         def scheduled_ms(self, step: int | None = None) -> float:
-            step = self.last_step if step is None else step
+            step = self.schedule_clock() if step is None else step
             return super().scheduled_ms(max(0, step - warmup_steps))
 
     return WarmupAllocationController
