@@ -75,6 +75,11 @@ class Pruner:
     :mod:`pruning.alignment` to measure it). A controller with ``allocate`` (e.g.
     :class:`pruning.allocation_controller.AllocationController`) decides kept channels per group
     at each update instead of one target sparsity per unit.
+
+    ``freeze_after``: no mask update after this step (the controller still steps and measures).
+    The fine-tune's last steps then recover from the last change, and a measurement there is of
+    the model that ships: with updates to the last step, a final allocation cut groups that never
+    trained without them (measured: mAP 0.553 at step 395's masks, 0.518 at step 400's).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class Pruner:
         predict_latency: Callable[[dict[str, int]], float] | None = None,
         straight_through: bool = True,
         coupling: Coupling | None = None,
+        freeze_after: int | None = None,
     ) -> None:
         CRITERIA.get(importance)  # unknown names fail before any tracing
         check_granularity(granularity)
@@ -102,6 +108,10 @@ class Pruner:
             raise TypeError(f"controller must be a pruning.controllers.Controller; got {type(controller).__name__}")
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an int >= 1; got {update_every!r}")
+        if freeze_after is not None and (not isinstance(freeze_after, int) or freeze_after < 0):
+            raise ValueError(f"freeze_after must be None or an int >= 0 (the last step that updates masks); "
+                             f"got {freeze_after!r}")
+        self.freeze_after = freeze_after
         # ``round_to`` is the older name of ``channel_multiple`` (kept for existing callers).
         if channel_multiple is not None and round_to is not None and channel_multiple != round_to:
             raise ValueError(f"channel_multiple={channel_multiple!r} and round_to={round_to!r} disagree; pass "
@@ -198,7 +208,7 @@ class Pruner:
         self.step_count += 1
         self.controller.step()
         self.criterion.observe()
-        if self.step_count % self.update_every == 0:
+        if self.step_count % self.update_every == 0 and (self.freeze_after is None or self.step_count <= self.freeze_after):
             self.update()
 
     def __call__(self, ctx: Any = None) -> None:

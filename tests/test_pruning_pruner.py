@@ -256,3 +256,20 @@ def test_regrown_channel_gets_back_its_batchnorm_running_statistics() -> None:
                       controller=build_controller("fixed", sparsity=0.5))
     restored.load_state_dict(pruner.state_dict())
     assert set(restored.bn_stats.saved) == set(pruner.bn_stats.saved)
+
+
+def test_freeze_after_stops_mask_updates_but_not_the_controller() -> None:
+    ctrl = build_controller("cubic", final_sparsity=0.6, end_step=20)
+    pruner = Pruner(small_net(), importance="magnitude", granularity="channel", example_inputs=X,
+                    controller=ctrl, update_every=2, freeze_after=6)
+    for _ in range(6):
+        pruner.step()
+    frozen = {k: wm.mask.clone() for k, wm in pruner.masks.items()}
+    updates = len(pruner.history)
+    for _ in range(14):
+        pruner.step()
+    assert ctrl.last_step == 20 and len(pruner.history) == updates == 3
+    assert all(torch.equal(frozen[k], wm.mask) for k, wm in pruner.masks.items())
+    assert pruner.masked_fraction() < 0.6 * 0.9  # the schedule went on; the masks stayed at step 6's
+    with pytest.raises(ValueError, match="freeze_after"):
+        Pruner(small_net(), example_inputs=X, controller=ctrl, freeze_after=-1)

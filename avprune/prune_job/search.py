@@ -328,7 +328,7 @@ def trial(params: dict[str, object]) -> None:
     pruner = Pruner(model, importance=importance, granularity=p.pruner_granularity(), controller=controller,
                     example_inputs=env.example_input(), update_every=p.update_every,
                     channel_multiple=spec.channel_multiple, predict_latency=predict,
-                    layer_filter=env.layer_filter(model, importance))
+                    layer_filter=env.layer_filter(model, importance), freeze_after=freeze_after(cfg))
     state.pruner = pruner
     if blocks is not None:
         blocks.reach_ms = lambda: _widest_channels_ms(cfg, table, pruner)
@@ -354,6 +354,14 @@ def trial(params: dict[str, object]) -> None:
     if state.gate.waited_s > 1.0:
         log.info("paused %.1f s in all while other trials timed latency", state.gate.waited_s)
     state.finish(pruner, ft.steps, infeasible=bool(getattr(controller, "infeasible", False)))
+
+
+def freeze_after(cfg: PruneJobConfig) -> int:
+    """The last step that may change masks: one measurement interval before the end (at least
+    ``update_every`` steps), so the candidate recovers from its last change and its last in-trial
+    measurement is of the model it ships."""
+    ft = cfg.finetune
+    return max(0, ft.steps - max(ft.measure_every, cfg.pruning.update_every))
 
 
 def _widest_channels_ms(cfg: PruneJobConfig, table: LatencyTable, pruner: Pruner) -> float:
