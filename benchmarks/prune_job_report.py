@@ -72,7 +72,7 @@ def markdown(record: dict[str, Any], png: str) -> str:
     lines += ["", f"![Pareto fronts](results/{png})", "",
               "Pareto fronts (graph speed-up vs mAP drop against dense-long) over the final models and the "
               f"candidates' measured points during the search (every {record['measure_every']} steps; their "
-              "latency was measured in the trial, paired with the dense model while the other trial trained, "
+              "latency was measured in the trial, paired with the dense model, the node's other trials paused, "
               "and expressed at the baseline's dense latency; speed-up = the baseline's dense p50 over "
               "that):", ""]
     for g, front in record["pareto"].items():
