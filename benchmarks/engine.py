@@ -45,6 +45,17 @@ WORK = Path(__file__).with_name("_work")
 THRESHOLDS = (0.01, 0.001)
 
 
+def _load_line(load: dict) -> str:
+    """Whether other work shared the cores, from the 1-minute load average when the run started."""
+    start = (load.get("start") or [None])[0]
+    if start is None:
+        return "Load at the start was not recorded."
+    if start >= 1.0:
+        return (f"Other jobs shared the 2 cores during this run (1-minute load average {start:.2f} at the start): "
+                "the milliseconds are inflated, the paired ratios are not.")
+    return f"The machine was otherwise idle at the start (1-minute load average {start:.2f})."
+
+
 def _first(*paths: Path) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
@@ -401,8 +412,7 @@ def _markdown(r: dict[str, Any], args: argparse.Namespace, val: Any, dense_ckpt:
         f"SSDlite320 on ONNX Runtime CPU ({args.threads} intra-op threads; pre/post-processing on 1 torch thread, as "
         f"deployed), batch 1, {r['frames']} val frames of {w}x{h}, every comparison paired: {args.blocks} rounds, the "
         f"models alternating frame by frame, order rotated; ratios with a bootstrap 95% interval. Machine: {r['machine']}. "
-        f"Dense: {dense_ckpt or 'untrained'}. Other jobs shared the 2 cores during this run: the milliseconds are "
-        "inflated, the paired ratios are not.",
+        f"Dense: {dense_ckpt or 'untrained'}. {_load_line(r.get('load_average', {}))}",
         "",
         "Host cost per frame (pre-processing + decode + NMS; the graph and stream decoding excluded), p50 ms:",
         "",
