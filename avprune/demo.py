@@ -36,8 +36,9 @@ EXAMPLES = Path(__file__).parent / "config" / "examples"
 MCAP_TOPIC = "/camera/front/image/compressed"
 SHIPPED_CHECKPOINT = Path(__file__).parent / "assets" / "ssdlite320_synthdrive.pt"
 DATA_SEED = 7  # the shipped checkpoint trained on seed 0's images: the demo's are other ones
-# mAP parity of each export on the prune job's val images (48): all 240 took a minute of the demo's ten
-VERIFY_IMAGES = 48
+# Images scored for the shipped checkpoint and for each export's mAP parity, as many as the prune
+# job's val images: all 240 took a minute of the demo's ten
+VAL_IMAGES = 48
 
 
 def _stage(title: str, done: bool, fn: Callable[[], int], *, ok_codes: tuple[int, ...] = (0,)) -> float:
@@ -76,14 +77,14 @@ def _use_shipped(train_dir: Path, coco: Path) -> int:
     """Copy the shipped checkpoint to where training would have written it, and score it on the demo's val set."""
     import shutil
 
+    from perception.io import atomic_path
+
     if not SHIPPED_CHECKPOINT.is_file():
         raise SystemExit(f"demo: the shipped checkpoint {SHIPPED_CHECKPOINT} is missing (a partial clone?); "
                          "pass --train-minutes 8 to train one here instead")
-    train_dir.mkdir(parents=True, exist_ok=True)
-    tmp = train_dir / ".model.pt.tmp"
-    shutil.copyfile(SHIPPED_CHECKPOINT, tmp)
-    tmp.replace(train_dir / "model.pt")
-    return avprune_main(["eval", str(train_dir / "model.pt"), "--data", str(coco), "--max-images", "48"])
+    with atomic_path(train_dir / "model.pt") as tmp:
+        shutil.copyfile(SHIPPED_CHECKPOINT, tmp)
+    return avprune_main(["eval", str(train_dir / "model.pt"), "--data", str(coco), "--max-images", str(VAL_IMAGES)])
 
 
 def _train_config(out: Path, minutes: float) -> Path:
@@ -229,7 +230,7 @@ def run_demo(out: Path, *, train_minutes: float, images: int, drive_seconds: flo
         (engine_dir / "pruned.onnx.json").exists() and (engine_dir / "dense.onnx.json").exists(),
         lambda: max(
             avprune_main(["build-engine", str(ckpt), "--out", str(engine_dir / f"{name}.onnx"), "--val",
-                          str(data / "coco"), "--verify-images", str(VERIFY_IMAGES), "--precision", "fp32",
+                          str(data / "coco"), "--verify-images", str(VAL_IMAGES), "--precision", "fp32",
                           "--threads", "2", *thresh])
             for name, ckpt in (("pruned", pruned_ckpt), ("dense", train_dir / "model.pt"))
         ),

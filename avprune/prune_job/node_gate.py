@@ -24,6 +24,7 @@ in-flight step; a measurement waits for at most one training step of each other 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,67 +46,50 @@ class NodeGate:
         self._training = False
         self.waited_s = 0.0  # time this process spent paused for other trials' measurements
 
-    # -- locks
-    @staticmethod
-    def _flock(f: IO[Any], op: int) -> None:
-        import fcntl
-
-        fcntl.flock(f, op)
-
     def start_training(self) -> None:
         """Hold the gate shared (idempotent): measurements elsewhere now wait for this trainer's step."""
-        import fcntl
-
         if not self._training:
             self._pass_turnstile()
-            self._flock(self._main, fcntl.LOCK_SH)
+            fcntl.flock(self._main, fcntl.LOCK_SH)
             self._training = True
 
     def stop_training(self) -> None:
         """Release the shared hold (idempotent): measurements elsewhere no longer wait for this process."""
-        import fcntl
-
         if self._training:
-            self._flock(self._main, fcntl.LOCK_UN)
+            fcntl.flock(self._main, fcntl.LOCK_UN)
             self._training = False
 
     def _pass_turnstile(self) -> None:
-        import fcntl
-
         t0 = time.perf_counter()
-        self._flock(self._turn, fcntl.LOCK_SH)  # blocks while a measurement holds the turnstile
-        self._flock(self._turn, fcntl.LOCK_UN)
+        fcntl.flock(self._turn, fcntl.LOCK_SH)  # blocks while a measurement holds the turnstile
+        fcntl.flock(self._turn, fcntl.LOCK_UN)
         self.waited_s += time.perf_counter() - t0
 
     def yield_to_measurements(self, ctx: object = None) -> None:
         """Between two training steps (usable as a train hook): let a waiting measurement run first."""
-        import fcntl
-
         if not self._training:
             self.start_training()
             return
-        self._flock(self._main, fcntl.LOCK_UN)
+        fcntl.flock(self._main, fcntl.LOCK_UN)
         self._pass_turnstile()
-        self._flock(self._main, fcntl.LOCK_SH)
+        fcntl.flock(self._main, fcntl.LOCK_SH)
 
     __call__ = yield_to_measurements
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Every other trainer on the node paused, and no other measurement running, for the block."""
-        import fcntl
-
         was_training = self._training
         self.stop_training()  # our own shared hold would block our exclusive one
-        self._flock(self._turn, fcntl.LOCK_EX)
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
         try:
-            self._flock(self._main, fcntl.LOCK_EX)
+            fcntl.flock(self._main, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                self._flock(self._main, fcntl.LOCK_UN)
+                fcntl.flock(self._main, fcntl.LOCK_UN)
         finally:
-            self._flock(self._turn, fcntl.LOCK_UN)
+            fcntl.flock(self._turn, fcntl.LOCK_UN)
             if was_training:
                 self.start_training()
 
