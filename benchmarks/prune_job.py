@@ -239,6 +239,22 @@ def _run_job(cfg: Any, job_dir: Path, quick: bool) -> dict[str, Any]:
             "latency_budget_ms": _stage(job_dir, "baseline").get("latency_budget_ms")}
 
 
+def _reuse_shadow(src_job: Path, dst_job: Path) -> None:
+    """The first job's finished dense shadow curve, given to a later job that has none.
+
+    The shadow is the dense recipe (data, optimizer, rate, seed, steps, measurement subset) with
+    nothing pruned: the granularity does not enter it, so a second job would retrain the same model
+    (about 8 minutes here) for the same curve."""
+    from avprune.prune_job.shadow import read_curve, work_dir
+
+    src, dst = work_dir(src_job), work_dir(dst_job)
+    if not read_curve(src).get("done") or (dst / "curve.json").exists():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(dst / "curve.json", read_curve(src))
+    log.info("%s: dense shadow curve reused from %s (same recipe and seed)", dst_job.name, src_job.name)
+
+
 def _job_models(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The job's finished candidates (and a selected snapshot): name -> what the record says."""
     job_dir, gran = Path(job["job_dir"]), job["granularity"]
@@ -359,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         job_dir = work / f"job-{slug}-{cfg.fingerprint()[:10]}"  # named by its config: an edit starts afresh
         cfg = cfg.model_copy(update={"output_dir": job_dir.resolve()})
         cfgs[gran] = cfg
+        if jobs:
+            _reuse_shadow(Path(next(iter(jobs.values()))["job_dir"]), job_dir)
         jobs[gran] = _run_job(cfg, job_dir, args.quick)
     first = cfgs[grans[0]]
     sens = _sensitivity_scaling(first, (2,) if args.quick else (first.sensitivity_max_layers() or 8, 16))

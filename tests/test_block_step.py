@@ -125,3 +125,19 @@ def test_report_rows_name_when_each_block_went_its_share_and_its_cost() -> None:
     page = blocks_html({"removed_blocks": [a], "restored_blocks": [b], "block_events": pruning["block_events"]})
     assert "Removed blocks (1)" in page and "ramped back" in page and "restoring" in page
     assert blocks_html({}) == ""
+
+
+def test_gates_freeze_with_the_masks_a_late_return_is_whole_by_then() -> None:
+    # ramp 4, decided at step 2: the three blocks are gone at step 6; the freeze is at step 9
+    hook = _hook(_net(), reach=9.0, patience=1, ramp=4)
+    hook.freeze_after = 9
+    step = _step(hook, 7)
+    assert sorted(hook.gates.removed()) == ["1", "2", "3"]
+    assert hook.observe(0.1, 0.5) == "1"  # 2 steps before the freeze: the ramp shortens to 2
+    _step(hook, 2, step)
+    assert hook.gates.gate("1") == 1.0  # whole at the freeze, not snapped there by settle()
+    assert hook.observe(0.1, 0.5) is None  # frozen: nothing returns after step 9
+    assert sorted(hook.gates.removed()) == ["2", "3"] and hook.restored == ["1"]
+    with pytest.raises(ValueError, match="freeze_after"):
+        BlockStep(hook.gates, {"1": 1.0}, budget_ms=1.0, reach_ms=lambda: 2.0, decide_step=1, ramp_steps=1,
+                  freeze_after=-1)

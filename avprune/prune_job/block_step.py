@@ -22,6 +22,11 @@ channel masks: Guo et al., "Dynamic Network Surgery", NeurIPS 2016); one block p
 A restored block is not scheduled off again, and its saving leaves :attr:`removed_ms`, so the
 channel controller takes over that part of the budget.
 
+**Frozen end.** With ``freeze_after`` (the job's last mask-changing step, as for the channel
+masks), no block turns around after it, and a block brought back before it ramps up fast enough to
+be whole by then: the last measured model is the one that ships (a gate snapped to 0 or 1 by
+:meth:`settle` at the end would carry a change that never trained).
+
 The hook's :meth:`state_dict` (gates, decision) is saved with the fine-tune checkpoint, so a
 ``--resume`` mid-ramp restores the gates.
 """
@@ -70,7 +75,8 @@ class BlockStep:
 
     def __init__(self, gates: BlockGates, block_ms: Mapping[str, float], *, budget_ms: float,
                  reach_ms: Callable[[], float], decide_step: int, ramp_steps: int,
-                 dense_ms: float | None = None, depth_share: float = DEPTH_SHARE, patience: int = 2) -> None:
+                 dense_ms: float | None = None, depth_share: float = DEPTH_SHARE, patience: int = 2,
+                 freeze_after: int | None = None) -> None:
         if not 0.0 <= depth_share <= 1.0:
             raise ValueError(f"depth_share must be in [0, 1]; got {depth_share!r}")
         if int(patience) != patience or patience < 1:
@@ -83,6 +89,11 @@ class BlockStep:
         self.chosen: list[str] | None = None
         self.restored: list[str] = []
         self.misses = 0  # consecutive measurements under the floor
+        if freeze_after is not None and (int(freeze_after) != freeze_after or freeze_after < 0):
+            raise ValueError(f"freeze_after must be None or an int >= 0 (the last step that changes gates); "
+                             f"got {freeze_after!r}")
+        self.freeze_after = freeze_after
+        self.steps = 0  # training steps seen
 
     @property
     def removed_ms(self) -> float:
@@ -96,6 +107,7 @@ class BlockStep:
         return max(0.0, self.depth_share * need, self.reach_ms() - self.budget_ms)
 
     def __call__(self, ctx: StepContext) -> None:
+        self.steps = ctx.step + 1
         self.gates.step()
         if self.chosen is None and ctx.step + 1 >= self.decide_step:
             per_ms = self.gates.importance_per_ms(self.block_ms)
@@ -114,11 +126,17 @@ class BlockStep:
         self.misses += 1
         if self.misses < self.patience:
             return None
+        left = None if self.freeze_after is None else self.freeze_after - self.steps
+        if left is not None and left <= 0:
+            log.info("mAP %.4f under the floor %.4f, but the gates are frozen since step %d: no block returns",
+                     map_value, map_floor, self.freeze_after)
+            return None
         name = max(self.chosen, key=lambda n: (self.gates.sensitivity.get(n, float("-inf")),
                                                self.gates.importance.get(n, 0.0), n))
         self.chosen.remove(name)
         self.restored.append(name)
-        self.gates.set_target(name, 1.0, self.ramp_steps)
+        # whole by the freeze: the ramp shortens when fewer steps are left than a full swing
+        self.gates.set_target(name, 1.0, self.ramp_steps if left is None else min(self.ramp_steps, left))
         self.misses = 0
         log.info("block %s ramps back up: mAP %.4f under the floor %.4f for %d measurements", name, map_value,
                  map_floor, self.patience)
@@ -159,13 +177,14 @@ class BlockStep:
 
     def state_dict(self) -> dict[str, Any]:
         return {"gates": self.gates.state_dict(), "chosen": self.chosen, "restored": list(self.restored),
-                "misses": self.misses}
+                "misses": self.misses, "steps": self.steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.gates.load_state_dict(state["gates"])
         self.chosen = None if state.get("chosen") is None else list(state["chosen"])
         self.restored = list(state.get("restored") or [])
         self.misses = int(state.get("misses") or 0)
+        self.steps = int(state.get("steps") or 0)
 
 
 __all__ = ["BlockStep", "pick_blocks"]

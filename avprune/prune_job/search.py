@@ -383,7 +383,7 @@ def _block_step(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, model
     ramp = max(1, int(round(spec.candidate.ramp * (cfg.finetune.steps - begin))))
     gates = BlockGates(model, names, ramp_steps=ramp)
     return BlockStep(gates, spec.block_ms, budget_ms=spec.latency_budget_ms, reach_ms=lambda: float(table.predict({})),
-                     decide_step=begin, ramp_steps=ramp)
+                     decide_step=begin, ramp_steps=ramp, freeze_after=freeze_after(cfg))
 
 
 class _ChannelBudget:
