@@ -63,6 +63,35 @@ def test_candidates_prune_nothing_during_the_lr_warmup(tmp_path, controller):
     assert ctl.target("a") > 0.0  # pruning began after it
 
 
+def test_the_tables_holdout_reaches_the_allocation_controller_as_its_saving_scale(tmp_path):
+    """The latency-table stage's held-out pruned model (predicted vs measured) crosses the Tune boundary
+    in the trial spec and sets the controller's saving scale; without one the scale is 1."""
+    from avprune.prune_job.context import TrialSpec
+    from avprune.prune_job.records import Candidate, LatencyTableRecord
+    from avprune.prune_job.search import _controller, _holdout
+    from pruning.latency_model import LatencyTable
+    from tests.conftest import small_net
+
+    rec = LatencyTableRecord(path="t.json", cache="c", source="measured", entries=1, overhead_ms=0.0,
+                             in_graph_holdout_predicted_ms=2.0, in_graph_holdout_measured_ms=6.0)
+    assert _holdout(rec) == (2.0, 6.0) and _holdout(LatencyTableRecord("t", "c", "m", 1, 0.0)) is None
+    cfg = _cfg(tmp_path)
+    cfg = cfg.model_copy(update={"pruning": cfg.pruning.model_copy(update={"controller": "allocation"})})
+    import torch
+
+    table = LatencyTable.measure(small_net(), torch.randn(1, 3, 16, 16), lambda m, x: 1.0, runtime="synthetic",
+                                 device="test", multiple=8)
+    dense = table.predict({})
+    cand = Candidate(candidate_id="c0", index=0, importance="magnitude", controller="allocation", ramp=0.5, seed=0)
+    for holdout, scale in (((0.5 * dense, 0.75 * dense), 0.5), (None, 1.0)):
+        spec = TrialSpec(candidate=cand, job={}, out_dir=str(tmp_path), latency_table="", latency_budget_ms=1.0,
+                         map_floor=0.0, dense_map=0.5, holdout_ms=holdout)
+        spec = TrialSpec.from_dict(json.loads(json.dumps(spec.to_dict())))  # as Tune stores it
+        assert spec.holdout_ms == holdout
+        ctl = _controller(cfg, spec, table, lambda config: dense, lambda: (dense, 0.5))
+        assert ctl.saving_scale == pytest.approx(scale)
+
+
 @dataclass(frozen=True)
 class _Seen:
     """A stand-in stage record: how many records the stage saw, and which."""

@@ -302,3 +302,37 @@ def test_smoothing_removes_a_timing_outlier_the_knapsack_would_chase() -> None:
     smoothed = allocate_latency(units, scores, table, 0.9 * table.predict({}), channel_multiple=8)
     assert noisy.kept["a"] < noisy.kept["b"]  # the outlier made a's groups look expensive
     assert smoothed.kept["b"] <= smoothed.kept["a"]  # after smoothing, b (5x5) is cut first again
+
+
+def test_saving_scale_from_a_holdout_aims_the_first_allocation_at_the_budget() -> None:
+    from pruning.allocation_controller import saving_scale
+
+    assert saving_scale(10.0, 6.0, 7.0) == pytest.approx(0.75)  # 3 ms saved of 4 predicted
+    assert saving_scale(10.0, 9.9, 12.0) == 1.0  # a prediction that saves nothing tells nothing
+    assert saving_scale(10.0, 6.0, 9.9) == 0.5  # clipped: the table is wrong, not off by a scale
+    with pytest.raises(ValueError, match="> 0 ms"):
+        saving_scale(10.0, 0.0, 5.0)
+
+    # a runtime that delivers 75% of every predicted saving
+    def runs(ctrl: AllocationController) -> float:
+        return ctrl.dense_ms - 0.75 * (ctrl.dense_ms - (ctrl.last.predicted_ms if ctrl.last else ctrl.dense_ms))
+
+    ends = {}
+    for scale in (1.0, 0.75):
+        model = small_net()
+        table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=1)
+        box: list[AllocationController] = []
+        ctrl = _controller(table, 0.7 * table.predict({}), total_steps=20, ramp=0.5, measure_every=10,
+                           measure=lambda b=box: (runs(b[0]), 0.9), saving_scale=scale)
+        box.append(ctrl)
+        pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=1, update_every=5)
+        for _ in range(20):
+            pruner.step()
+        # the allocation at the ramp's end (step 10), measured at step 20, over the budget
+        measured = next(pt.latency_ms for pt in ctrl.points if pt.step == 20 and pt.latency_ms is not None)
+        ends[scale] = (measured / ctrl.budget, ctrl.correction)
+        assert AllocationController(table, 1.0, total_steps=5).load_state_dict(ctrl.state_dict()) is None
+    assert ends[1.0][0] > 1.05 and ends[1.0][1] > 0.05  # unscaled: over the budget; the PI learns why, late
+    assert ends[0.75][0] == pytest.approx(1.0, abs=0.04) and ends[0.75][1] == 0.0  # scaled: on it, nothing to correct
+    with pytest.raises(ValueError, match="saving_scale"):
+        AllocationController(table, 1.0, total_steps=5, saving_scale=2.0)

@@ -74,6 +74,9 @@ class TrialSpec:
     # scales by it, so another trial's training on the node does not read as latency. None: timed
     # alone (trials of jobs started before the pairing).
     dense_latency_ms: float | None = None
+    # The in-graph calibration's held-out pruned model, (predicted, measured) ms in the table's units:
+    # the allocation controller's saving scale (how much of a predicted saving the runtime delivers).
+    holdout_ms: tuple[float, float] | None = None
 
     @property
     def candidate_id(self) -> str:
@@ -106,4 +109,6 @@ class TrialSpec:
                    floor_curve=sorted((int(s), float(m)) for s, m in d.get("floor_curve") or ()),
                    max_map_drop=None if d.get("max_map_drop") is None else float(d["max_map_drop"]),
                    shadow=bool(d.get("shadow", False)),
-                   dense_latency_ms=None if d.get("dense_latency_ms") is None else float(d["dense_latency_ms"]))
+                   dense_latency_ms=None if d.get("dense_latency_ms") is None else float(d["dense_latency_ms"]),
+                   holdout_ms=None if d.get("holdout_ms") is None else (float(d["holdout_ms"][0]),
+                                                                        float(d["holdout_ms"][1])))

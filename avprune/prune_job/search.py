@@ -86,11 +86,19 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
     if p.granularity == "block":  # depth only: channels stay whole
         return build_controller("fixed", sparsity=0.0)
     if cand.controller == "allocation":
+        from pruning.allocation_controller import saving_scale
+
+        # the held-out pruned model's measured saving over its predicted one: the table's known
+        # bias on pruned shapes, given to the controller up front instead of learnt by the PI late
+        scale = 1.0 if spec.holdout_ms is None else saving_scale(float(table.predict({})), *spec.holdout_ms)
         ctrl = warmup_allocation_controller(begin)(
             table, budget, total_steps=steps, allocation=p.allocation,
             ramp_fraction=min(1.0, ramp_steps / steps), measure=measure,
             measure_every=cfg.finetune.measure_every, map_floor=spec.map_floor, max_unit_sparsity=p.max_sparsity,
+            saving_scale=scale,
         )
+        log.info("%s: saving scale %.3f (held-out model %s ms predicted/measured)", cand.candidate_id, scale,
+                 spec.holdout_ms)
         if spec.sensitivity and p.allocation == "latency":
             # the knapsack compares units by their measured damage curves (importance ranks within a unit)
             ctrl.set_damage(spec.sensitivity)
@@ -420,8 +428,14 @@ def trial_specs(ctx: StageContext, shadow: ShadowRecord | None = None) -> list[T
                       channel_multiple=int(multiple), block_ms=dict(table.block_ms),
                       floor_curve=[] if shadow is None else [(p.step, p.map) for p in shadow.curve],
                       max_map_drop=None if shadow is None else shadow.max_map_drop,
-                      dense_latency_ms=base.latency.p50_ms)
+                      dense_latency_ms=base.latency.p50_ms, holdout_ms=_holdout(table))
             for c in candidates(ctx.config)]
+
+
+def _holdout(table: LatencyTableRecord) -> tuple[float, float] | None:
+    """The in-graph calibration's held-out model, (predicted, measured) ms, when it was measured."""
+    pred, meas = table.in_graph_holdout_predicted_ms, table.in_graph_holdout_measured_ms
+    return None if pred is None or meas is None else (float(pred), float(meas))
 
 
 def asha_grace(cfg: PruneJobConfig, candidates: Sequence[Candidate]) -> int:
