@@ -100,6 +100,7 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, out
         "budget.score_thresh": 0.01,
         "pruning.granularity": granularity, "pruning.ramps": [RAMP], "search.candidates": args.candidates,
         "finetune.steps": args.steps, "finetune.measure_every": MEASURE_EVERY,
+        **({"finetune.lr": args.lr} if args.lr is not None else {}),
         "output_dir": str(out), "cache_dir": str(cache), "seed": args.seed,
     }
     # The floor moves with a dense shadow trained alongside (same recipe, seed and steps). Judged
@@ -239,17 +240,20 @@ def _run_job(cfg: Any, job_dir: Path, quick: bool) -> dict[str, Any]:
             "latency_budget_ms": _stage(job_dir, "baseline").get("latency_budget_ms")}
 
 
-def _reuse_shadow(src_job: Path, dst_job: Path) -> None:
+def _reuse_shadow(src_job: Path, dst_job: Path, cfg: Any) -> None:
     """The first job's finished dense shadow curve, given to a later job that has none.
 
     The shadow is the dense recipe (data, optimizer, rate, seed, steps, measurement subset) with
     nothing pruned: the granularity does not enter it, so a second job would retrain the same model
     (about 8 minutes here) for the same curve."""
     from avprune.prune_job.shadow import read_curve, work_dir
+    from avprune.prune_job.state import StageStore
 
     src, dst = work_dir(src_job), work_dir(dst_job)
     if not read_curve(src).get("done") or (dst / "curve.json").exists():
         return
+    # claimed as the job would claim it (job.json first): a folder with results and no job.json is refused
+    StageStore(dst_job).open(fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json"), resume=True)
     dst.mkdir(parents=True, exist_ok=True)
     atomic_write_json(dst / "curve.json", read_curve(src))
     log.info("%s: dense shadow curve reused from %s (same recipe and seed)", dst_job.name, src_job.name)
@@ -332,6 +336,8 @@ def _parser() -> argparse.ArgumentParser:
                     "#12's required point is 1.5)")
     ap.add_argument("--steps", type=int, help=f"fine-tune steps per candidate and dense-long (default {STEPS}; quick 12)")
     ap.add_argument("--candidates", type=int, default=2, help="candidates per granularity (default 2)")
+    ap.add_argument("--lr", type=float, help="fine-tune peak rate of the candidates, the shadow and dense-long "
+                                             "(default: the example job's, the dense recipe's 1e-3)")
     ap.add_argument("--granularities", default=",".join(GRANULARITIES), help="comma-separated (default: both)")
     ap.add_argument("--allocation", choices=("uniform", "latency"), help="default: the example job's")
     ap.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from the last run")
@@ -376,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.model_copy(update={"output_dir": job_dir.resolve()})
         cfgs[gran] = cfg
         if jobs:
-            _reuse_shadow(Path(next(iter(jobs.values()))["job_dir"]), job_dir)
+            _reuse_shadow(Path(next(iter(jobs.values()))["job_dir"]), job_dir, cfg)
         jobs[gran] = _run_job(cfg, job_dir, args.quick)
     first = cfgs[grans[0]]
     sens = _sensitivity_scaling(first, (2,) if args.quick else (first.sensitivity_max_layers() or 8, 16))
