@@ -145,3 +145,22 @@ def test_a_finished_shadow_is_read_back_not_run_again(tmp_path, monkeypatch):
     assert not calls  # done: read from its curve, no Ray
     assert [(p.step, p.map) for p in rec.curve] == [(0, 0.30), (3, 0.31), (6, 0.33)]
     assert rec.max_map_drop == 1.0 and rec.steps == cfg.finetune.steps and rec.path == "search/trials/shadow"
+
+
+def test_the_benchmark_gives_a_second_granularity_the_first_jobs_finished_shadow(tmp_path):
+    """benchmarks.prune_job: the shadow does not depend on the granularity, so the second job reads
+    the first's finished curve; its folder is claimed as the job claims it, so the job resumes it."""
+    from avprune.prune_job.state import StageStore
+    from benchmarks.prune_job import _reuse_shadow
+
+    cfg = PruneJobConfig.model_validate(_cfg(tmp_path))
+    src, dst = tmp_path / "job-channel", tmp_path / "job-block"
+    curve = {"points": [{"step": 4, "map": 0.3, "map50": 0.5}], "done": False}
+    shadow.work_dir(src).mkdir(parents=True)
+    (shadow.work_dir(src) / "curve.json").write_text(json.dumps(curve))
+    _reuse_shadow(src, dst, cfg)
+    assert not dst.exists()  # an unfinished shadow is not handed on
+    (shadow.work_dir(src) / "curve.json").write_text(json.dumps({**curve, "done": True}))
+    _reuse_shadow(src, dst, cfg)
+    assert shadow.read_curve(shadow.work_dir(dst)) == {**curve, "done": True}
+    StageStore(dst).open(fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json"), resume=True)
