@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,8 @@ def _parser() -> argparse.ArgumentParser:
                     "#12's required point is 1.5)")
     ap.add_argument("--steps", type=int, help=f"fine-tune steps per candidate and dense-long (default {STEPS}; quick 12)")
     ap.add_argument("--candidates", type=int, default=2, help="candidates per granularity (default 2)")
+    ap.add_argument("--tag", help="results name: benchmarks/results/TAG.json, its RESULTS.md section and "
+                                  "benchmarks/_work/TAG (default prune_job; quick: prune_job_quick)")
     ap.add_argument("--lr", type=float, help="fine-tune peak rate of the candidates, the shadow and dense-long "
                                              "(default: the example job's, the dense recipe's 1e-3)")
     ap.add_argument("--granularities", default=",".join(GRANULARITIES), help="comma-separated (default: both)")
@@ -346,7 +349,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    tag = "prune_job_quick" if args.quick else "prune_job"
+    tag = args.tag or ("prune_job_quick" if args.quick else "prune_job")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        raise SystemExit(f"--tag {tag!r}: use letters, digits, '_', '-' or '.'")
     if args.report_only:
         return _write(json.loads((ASSETS / f"{tag}.json").read_text()), tag)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -452,9 +457,9 @@ def _write(record: dict[str, Any], tag: str) -> int:
                     f"prune_job: {record['steps']} fine-tune steps, budget {record['budget_speedup']}x graph")
     from benchmarks.prune_job_report import markdown
 
-    md = markdown(record, png.name)
+    md = markdown(record, png.name, tag)
     if not record["quick"]:  # a smoke run is not a measurement: it prints, RESULTS.md keeps the real run
-        write_section("prune_job", md)
+        write_section("prune_job" if tag == "prune_job_quick" else tag, md)
     print(md)
     return 0
 

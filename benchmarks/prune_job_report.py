@@ -18,9 +18,10 @@ def _ci(v: Any) -> str:
     return "" if not v else f" [{v[0]:.2f}, {v[1]:.2f}]"
 
 
-def markdown(record: dict[str, Any], png: str) -> str:
+def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
     quick = record["quick"]
-    lines = [f"## prune_job{' (--quick smoke run: not a measurement)' if quick else ''}", "", record["machine"], ""]
+    title = tag if tag.startswith("prune_job") else f"prune_job ({tag})"
+    lines = [f"## {title}{' (--quick smoke run: not a measurement)' if quick else ''}", "", record["machine"], ""]
     cfg = next(iter(record["config"].values()))
     ft, p = cfg["finetune"], cfg["pruning"]
     jobs = record["jobs"]
