@@ -77,9 +77,34 @@ def _blob(frames: Sequence[np.ndarray], meta: ModelMeta, resize: ResizeDtype) ->
     """
     import cv2
 
+    if resize == "uint8":
+        H, W = meta.image_size
+        batch = np.empty((len(frames), 3, H, W), dtype=np.float32)
+        for i, f in enumerate(frames):
+            small = f if f.shape[:2] == (H, W) else cv2.resize(f, (W, H), interpolation=cv2.INTER_LINEAR)
+            _normalise_planes(small, meta, batch[i])
+        return batch
     params = _blob_params(tuple(meta.mean), tuple(meta.std), tuple(meta.image_size))
-    images = [f.astype(np.float32) for f in frames] if resize == "float32" else list(frames)
-    return cv2.dnn.blobFromImagesWithParams(images, params)
+    return cv2.dnn.blobFromImagesWithParams([f.astype(np.float32) for f in frames], params)
+
+
+def _normalise_planes(img: np.ndarray, meta: ModelMeta, out: np.ndarray) -> None:
+    """An HxWx3 uint8 image -> ``out`` [3, H, W] float32 planes, ``(x / 255 - mean) / std``.
+
+    ``cv2.split`` then one ``cv2.addWeighted`` per plane writing straight into ``out``: 0.11 ms for a
+    320x320 canvas here, against 0.18 ms for numpy's strided multiply-add per plane and 0.24 ms for
+    ``blobFromImage`` without a resize (thread CPU time, same machine)."""
+    import cv2
+
+    scale, shift = _plane_affine(tuple(meta.mean), tuple(meta.std))
+    for c, plane in enumerate(cv2.split(img)):
+        cv2.addWeighted(plane, scale[c], plane, 0.0, shift[c], dst=out[c], dtype=cv2.CV_32F)
+
+
+@functools.lru_cache(maxsize=8)
+def _plane_affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per channel ``(scale, shift)`` with ``(x / 255 - mean) / std == x * scale + shift``."""
+    return (tuple(1.0 / (255.0 * s) for s in std), tuple(-m / s for m, s in zip(mean, std, strict=True)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,6 +133,9 @@ def _pasted(
         img = f if resize == "uint8" else f.astype(np.float32)
         out = cv2.resize(img, (ow, oh), interpolation=cv2.INTER_LINEAR) if (oh, ow) != f.shape[:2] else img
         rh, rw = min(oh, H), min(ow, W)
+        if resize == "uint8":
+            _normalise_planes(np.ascontiguousarray(out[:rh, :rw]), meta, batch[i, :, :rh, :rw])
+            continue
         planes = out[:rh, :rw].transpose(2, 0, 1)
         for c in range(3):  # plane by plane: numpy's broadcast over a (3,1,1) axis is ~6x slower here
             # (a uint8 plane is converted inside the multiply: no float copy of the frame)
