@@ -111,6 +111,6 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
               "| layers scanned | 1 worker s | 2 workers s | speed-up |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['layers']} | {r['one_worker_s']:.1f} | {r['two_workers_s']:.1f} | **{r['speedup']:.2f}x** |"
               for r in sens]
-    lines += ["", "Raw numbers: `benchmarks/results/prune_job.json` (per candidate `graph_speedup`, `frame_speedup`, "
+    lines += ["", f"Raw numbers: `benchmarks/results/{tag}.json` (per candidate `graph_speedup`, `frame_speedup`, "
                   "`map_drop_points`, `channel_multiple`, `feasible`; `pareto` per granularity; `comparison`; `targets`)."]
     return "\n".join(lines)

@@ -156,3 +156,25 @@ def _map(dets: list[dict[str, torch.Tensor]], ref: list[dict[str, torch.Tensor]]
         ev.accumulate()
         ev.summarize()
     return float(ev.stats[0])
+
+
+def test_engine_benchmark_tells_other_processes_load_from_its_own():
+    """benchmarks.engine's header: its own threads do not count as other work; another process's do."""
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.engine import _load_line, cpu_sample, other_share
+
+    start = cpu_sample()
+    end_by = time.monotonic() + 0.5
+    while time.monotonic() < end_by:  # this process busy: not "other work"
+        pass
+    own = other_share(start, cpu_sample(), 1)
+    start = cpu_sample()
+    subprocess.run([sys.executable, "-c", "import time\nt=time.monotonic()\nwhile time.monotonic()-t<0.5: pass"],
+                   check=True)
+    other = other_share(start, cpu_sample(), 1)
+    assert other > own + 0.3, (own, other)
+    assert "otherwise idle" in _load_line({"other_share": 0.01})
+    assert "inflated" in _load_line({"other_share": 0.4})
