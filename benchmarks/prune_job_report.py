@@ -31,8 +31,9 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
         f"lower graph latency** on ONNX Runtime (CPU, {cfg['budget']['threads']} threads) at <= "
         f"{record['max_drop_points']} mAP-point drop; {record['candidates_per_granularity']} candidates each "
         f"(importances {', '.join(p['importances'])}), **{record['steps']} fine-tune steps** (the benchmark's choice: "
-        f"#12's minimum; the budget is reached by {record['ramp']:.0%} of the steps, the rest recovers), peak rate "
-        f"{ft['lr']:g}, batch {ft['batch_size']}, controller `{p['controller']}`"
+        f"#12's minimum; the budget is reached by {record['ramp']:.0%} of the steps, the rest recovers), "
+        + (f"peak rate {ft['lr']:g}, " if "lr" in ft else "")
+        + f"batch {ft['batch_size']}, controller `{p['controller']}`"
         + (f" (allocation `{p.get('allocation')}`)" if p.get("allocation") else "")
         + f", channel groups of {p['channel_multiple']}, distillation {'on' if ft.get('distill', True) else 'off'}. "
           f"*dense-long*: the dense checkpoint fine-tuned {record['steps']} steps with the same recipe, without pruning; "

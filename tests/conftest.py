@@ -79,8 +79,11 @@ def spread_model(name: str, *, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def write_pseudo_coco(model: torch.nn.Module, frames: list[np.ndarray], root: Path, *, top: int = 4):
-    """A COCO split whose ground truth is ``model``'s top detections; returns the data set."""
+def write_pseudo_coco(model: torch.nn.Module, frames: list[np.ndarray], root: Path, *, top: int = 4,
+                      runtime: object | None = None):
+    """A COCO split whose ground truth is ``model``'s top detections (on ``runtime`` when given: an
+    exported model's own runtime scores its GT exactly, where a random model's near-tied scores may
+    order differently between PyTorch and ONNX Runtime on some CPUs); returns the data set."""
     import cv2
 
     from deploy.runtimes.pytorch import PyTorchRuntime
@@ -88,12 +91,19 @@ def write_pseudo_coco(model: torch.nn.Module, frames: list[np.ndarray], root: Pa
     from perception.data import CocoDetectionDataset
 
     (root / "val").mkdir(parents=True, exist_ok=True)
-    dets = PyTorchRuntime(model).infer(frames)
+    dets = (runtime or PyTorchRuntime(model)).infer(frames)
+    # One score cut over all images (the top * len(frames) best), not the top per image: then every
+    # detection ranked above a false positive of its class is ground truth, and the model scores
+    # exactly 1 against it. Per image, another image's higher-scored detection of the same class
+    # was a false positive ranked first (mAP 0.75 on an Intel CPU, where a random model's scores
+    # fell that way).
+    scores = np.sort(np.concatenate([d.scores for d in dets]))[::-1]
+    cut = scores[min(top * len(frames), len(scores)) - 1] if len(scores) else np.inf
     images, anns = [], []
     for i, (f, d) in enumerate(zip(frames, dets, strict=True)):
         cv2.imwrite(str(root / "val" / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         images.append({"id": i + 1, "file_name": f"{i:04d}.png", "height": f.shape[0], "width": f.shape[1]})
-        for j in np.argsort(-d.scores)[:top]:
+        for j in np.flatnonzero(d.scores >= cut):
             x1, y1, x2, y2 = (float(v) for v in d.boxes[j])
             if x2 - x1 < 2 or y2 - y1 < 2:
                 continue
