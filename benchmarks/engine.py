@@ -381,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0.0 < args.probe_ratio < 1.0:
         p.error(f"--probe-ratio must be in (0, 1); got {args.probe_ratio}")
+    if args.probe_steps is not None and args.probe_steps < 0:
+        p.error(f"--probe-steps must be >= 0 (0: no fine-tune); got {args.probe_steps}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.blocks = args.blocks or (3 if args.quick else 12)
     args.frames = args.frames or (4 if args.quick else 16)

@@ -251,12 +251,13 @@ def _reuse_shadow(src_job: Path, dst_job: Path, cfg: Any) -> None:
     from avprune.prune_job.state import StageStore
 
     src, dst = work_dir(src_job), work_dir(dst_job)
-    if not read_curve(src).get("done") or (dst / "curve.json").exists():
+    curve = read_curve(src)
+    if not curve.get("done") or (dst / "curve.json").exists():
         return
     # claimed as the job would claim it (job.json first): a folder with results and no job.json is refused
     StageStore(dst_job).open(fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json"), resume=True)
     dst.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(dst / "curve.json", read_curve(src))
+    atomic_write_json(dst / "curve.json", curve)
     log.info("%s: dense shadow curve reused from %s (same recipe and seed)", dst_job.name, src_job.name)
 
 
@@ -459,7 +460,7 @@ def _write(record: dict[str, Any], tag: str) -> int:
 
     md = markdown(record, png.name, tag)
     if not record["quick"]:  # a smoke run is not a measurement: it prints, RESULTS.md keeps the real run
-        write_section("prune_job" if tag == "prune_job_quick" else tag, md)
+        write_section(tag, md)
     print(md)
     return 0
 

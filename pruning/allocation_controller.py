@@ -19,9 +19,9 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   saving that the runtime delivers, measured once on a held-out pruned model
   (:func:`saving_scale`): the target handed to the allocator is ``dense - (dense - t) / scale``,
   exact at the dense end, where a constant factor would cut at step one. Why: an in-graph
-  calibrated table still under-predicted the knapsack's pruned models by 17-26% (prune_job
-  benchmark), and the PI, learning it from 50-step measurements during the ramp, had closed little
-  of it when the floor took over: the candidate ended at 1.35x for a 1.5x budget.
+  calibrated table predicted a uniform-50% model at 1.69 ms that measured 4.48 (dense 7.72: 54% of
+  the predicted saving delivered; prune_job benchmark), and the PI, learning that from 50-step
+  measurements during the ramp, had closed little of it when the mAP floor took over.
 - **mAP feedback per layer.** Under ``map_floor`` the target holds (a fresh cut dips, fine-tuning
   recovers it) and the layers cut since the previous measurement get their importance scaled up in
   proportion to their cut, so their groups are the first to regrow; ``set_sensitivity`` does the

@@ -62,14 +62,14 @@ def preprocess_frames(
             raise TypeError(f"frame {i}: expected an HxWx3 uint8 RGB array, got {got}")
     H, W = meta.image_size
     sizes = tuple(resized_size(f.shape[:2], meta) for f in frames)
-    if all(s == (H, W) for s in sizes):  # SSD: every frame fills the canvas
-        return torch.from_numpy(_blob(frames, meta, resize)), sizes
+    if resize == "float32" and all(s == (H, W) for s in sizes):  # SSD: every frame fills the canvas
+        return torch.from_numpy(_blob(frames, meta)), sizes
     pasted = tuple((min(oh, H), min(ow, W)) for oh, ow in sizes)
     return torch.from_numpy(_pasted(frames, sizes, meta, resize)), pasted
 
 
-def _blob(frames: Sequence[np.ndarray], meta: ModelMeta, resize: ResizeDtype) -> np.ndarray:
-    """Frames that fill the canvas: resize, normalise and lay out as NCHW in one OpenCV call.
+def _blob(frames: Sequence[np.ndarray], meta: ModelMeta) -> np.ndarray:
+    """Frames that fill the canvas, float32 resize: resize, normalise and lay out as NCHW in one OpenCV call.
 
     ``cv2.dnn.blobFromImagesWithParams`` resizes at the input's depth, then computes
     ``(x - 255 mean) / (255 std)`` per channel while it transposes to planes: one pass over the
@@ -77,13 +77,6 @@ def _blob(frames: Sequence[np.ndarray], meta: ModelMeta, resize: ResizeDtype) ->
     """
     import cv2
 
-    if resize == "uint8":
-        H, W = meta.image_size
-        batch = np.empty((len(frames), 3, H, W), dtype=np.float32)
-        for i, f in enumerate(frames):
-            small = f if f.shape[:2] == (H, W) else cv2.resize(f, (W, H), interpolation=cv2.INTER_LINEAR)
-            _normalise_planes(small, meta, batch[i])
-        return batch
     params = _blob_params(tuple(meta.mean), tuple(meta.std), tuple(meta.image_size))
     return cv2.dnn.blobFromImagesWithParams([f.astype(np.float32) for f in frames], params)
 
@@ -120,14 +113,13 @@ def _blob_params(mean: tuple[float, ...], std: tuple[float, ...], size: tuple[in
 def _pasted(
     frames: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]], meta: ModelMeta, resize: ResizeDtype
 ) -> np.ndarray:
-    """Aspect-kept resize, each frame pasted top-left on a zero canvas."""
+    """Aspect-kept resize (or the canvas size), each frame pasted top-left on a zero canvas."""
     import cv2
 
     H, W = meta.image_size
     # (x / 255 - mean) / std as one multiply-add per pixel
-    std = np.asarray(meta.std, dtype=np.float64)
-    px_scale = (1.0 / (255.0 * std)).astype(np.float32)
-    px_shift = (-np.asarray(meta.mean, dtype=np.float64) / std).astype(np.float32)
+    scale, shift = _plane_affine(tuple(meta.mean), tuple(meta.std))
+    px_scale, px_shift = np.asarray(scale, dtype=np.float32), np.asarray(shift, dtype=np.float32)
     batch = np.zeros((len(frames), 3, H, W), dtype=np.float32)
     for i, (f, (oh, ow)) in enumerate(zip(frames, sizes, strict=True)):
         img = f if resize == "uint8" else f.astype(np.float32)
