@@ -56,8 +56,21 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
 
 
+#: Below this line a section holds notes written by people (dated findings, caveats): a benchmark
+#: that regenerates the section keeps them.
+NOTES_MARK = "<!-- notes: kept when the benchmark rewrites this section -->"
+
+
+def _notes(section: str, end: str) -> str:
+    """The hand-written notes of an existing section (below :data:`NOTES_MARK`), or ''."""
+    if NOTES_MARK not in section:
+        return ""
+    return section.split(NOTES_MARK, 1)[1].rsplit(end, 1)[0].strip()
+
+
 def write_section(name: str, markdown: str) -> Path:
-    """Replace (or add) the section ``name`` of RESULTS.md, keeping the others."""
+    """Replace (or add) the section ``name`` of RESULTS.md, keeping the others and the section's own
+    notes below :data:`NOTES_MARK`."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +80,8 @@ def write_section(name: str, markdown: str) -> Path:
         text = RESULTS.read_text() if RESULTS.exists() else _HEADER
         pattern = r"<!-- BEGIN (\S+) -->\n.*?\n<!-- END \1 -->"
         sections = {m.group(1): m.group(0) for m in re.finditer(pattern, text, flags=re.S)}
-        sections[name] = block
+        notes = _notes(sections.get(name, ""), end)
+        sections[name] = block if not notes else f"{begin}\n{markdown.strip()}\n\n{NOTES_MARK}\n{notes}\n{end}"
         order = [s for s in SECTION_ORDER if s in sections] + sorted(s for s in sections if s not in SECTION_ORDER)
         atomic_write_text(RESULTS, _HEADER + "\n" + "\n\n".join(sections[s] for s in order) + "\n")
     return RESULTS

@@ -174,20 +174,21 @@ def _before_call(rt: Any, raw: dict[str, np.ndarray] | None = None):
 def _after_call(rt: Any, raw: dict[str, np.ndarray], resize: str):
     """One frame through the runtime's own host path (``DetectorRuntime.preprocess``/``postprocess``)."""
     def call(frame: np.ndarray) -> dict[str, float]:
-        rt.resize = resize
+        before, rt.resize = rt.resize, resize
         t0 = time.perf_counter_ns()
         prepared = rt.preprocess([frame])
         t1 = time.perf_counter_ns()
         rt.postprocess(raw, prepared)
         t2 = time.perf_counter_ns()
-        rt.resize = "float32"
+        rt.resize = before
         return {"preprocess": (t1 - t0) / 1e6, "postprocess": (t2 - t1) / 1e6}
 
     return call
 
 
-def host_stages(rt: Any, frames: list[np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
-    """Before / after / after-uint8 host cost per frame, paired, at each threshold."""
+def host_stages(rt: Any, frames: list[np.ndarray], args: argparse.Namespace, fused: Any = None) -> dict[str, Any]:
+    """Before / after / after-uint8 (/ graph path: ``fused``, a ``host_ops="graph"`` runtime of the same
+    model) host cost per frame, paired, at each threshold."""
     from deploy.timing import time_paired
 
     raws = [rt.run(rt.preprocess([f])) for f in frames]
@@ -200,10 +201,16 @@ def host_stages(rt: Any, frames: list[np.ndarray], args: argparse.Namespace) -> 
             "after": lambda i: _after_call(rt, raws[i], "float32")(frames[i]),
             "after_uint8": lambda i: _after_call(rt, raws[i], "uint8")(frames[i]),
         }
+        if fused is not None:  # its graph's outputs depend on the threshold: one run per frame at this one
+            fused.post.model.score_thresh = thr
+            fused_raws = [fused.run(fused.preprocess([f])) for f in frames]
+            calls["graph_ops"] = lambda i, fr=fused_raws: _after_call(fused, fr[i], "uint8")(frames[i])
         timing = time_paired(calls, list(range(len(frames))), reference="before", **_alternate(args, len(frames)))
         survivors = _survivors(rt, raws, thr)
         out[str(thr)] = {**timing.to_dict(), "survivors_per_frame_p50": survivors}
     rt.post.model.score_thresh = 0.01
+    if fused is not None:
+        fused.post.model.score_thresh = 0.01
     return out
 
 
@@ -345,6 +352,42 @@ def frame_vs_graph(dense: Any, pruned: Any, frames: list[np.ndarray], args: argp
             "frame_speedup_before": frame_old.ratios["pruned"].to_dict()}
 
 
+def graph_path(host: Any, fused: Any, fused_pruned: Any, val: Any, frames: list[np.ndarray],
+               args: argparse.Namespace) -> dict[str, Any]:
+    """The pre/post-processing folded into the graph (``host_ops="graph"``) against the host path with
+    the same uint8 resize, paired: graph alone (what the folded ops add to it), the whole frame, the
+    dense-vs-pruned frame speed-up in graph mode, and mAP on the val images at each threshold."""
+    from deploy.timing import time_runtimes
+    from perception.evaluate import evaluate
+
+    before = host.resize
+    host.resize = "uint8"
+    try:
+        rts = {"host path": host, "graph path": fused}
+        graph = time_runtimes(rts, frames, end_to_end=False, reference="host path", **_alternate(args, len(frames)))
+        frame = time_runtimes(rts, frames, reference="host path", **_alternate(args, len(frames)))
+        pair = time_runtimes({"dense": fused, "pruned": fused_pruned}, frames, reference="dense",
+                             **_alternate(args, len(frames)))
+        pair_graph = time_runtimes({"dense": fused, "pruned": fused_pruned}, frames, end_to_end=False,
+                                   reference="dense", **_alternate(args, len(frames)))
+        n = min(args.max_images or len(val), len(val))
+        maps = {}
+        for thr in THRESHOLDS:
+            for rt in (host, fused):
+                rt.post.model.score_thresh = thr
+            maps[str(thr)] = {"graph_path": evaluate(fused.infer, val, max_images=n).map,
+                              "host_path_uint8": evaluate(host.infer, val, max_images=n).map, "images": n}
+    finally:
+        host.resize = before
+        for rt in (host, fused):
+            rt.post.model.score_thresh = 0.01
+    return {"graph": graph.to_dict(), "frame": frame.to_dict(), "dense_vs_pruned_frame": pair.to_dict(),
+            "dense_vs_pruned_graph": pair_graph.to_dict(), "frame_speedup": frame.ratios["graph path"].to_dict(),
+            "graph_cost": graph.ratios["graph path"].to_dict(),
+            "pruned_frame_speedup": pair.ratios["pruned"].to_dict(),
+            "pruned_graph_speedup": pair_graph.ratios["pruned"].to_dict(), "map": maps}
+
+
 def _measure(name: str, engine: Path, val: Any, args: argparse.Namespace) -> dict[str, Any]:
     from deploy.runtimes import open_runtime
     from deploy.timing import measure_latency
@@ -436,11 +479,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": name, "params": count_parameters(model), "verify_map_delta": delta})
     frames = [val.load_image(i) for i in range(min(args.frames, len(val)))]
     load_before, cpu_before = os.getloadavg(), cpu_sample()
-    with open_runtime(engines["dense"], threads=args.threads) as d, open_runtime(engines["pruned"], threads=args.threads) as q:
-        host = host_stages(d, frames, args)
+    with open_runtime(engines["dense"], threads=args.threads) as d, open_runtime(engines["pruned"], threads=args.threads) as q, \
+            open_runtime(work / "dense.onnx", threads=args.threads) as dp, \
+            open_runtime(work / "dense.onnx", threads=args.threads, host_ops="graph") as df, \
+            open_runtime(work / "pruned.onnx", threads=args.threads, host_ops="graph") as qf:
+        host = host_stages(d, frames, args, fused=df)
         nms = nms_alternatives(d, frames, args)
         par = parity(d, val, args)
         fvg = frame_vs_graph(d, q, frames, args)
+        gp = graph_path(dp, df, qf, val, frames, args)
     table = []
     if args.int8:
         for row in rows:
@@ -449,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                           calib_frames=16 if args.quick else 64, threads=args.threads)
         table = [*rows, {**_measure("pruned INT8", q8.engine_path, val, args), "params": rows[1]["params"],
                          "verify_map_delta": None}]
-    payload = {"host_stages": host, "nms_alternatives": nms, "parity": par, "frame_vs_graph": fvg, "rows": table,
+    payload = {"host_stages": host, "nms_alternatives": nms, "parity": par, "frame_vs_graph": fvg, "graph_path": gp,
+               "rows": table,
                "params": {r["name"]: r["params"] for r in rows}, "pruned_how": pruned_how,
                "dense_checkpoint": str(dense_ckpt), "notes": notes, "threads": args.threads, "blocks": args.blocks,
                "frames": len(frames), "frame_size": list(frames[0].shape[:2]), "quick": args.quick,
@@ -532,6 +580,8 @@ def _markdown(r: dict[str, Any], args: argparse.Namespace, val: Any, dense_ckpt:
         sv = g["survivors_p50"]
         lines += ["", f"Candidates over the 0.01 threshold per frame (p50), what decode + NMS work on: dense "
                       f"{sv['dense']:.0f}, pruned {sv['pruned']:.0f}."]
+    if r.get("graph_path"):
+        lines += _graph_path_lines(r, f, ci)
     if r["rows"]:
         base = r["rows"][0]
         lines += ["", "| model | params (M) | e2e p50 ms | e2e p99 ms | graph p50 ms | speed-up (graph p50) | mAP | AP50 |",
@@ -544,6 +594,36 @@ def _markdown(r: dict[str, Any], args: argparse.Namespace, val: Any, dense_ckpt:
         lines.append("(unpaired: one model after the other, `measure_latency`)")
     lines += [f"\n**Note:** {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+def _graph_path_lines(r: dict[str, Any], f: Any, ci: Any) -> list[str]:
+    gp, hs = r["graph_path"], r["host_stages"]
+    lines = ["", "**Graph path** (`host_ops=\"graph\"`, `deploy.runtimes.fused_ends`): normalisation, softmax, "
+             "per-class top-k, box decoding and one `NonMaxSuppression` folded into the ONNX graph; the host resizes "
+             "in uint8 and keeps each image's best detections. Host cost per frame, p50 ms, paired with the rows above:",
+             "", "| score threshold | host path, uint8 resize | graph path | target |", "|---|---:|---:|---:|"]
+    for thr, target in zip(THRESHOLDS, ("<= 0.8", "<= 1.2"), strict=True):
+        s = hs[str(thr)]["summaries"]
+        if "graph_ops" in s:
+            lines.append(f"| {thr} | {f(s['after_uint8']['p50_ms'])} | **{f(s['graph_ops']['p50_ms'])}** | {target} |")
+    g, fr = gp["graph"]["summaries"], gp["frame"]["summaries"]
+    lines += ["", "What the folded ops cost the graph, and the whole frame (dense, 0.01, paired):", "",
+              "| | host path p50 ms | graph path p50 ms | graph path / host path [95% CI] |", "|---|---:|---:|---:|",
+              f"| graph (ORT session) | {f(g['host path']['p50_ms'])} | {f(g['graph path']['p50_ms'])} | "
+              f"{ci(gp['graph_cost'])} (time ratio: above 1 = slower) |",
+              f"| frame (preprocess + graph + post) | {f(fr['host path']['p50_ms'])} | {f(fr['graph path']['p50_ms'])} | "
+              f"{ci(gp['frame_speedup'])} (speed-up) |"]
+    pf, pg = gp["dense_vs_pruned_frame"]["summaries"], gp["dense_vs_pruned_graph"]["summaries"]
+    lines += ["", "Dense vs the same pruned probe, both in graph mode (paired): graph "
+              f"{f(pg['dense']['p50_ms'])} -> {f(pg['pruned']['p50_ms'])} ms, speed-up {ci(gp['pruned_graph_speedup'])}; "
+              f"frame {f(pf['dense']['p50_ms'])} -> {f(pf['pruned']['p50_ms'])} ms, speed-up "
+              f"{ci(gp['pruned_frame_speedup'])}.", "",
+              "| score threshold | val images | mAP, graph path | mAP, host path (uint8 resize) | Δ |", "|---|---:|---:|---:|---:|"]
+    for thr in THRESHOLDS:
+        m = gp["map"][str(thr)]
+        lines.append(f"| {thr} | {m['images']} | {m['graph_path']:.4f} | {m['host_path_uint8']:.4f} | "
+                     f"{m['graph_path'] - m['host_path_uint8']:+.4f} |")
+    return lines
 
 
 if __name__ == "__main__":

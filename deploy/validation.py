@@ -147,6 +147,7 @@ class ValidationConfig:
     samples: int = 3  # frames per stream drawn with detections in the report
     paired_frames: int = 16  # decoded frames (from all streams) the paired comparison times
     paired_rounds: int = 12  # passes over the paired frames; on each frame the models alternate (ABBA...)
+    host_ops: str = "host"  # "graph": SSD's normalisation, decoding and NMS inside the ONNX graph
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
@@ -155,6 +156,8 @@ class ValidationConfig:
             raise ValueError(f"paired timing needs paired_frames >= 1, paired_rounds >= 1 and two timed calls per "
                              f"model; got {self.paired_frames}, {self.paired_rounds}")
         parse_warmup(self.warmup)
+        if self.host_ops not in ("host", "graph"):
+            raise ValueError(f"host_ops must be 'host' or 'graph'; got {self.host_ops!r}")
 
     def pacing(self) -> PacingConfig:
         frames, ns = parse_warmup(self.warmup)
@@ -166,7 +169,7 @@ class ValidationConfig:
         return {"budget_ms": self.budget_ms, "mode": self.mode, "drop_policy": self.drop_policy,
                 "warmup_frames": frames, "warmup_s": ns / 1e9, "fail_on": [str(r) for r in self.fail_on],
                 "max_frames": self.max_frames, "fps": self.fps, "device": self.device, "threads": self.threads,
-                "paired_frames": self.paired_frames, "paired_rounds": self.paired_rounds}
+                "paired_frames": self.paired_frames, "paired_rounds": self.paired_rounds, "host_ops": self.host_ops}
 
 
 # ----------------------------------------------------------------------------- results
@@ -325,7 +328,7 @@ def _default_opener(config: ValidationConfig) -> RuntimeOpener:
     def opener(path: str) -> Runtime:
         from deploy.runtimes import open_runtime
 
-        return open_runtime(path, device=config.device, threads=config.threads)
+        return open_runtime(path, device=config.device, threads=config.threads, host_ops=config.host_ops)
 
     return opener
 

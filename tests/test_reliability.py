@@ -32,7 +32,7 @@ def opened(monkeypatch) -> list[IdRuntime]:
     monkeypatch.setattr(deploy.realtime, "MonotonicClock", lambda: clock)
     runtimes: list[IdRuntime] = []
 
-    def opener(path, *, backend=None, device="cpu", threads=None):
+    def opener(path, *, backend=None, device="cpu", threads=None, host_ops="host"):
         rt = IdRuntime(clock, lambda i: 20.0)
         runtimes.append(rt)
         return rt

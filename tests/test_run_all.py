@@ -29,3 +29,17 @@ def test_smoke_output_goes_to_the_quick_folder_not_results_md(tmp_path: Path) ->
     text = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- BEGIN pruner_overhead -->\n## smoke\n<!-- END pruner_overhead -->" in text
     assert (results.read_bytes() if results.exists() else None) == before
+
+
+def test_a_rewritten_section_keeps_its_notes(tmp_path: Path) -> None:
+    code = ("from benchmarks._results import NOTES_MARK, RESULTS, write_section; "
+            "write_section('engine', '## engine\\nrun 1'); "
+            "RESULTS.write_text(RESULTS.read_text().replace('run 1', 'run 1\\n' + NOTES_MARK + '\\n**Note:** kept')); "
+            "write_section('engine', '## engine\\nrun 2'); write_section('depth', '## depth')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AVPRUNE_BENCH_OUT": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, timeout=60)
+    text = (tmp_path / "RESULTS.md").read_text()
+    engine = text.split("<!-- BEGIN engine -->")[1].split("<!-- END engine -->")[0]
+    assert "run 2" in engine and "run 1" not in engine  # the generated part is replaced ...
+    assert engine.strip().endswith("**Note:** kept")  # ... the notes below the mark stay, once
+    assert engine.count("**Note:** kept") == 1 and "<!-- BEGIN depth -->\n## depth\n" in text

@@ -28,7 +28,7 @@ def sim(monkeypatch, tmp_path):
     clock = SimulatedClock()
     monkeypatch.setattr(deploy.realtime, "MonotonicClock", lambda: clock)
 
-    def opener(path, *, backend=None, device="cpu", threads=None):
+    def opener(path, *, backend=None, device="cpu", threads=None, host_ops="host"):
         spec = Path(path).stem  # e.g. "m20" (20 ms) or "m250x3" (250 ms every 3rd call, else 50)
         if spec.startswith("bad"):
             raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model failed\nstack trace ...")
@@ -196,3 +196,24 @@ def test_real_ssdlite_checkpoint(tmp_path):
     assert stages["inference"]["mean_ms"] > 0 and stages["decode"]["mean_ms"] > 0
     assert np.isclose(sum(stages[s]["mean_ms"] for s in ("queue", "decode", "preprocess", "inference", "postprocess")),
                       stages["end_to_end"]["mean_ms"], rtol=1e-3)
+
+
+def test_host_ops_graph_runs_the_folded_graph(tmp_path):
+    """``--host-ops graph``: an exported SSDlite320 runs with its pre/post-processing in the graph,
+    and the report says so; a checkpoint (PyTorch) is refused with the fix named, exit 2."""
+    from deploy.export import export_onnx
+    from perception.models import build_detector, save_checkpoint
+
+    model = build_detector("ssdlite320_mobilenet_v3_large")
+    onnx_path = export_onnx(model, tmp_path / "ssdlite.onnx", exporter="legacy").path
+    kitti = write_kitti(tmp_path / "kitti", make_frames(3), stamps(3))
+    report_dir = tmp_path / "rep"
+    code = validate(str(onnx_path), "--stream", str(kitti), "--budget-ms", "60000", "--mode", "throughput",
+                    "--warmup", "1", "--threads", "1", "--report", str(report_dir), "--host-ops", "graph")
+    assert code == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["config"]["host_ops"] == "graph"
+    assert report["models"][0]["runtime"]["extra"]["host_ops"] == "graph"
+    ckpt = tmp_path / "ssdlite.pt"
+    save_checkpoint(ckpt, model)
+    assert validate(str(ckpt), "--stream", str(kitti), "--budget-ms", "60000", "--host-ops", "graph") == 2

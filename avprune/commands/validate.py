@@ -55,6 +55,10 @@ def register(sub) -> None:
                    help="intra-op threads of the runtime; set it as on the target (a large idle thread pool can "
                         "stall on wake-up between frames in realtime mode)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--host-ops", choices=("host", "graph"), default="host",
+                   help="where an SSD model's pre/post-processing runs on ONNX Runtime: host (numpy/OpenCV, "
+                        "default) or graph (normalisation, decoding and NMS folded into the ONNX graph; the host "
+                        "only resizes in uint8: ~0.2 ms per frame instead of ~1.2 on 2 cores, see RESULTS.md engine)")
     p.add_argument("--max-frames", type=int, metavar="N", help="read at most N frames per stream (warm-up included)")
     p.add_argument("--fps", type=float, metavar="F", help="frame rate of plain image folders (no timestamps.txt)")
     p.add_argument("--paired-frames", type=int, default=16, metavar="N",
@@ -100,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         budget_ms=args.budget_ms, mode=args.mode, drop_policy=args.drop_policy, warmup=args.warmup,
         fail_on=parse_fail_on(args.fail_on or ["p99"]), max_frames=args.max_frames, fps=args.fps,
         device=args.device, threads=args.threads, paired_frames=args.paired_frames,
-        paired_rounds=args.paired_rounds,
+        paired_rounds=args.paired_rounds, host_ops=args.host_ops,
     )
 
     from avprune.checks import check_validate_args

@@ -6,6 +6,7 @@ Named ``ort`` so it never shadows the ``onnxruntime`` package.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,10 @@ import numpy as np
 
 from deploy.runtimes.base import DetectorRuntime, Prepared, RuntimeInfo, cpu_name
 from deploy.runtimes.ort_session import make_session
+from perception.detections import Detections
+
+#: where SSD's normalisation, decoding and NMS run: the shared numpy host path, or inside the graph
+HOST_OPS = ("host", "graph")
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +27,7 @@ class OrtRuntime(DetectorRuntime):
 
     def __init__(
         self, path: str | Path, *, device: str = "cpu", threads: int | None = None, doc: dict | None = None,
-        precision: str = "fp32",
+        precision: str = "fp32", host_ops: str = "host",
     ) -> None:
         from deploy.core_graph import Postprocessor
         from deploy.export import onnx_meta, read_onnx_meta
@@ -32,12 +37,20 @@ class OrtRuntime(DetectorRuntime):
         meta = onnx_meta(doc)
         super().__init__(meta, doc["form"], Postprocessor.from_meta(meta))
         self.path = path
-        self.session = make_session(path, device=device, threads=threads)
+        if host_ops not in HOST_OPS:
+            raise ValueError(f"host_ops must be one of {', '.join(HOST_OPS)}; got {host_ops!r}")
+        self.host_ops = host_ops
+        if host_ops == "graph":
+            self.session = make_session(self._fused_bytes(path), device=device, threads=threads)
+            self._resize = "uint8"
+        else:
+            self.session = make_session(path, device=device, threads=threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        expected = meta.core_output_names() if self.form == "core" else ("boxes", "scores", "labels")
-        missing = sorted(set(expected) - set(self.output_names))
-        if missing:
-            raise ValueError(f"{path}: graph lacks outputs {missing} (has {self.output_names}); re-export it")
+        if host_ops == "host":
+            expected = meta.core_output_names() if self.form == "core" else ("boxes", "scores", "labels")
+            missing = sorted(set(expected) - set(self.output_names))
+            if missing:
+                raise ValueError(f"{path}: graph lacks outputs {missing} (has {self.output_names}); re-export it")
         self.stage2_session = None
         if "stage2" in doc:
             s2 = path.with_name(doc["stage2"]["file"])
@@ -52,10 +65,67 @@ class OrtRuntime(DetectorRuntime):
             dev += f" ({threads} threads)"
         self.info = RuntimeInfo(
             backend="onnxruntime", device=dev, precision=precision, version=ort.__version__, model_path=str(path),
-            extra={"form": self.form, "model": meta.name, "providers": self.session.get_providers()},
+            extra={"form": self.form, "model": meta.name, "providers": self.session.get_providers(),
+                   "host_ops": host_ops},
         )
 
+    def _fused_bytes(self, path: Path) -> bytes:
+        """The core graph with normalisation, decoding and NMS inside (:mod:`deploy.runtimes.fused_ends`)."""
+        import onnx
+
+        from deploy.runtimes.fused_ends import fuse_ssd_ends
+
+        if self.form != "core" or self.meta.family != "ssd":
+            raise ValueError(
+                f"{path}: host_ops='graph' folds SSD's pre/post-processing into the graph; this is a "
+                f"{self.meta.family} model in the {self.form} form. Use host_ops='host'"
+            )
+        m = self.post.model
+        fused = fuse_ssd_ends(
+            onnx.load(str(path)), mean=tuple(self.meta.mean), std=tuple(self.meta.std),
+            anchors=self.post.anchors(1)[0].numpy(), canvas=tuple(self.meta.image_size),
+            weights=tuple(float(w) for w in m.box_coder.weights), bbox_xform_clip=float(m.box_coder.bbox_xform_clip),
+        )
+        self._anchor_count = int(self.post.anchors(1)[0].shape[0])
+        return fused.SerializeToString()
+
+    def _check_resize(self, mode: str) -> None:
+        if self.host_ops == "graph" and mode != "uint8":
+            raise ValueError("host_ops='graph' takes uint8 frames (the normalisation is in the graph): "
+                             f"resize must be 'uint8', got {mode!r}")
+
+    def preprocess(self, frames: Sequence[np.ndarray]) -> Prepared:
+        if self.host_ops == "host":
+            return super().preprocess(frames)
+        from deploy.runtimes.preprocess import resize_uint8
+
+        with self._host_threads():
+            batch = resize_uint8(frames, self.meta)
+        sizes = tuple(self.meta.image_size for _ in frames)
+        return Prepared(batch=batch, original_sizes=tuple((f.shape[0], f.shape[1]) for f in frames), input_sizes=sizes)
+
+    def postprocess(self, raw: Any, prepared: Prepared) -> list[Detections]:
+        if self.host_ops == "host":
+            return super().postprocess(raw, prepared)
+        from deploy.runtimes.base import frame_detections
+        from deploy.runtimes.fused_ends import split_detections
+
+        per_img = int(self.post.model.detections_per_img)
+        with self._host_threads():
+            dets = split_detections(raw["det_index"], raw["det_score"], raw["det_box"], len(prepared.original_sizes),
+                                    per_img)
+        return [frame_detections(d, rs, os_)
+                for d, rs, os_ in zip(dets, prepared.input_sizes, prepared.original_sizes, strict=True)]
+
     def run(self, prepared: Prepared) -> Any:
+        if self.host_ops == "graph":
+            from deploy.runtimes.fused_ends import knob_feeds
+
+            m = self.post.model
+            feeds = knob_feeds(float(m.score_thresh), float(m.nms_thresh), int(m.topk_candidates),
+                               int(m.detections_per_img), self._anchor_count)
+            feeds["frames_u8"] = prepared.batch
+            return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         x = np.ascontiguousarray(prepared.batch.numpy(), dtype=np.float32)
         if self.form == "full":  # batch-1 graph: one call per image
             outs = []

@@ -68,6 +68,29 @@ def preprocess_frames(
     return torch.from_numpy(_pasted(frames, sizes, meta, resize)), pasted
 
 
+def resize_uint8(frames: Sequence[np.ndarray], meta: ModelMeta) -> np.ndarray:
+    """HxWx3 uint8 RGB frames -> [N, H, W, 3] uint8 at the canvas size, for a graph that normalises its
+    own input (``host_ops="graph"``, SSD only: every frame fills the canvas). One OpenCV resize per
+    frame is all the host does; the pixels equal the ``"uint8"`` mode's before its normalisation."""
+    import cv2
+
+    if meta.family != "ssd":
+        raise ValueError(f"resize_uint8: {meta.name} keeps the aspect ratio; only SSD models fill the canvas")
+    if len(frames) == 0:
+        raise ValueError("resize_uint8 needs at least one frame")
+    H, W = meta.image_size
+    out = np.empty((len(frames), H, W, 3), dtype=np.uint8)
+    for i, f in enumerate(frames):
+        if not (isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[2] == 3 and f.dtype == np.uint8):
+            got = f"{type(f).__name__} {getattr(f, 'shape', '')} {getattr(f, 'dtype', '')}"
+            raise TypeError(f"frame {i}: expected an HxWx3 uint8 RGB array, got {got}")
+        if f.shape[:2] == (H, W):
+            out[i] = f
+        else:
+            cv2.resize(f, (W, H), dst=out[i], interpolation=cv2.INTER_LINEAR)
+    return out
+
+
 def _blob(frames: Sequence[np.ndarray], meta: ModelMeta) -> np.ndarray:
     """Frames that fill the canvas, float32 resize: resize, normalise and lay out as NCHW in one OpenCV call.
 
