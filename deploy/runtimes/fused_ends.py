@@ -67,14 +67,22 @@ def fuse_ssd_ends(proto: Any, *, mean: tuple[float, ...], std: tuple[float, ...]
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
+    # NonMaxSuppression (opset 11), GreaterOrEqual (12), Split/ReduceSum with sizes/axes as inputs (13)
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version < 13:
+            imp.version = 13
+    opset = max(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
     scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float64))).astype(np.float32).reshape(1, 3, 1, 1)
     shift = (-np.asarray(mean, dtype=np.float64) / np.asarray(std, dtype=np.float64)).astype(np.float32).reshape(1, 3, 1, 1)
     nodes = [
-        # pre-processing: uint8 NHWC -> normalised float NCHW, feeding the old input's consumers
-        helper.make_node("Cast", [FRAMES_INPUT], ["_f_float"], to=TensorProto.FLOAT),
-        helper.make_node("Transpose", ["_f_float"], ["_f_nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Mul", ["_f_nchw", const("_f_scale", scale)], ["_f_scaled"]),
-        helper.make_node("Add", ["_f_scaled", const("_f_shift", shift)], [input_name]),
+        # pre-processing: uint8 NHWC -> normalised float NCHW, feeding the old input's consumers. The
+        # transpose moves bytes (4x fewer than floats); x * scale + shift per channel is a 1x1
+        # depthwise convolution, one pass in ORT's blocked layout (Cast, Transpose, Mul, Add on floats
+        # took 0.36 ms per 320x320 frame, measured with ORT's profiler on one thread)
+        helper.make_node("Transpose", [FRAMES_INPUT], ["_f_nchw_u8"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["_f_nchw_u8"], ["_f_nchw"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["_f_nchw", const("_f_scale", scale.reshape(3, 1, 1, 1)),
+                                  const("_f_shift", shift.reshape(3))], [input_name], group=3, kernel_shape=[1, 1]),
     ]
     post = [
         # scores: softmax over classes, foreground only, laid out [N, C-1, A] as NMS wants them
@@ -83,13 +91,17 @@ def fuse_ssd_ends(proto: Any, *, mean: tuple[float, ...], std: tuple[float, ...]
                                    const("_p_big", np.array([1 << 30], np.int64)),
                                    const("_p_axis2", np.array([2], np.int64))], ["_p_fg"]),
         helper.make_node("Transpose", ["_p_fg"], ["_p_scores"], perm=[0, 2, 1]),
-        # torchvision's per-class top-k: scores under the class's k-th best drop to 0
-        helper.make_node("TopK", ["_p_scores", "topk"], ["_p_topv", "_p_topi"], axis=-1, largest=1, sorted=1),
-        helper.make_node("Slice", ["_p_topv", const("_p_last", np.array([-1], np.int64)), "_p_big", "_p_axis2"],
-                         ["_p_kth1"]),
-        helper.make_node("GreaterOrEqual", ["_p_scores", "_p_kth1"], ["_p_in_topk"]),
-        helper.make_node("Where", ["_p_in_topk", "_p_scores", const("_p_zero", np.zeros((), np.float32))],
-                         ["_p_nms_scores"]),
+        # torchvision's per-class top-k: scores under the class's k-th best drop to 0. Only where some
+        # class has more than k candidates over the threshold can it change anything, and a TopK over
+        # every anchor costs ~0.45 ms here: it runs in an If branch, taken only then.
+        helper.make_node("Greater", ["_p_scores", "score_thresh"], ["_p_over"]),
+        helper.make_node("Cast", ["_p_over"], ["_p_over_i"], to=TensorProto.INT64),
+        helper.make_node("ReduceSum", ["_p_over_i", "_p_axis2"], ["_p_per_class"], keepdims=0),
+        helper.make_node("ReduceMax", ["_p_per_class"], ["_p_most"], keepdims=0),
+        helper.make_node("Squeeze", ["topk"], ["_p_topk_scalar"]),
+        helper.make_node("Greater", ["_p_most", "_p_topk_scalar"], ["_p_cut"]),
+        helper.make_node("If", ["_p_cut"], ["_p_nms_scores"], then_branch=_topk_branch(opset),
+                         else_branch=_identity_branch()),
         # BoxCoder.decode_single (float32) and clip_boxes_to_image
         helper.make_node("Split", ["bbox_regression", const("_b_split", np.array([2, 2], np.int64))],
                          ["_b_dctr", "_b_dsize"], axis=2),
@@ -105,7 +117,7 @@ def fuse_ssd_ends(proto: Any, *, mean: tuple[float, ...], std: tuple[float, ...]
         helper.make_node("Sub", ["_b_ctr", "_b_halfwh"], ["_b_lo"]),
         helper.make_node("Add", ["_b_ctr", "_b_halfwh"], ["_b_hi"]),
         helper.make_node("Concat", ["_b_lo", "_b_hi"], ["_b_raw"], axis=2),
-        helper.make_node("Max", ["_b_raw", "_p_zero"], ["_b_pos"]),
+        helper.make_node("Max", ["_b_raw", const("_p_zero", np.zeros((), np.float32))], ["_b_pos"]),
         helper.make_node("Min", ["_b_pos", const("_b_canvas", np.array([w, h, w, h], np.float32))], ["_b_boxes"]),
         # one NMS over every (image, class); its score threshold keeps scores strictly above it
         helper.make_node("NonMaxSuppression", ["_b_boxes", "_p_nms_scores", "per_class", "iou_thresh", "score_thresh"],
@@ -135,12 +147,34 @@ def fuse_ssd_ends(proto: Any, *, mean: tuple[float, ...], std: tuple[float, ...]
         helper.make_tensor_value_info("det_score", TensorProto.FLOAT, ["k"]),
         helper.make_tensor_value_info("det_box", TensorProto.FLOAT, ["k", 4]),
     ])
-    # NonMaxSuppression (opset 11), GreaterOrEqual (12), Split with sizes as input (13)
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx") and imp.version < 13:
-            imp.version = 13
     onnx.checker.check_model(model)
     return model
+
+
+def _topk_branch(opset: int) -> Any:
+    """``_p_scores`` with every score under its class's ``topk``-th best set to 0 (outer-scope names)."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        # unsorted: only the k-th value is needed (the smallest of the k kept)
+        helper.make_node("TopK", ["_p_scores", "topk"], ["_t_val", "_t_idx"], axis=-1, largest=1, sorted=0),
+        # the reduction's axes became an input in opset 18
+        helper.make_node("ReduceMin", ["_t_val", "_t_axes"], ["_t_kth"], keepdims=1) if opset >= 18 else
+        helper.make_node("ReduceMin", ["_t_val"], ["_t_kth"], keepdims=1, axes=[2]),
+        helper.make_node("GreaterOrEqual", ["_p_scores", "_t_kth"], ["_t_keep"]),
+        helper.make_node("Where", ["_t_keep", "_p_scores", "_t_zero"], ["_t_out"]),
+    ]
+    inits = [helper.make_tensor("_t_axes", TensorProto.INT64, [1], [2]),
+             helper.make_tensor("_t_zero", TensorProto.FLOAT, [], [0.0])]
+    return helper.make_graph(nodes, "topk_mask", [], [helper.make_tensor_value_info("_t_out", TensorProto.FLOAT, None)],
+                             initializer=inits)
+
+
+def _identity_branch() -> Any:
+    from onnx import TensorProto, helper
+
+    return helper.make_graph([helper.make_node("Identity", ["_p_scores"], ["_i_out"])], "no_topk", [],
+                             [helper.make_tensor_value_info("_i_out", TensorProto.FLOAT, None)])
 
 
 def knob_feeds(score_thresh: float, nms_thresh: float, topk_candidates: int, detections_per_img: int,
