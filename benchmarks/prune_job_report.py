@@ -36,7 +36,10 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
         + f"batch {ft['batch_size']}, controller `{p['controller']}`"
         + (f" (allocation `{p.get('allocation')}`)" if p.get("allocation") else "")
         + f", channel groups of {p['channel_multiple']}, distillation {'on' if ft.get('distill', True) else 'off'}. "
-          f"*dense-long*: the dense checkpoint fine-tuned {record['steps']} steps with the same recipe, without pruning; "
+          f"*dense-long*: the dense checkpoint fine-tuned {record['steps']} steps with the same recipe, without pruning"
+        + (" (the first job's dense shadow, the model its floor was judged against)"
+           if record.get("dense_long_source") == "shadow" else " (trained apart from the jobs' shadows)")
+        + "; "
           f"its mAP on the jobs' val images ({record['dense_long_map_job_val']:.3f}) minus {record['max_drop_points']} "
           f"point ({record['map_floor']:.3f}) is the benchmark's floor, and every drop below is against it. Each job "
           f"judges its own floor against a dense shadow trained alongside (same recipe and seed; the shadow's mAP at "

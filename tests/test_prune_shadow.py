@@ -164,3 +164,19 @@ def test_the_benchmark_gives_a_second_granularity_the_first_jobs_finished_shadow
     _reuse_shadow(src, dst, cfg)
     assert shadow.read_curve(shadow.work_dir(dst)) == {**curve, "done": True}
     StageStore(dst).open(fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json"), resume=True)
+
+
+def test_the_benchmark_takes_dense_long_from_a_finished_shadow_only(tmp_path):
+    """benchmarks.prune_job --dense-long shadow: the first job's shadow model is dense-long once its
+    curve is done and its model written; otherwise the benchmark trains dense-long itself."""
+    from benchmarks.prune_job import _shadow_model
+
+    job = tmp_path / "job-channel"
+    work = shadow.work_dir(job)
+    (work / "train").mkdir(parents=True)
+    (work / "curve.json").write_text(json.dumps({"points": [], "done": True}))
+    assert _shadow_model(job) is None  # no model written
+    (work / "train" / "model.pt").write_bytes(b"x")
+    assert _shadow_model(job) == work / "train" / "model.pt"
+    (work / "curve.json").write_text(json.dumps({"points": [], "done": False}))
+    assert _shadow_model(job) is None  # a shadow cut short is not the recipe's model
