@@ -261,13 +261,28 @@ def _reuse_shadow(src_job: Path, dst_job: Path, cfg: Any) -> None:
     log.info("%s: dense shadow curve reused from %s (same recipe and seed)", dst_job.name, src_job.name)
 
 
-def _shadow_model(job_dir: Path) -> Path | None:
-    """The job's finished dense shadow (``search.shadow_dense``), or None."""
+def _shadow_model(job_dir: Path, dest: Path) -> Path | None:
+    """The job's finished dense shadow (``search.shadow_dense``) as a plain checkpoint at ``dest``, or None.
+
+    With distillation on, the shadow trains inside ``DistilledDetector`` (the candidates' recipe), so
+    its checkpoint names every weight ``student.*``; ``dest`` holds them under the detector's own names."""
+    import torch
+
     from avprune.prune_job.shadow import read_curve, work_dir
+    from perception.io import atomic_path
 
     work = work_dir(job_dir)
     path = work / "train" / "model.pt"
-    return path if read_curve(work).get("done") and path.is_file() else None
+    if not (read_curve(work).get("done") and path.is_file()):
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    if any(k.startswith("student.") for k in state):
+        state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        torch.save({**ckpt, "state_dict": state}, tmp)
+    return dest
 
 
 def _job_models(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -402,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs[gran] = _run_job(cfg, job_dir, args.quick)
     first = cfgs[grans[0]]
     if dense_long is None:
-        dense_long = _shadow_model(Path(jobs[grans[0]]["job_dir"]))
+        dense_long = _shadow_model(Path(jobs[grans[0]]["job_dir"]), work / "dense_long_shadow.pt")
         if dense_long is None:
             log.warning("the first job has no finished dense shadow: training dense-long instead")
             t0 = time.perf_counter()

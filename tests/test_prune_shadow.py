@@ -168,15 +168,26 @@ def test_the_benchmark_gives_a_second_granularity_the_first_jobs_finished_shadow
 
 def test_the_benchmark_takes_dense_long_from_a_finished_shadow_only(tmp_path):
     """benchmarks.prune_job --dense-long shadow: the first job's shadow model is dense-long once its
-    curve is done and its model written; otherwise the benchmark trains dense-long itself."""
-    from benchmarks.prune_job import _shadow_model
+    curve is done and its model written (unwrapped from the distillation wrapper's ``student.``
+    names, so it loads as the detector); otherwise the benchmark trains dense-long itself."""
+    import torch
 
-    job = tmp_path / "job-channel"
+    from benchmarks.prune_job import _shadow_model
+    from perception.models import build_detector, load_detector, save_checkpoint
+
+    job, dest = tmp_path / "job-channel", tmp_path / "dense_long_shadow.pt"
     work = shadow.work_dir(job)
     (work / "train").mkdir(parents=True)
     (work / "curve.json").write_text(json.dumps({"points": [], "done": True}))
-    assert _shadow_model(job) is None  # no model written
-    (work / "train" / "model.pt").write_bytes(b"x")
-    assert _shadow_model(job) == work / "train" / "model.pt"
+    assert _shadow_model(job, dest) is None  # no model written
+    model = build_detector("ssdlite320_mobilenet_v3_large")
+    save_checkpoint(work / "train" / "model.pt", model)
+    ckpt = torch.load(work / "train" / "model.pt", weights_only=True)
+    ckpt["state_dict"] = {f"student.{k}": v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, work / "train" / "model.pt")
+    assert _shadow_model(job, dest) == dest
+    loaded = load_detector(dest)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
     (work / "curve.json").write_text(json.dumps({"points": [], "done": False}))
-    assert _shadow_model(job) is None  # a shadow cut short is not the recipe's model
+    assert _shadow_model(job, tmp_path / "other.pt") is None  # a shadow cut short is not the recipe's model
