@@ -156,8 +156,10 @@ class ValidationConfig:
             raise ValueError(f"paired timing needs paired_frames >= 1, paired_rounds >= 1 and two timed calls per "
                              f"model; got {self.paired_frames}, {self.paired_rounds}")
         parse_warmup(self.warmup)
-        if self.host_ops not in ("host", "graph"):
-            raise ValueError(f"host_ops must be 'host' or 'graph'; got {self.host_ops!r}")
+        from deploy.runtimes.base import HOST_OPS
+
+        if self.host_ops not in HOST_OPS:
+            raise ValueError(f"host_ops must be one of {', '.join(HOST_OPS)}; got {self.host_ops!r}")
 
     def pacing(self) -> PacingConfig:
         frames, ns = parse_warmup(self.warmup)

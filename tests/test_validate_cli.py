@@ -217,3 +217,7 @@ def test_host_ops_graph_runs_the_folded_graph(tmp_path):
     ckpt = tmp_path / "ssdlite.pt"
     save_checkpoint(ckpt, model)
     assert validate(str(ckpt), "--stream", str(kitti), "--budget-ms", "60000", "--host-ops", "graph") == 2
+    from deploy.validation import ValidationConfig
+
+    with pytest.raises(ValueError, match="host_ops must be one of host, graph; got 'gpu'"):
+        ValidationConfig(budget_ms=33.3, host_ops="gpu")

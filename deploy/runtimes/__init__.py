@@ -31,7 +31,7 @@ def open_runtime(
     """
     from torch import nn
 
-    from deploy.runtimes.ort import HOST_OPS
+    from deploy.runtimes.base import HOST_OPS
 
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or None for auto), got {backend!r}")

@@ -21,6 +21,10 @@ import numpy as np
 
 from perception.detections import Detections
 
+#: where SSD's normalisation, decoding and NMS run: the shared numpy host path, or inside the ONNX
+#: graph (:mod:`deploy.runtimes.fused_ends`, ONNX Runtime only)
+HOST_OPS = ("host", "graph")
+
 
 @dataclass(frozen=True)
 class RuntimeInfo:

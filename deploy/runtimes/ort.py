@@ -12,12 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from deploy.runtimes.base import DetectorRuntime, Prepared, RuntimeInfo, cpu_name
+from deploy.runtimes.base import HOST_OPS, DetectorRuntime, Prepared, RuntimeInfo, cpu_name
 from deploy.runtimes.ort_session import make_session
 from perception.detections import Detections
-
-#: where SSD's normalisation, decoding and NMS run: the shared numpy host path, or inside the graph
-HOST_OPS = ("host", "graph")
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,9 @@ class OrtRuntime(DetectorRuntime):
             raise ValueError(f"host_ops must be one of {', '.join(HOST_OPS)}; got {host_ops!r}")
         self.host_ops = host_ops
         if host_ops == "graph":
-            self.session = make_session(self._fused_bytes(path), device=device, threads=threads)
+            anchors = self.post.anchors(1)[0]
+            self._anchor_count = int(anchors.shape[0])  # clamps the top-k fed per call
+            self.session = make_session(self._fused_bytes(path, anchors.numpy()), device=device, threads=threads)
             self._resize = "uint8"
         else:
             self.session = make_session(path, device=device, threads=threads)
@@ -69,7 +68,7 @@ class OrtRuntime(DetectorRuntime):
                    "host_ops": host_ops},
         )
 
-    def _fused_bytes(self, path: Path) -> bytes:
+    def _fused_bytes(self, path: Path, anchors: np.ndarray) -> bytes:
         """The core graph with normalisation, decoding and NMS inside (:mod:`deploy.runtimes.fused_ends`)."""
         import onnx
 
@@ -83,10 +82,9 @@ class OrtRuntime(DetectorRuntime):
         m = self.post.model
         fused = fuse_ssd_ends(
             onnx.load(str(path)), mean=tuple(self.meta.mean), std=tuple(self.meta.std),
-            anchors=self.post.anchors(1)[0].numpy(), canvas=tuple(self.meta.image_size),
+            anchors=anchors, canvas=tuple(self.meta.image_size),
             weights=tuple(float(w) for w in m.box_coder.weights), bbox_xform_clip=float(m.box_coder.bbox_xform_clip),
         )
-        self._anchor_count = int(self.post.anchors(1)[0].shape[0])
         return fused.SerializeToString()
 
     def _check_resize(self, mode: str) -> None:
