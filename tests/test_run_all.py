@@ -43,3 +43,13 @@ def test_a_rewritten_section_keeps_its_notes(tmp_path: Path) -> None:
     assert "run 2" in engine and "run 1" not in engine  # the generated part is replaced ...
     assert engine.strip().endswith("**Note:** kept")  # ... the notes below the mark stay, once
     assert engine.count("**Note:** kept") == 1 and "<!-- BEGIN depth -->\n## depth\n" in text
+
+
+def test_train_default_judges_the_8_minute_target_only_on_time_sized_runs() -> None:
+    from benchmarks.train_default import target_verdict
+
+    assert target_verdict(True, None, 50 * 60) == "met"  # a time-sized run stops at its limit
+    assert target_verdict(False, None, 8 * 60) == "NOT met"
+    assert target_verdict(True, 400, 7 * 60) == "met"  # a --steps run within the 8 minutes counts
+    long_run = target_verdict(True, 3000, 53.6 * 60)
+    assert long_run.startswith("not judged") and "3000" in long_run and "53.6 min" in long_run
