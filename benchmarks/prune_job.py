@@ -99,7 +99,7 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, out
         "budget.speedup": args.speedup, "budget.latency_ms": None, "budget.end_to_end": False,
         # deployed at 0.01: decoding + NMS 2.0 -> 0.7 ms per frame for 0.03 mAP points on this (converged) model
         "budget.score_thresh": 0.01,
-        "pruning.granularity": granularity, "pruning.ramps": [RAMP], "search.candidates": args.candidates,
+        "pruning.granularity": granularity, "pruning.ramps": [args.ramp], "search.candidates": args.candidates,
         "finetune.steps": args.steps, "finetune.measure_every": MEASURE_EVERY,
         **({"finetune.lr": args.lr} if args.lr is not None else {}),
         "output_dir": str(out), "cache_dir": str(cache), "seed": args.seed,
@@ -373,6 +373,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="the dense model trained as long that every drop is against: the first job's dense "
                          "shadow (default: one model for the floor and the report) or a separate training")
     ap.add_argument("--allocation", choices=("uniform", "latency"), help="default: the example job's")
+    ap.add_argument("--ramp", type=float, default=RAMP,
+                    help=f"share of the fine-tune (after the warm-up) by which the latency target reaches the budget; "
+                         f"the rest recovers (default {RAMP})")
     ap.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from the last run")
     return ap
 
@@ -456,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     fronts = {g: pareto_front(p) for g, p in points.items()}
     record = {
         "quick": args.quick, "seed": args.seed, "steps": args.steps, "candidates_per_granularity": args.candidates,
-        "budget_speedup": args.speedup, "max_drop_points": MAX_DROP_POINTS, "ramp": RAMP,
+        "budget_speedup": args.speedup, "max_drop_points": MAX_DROP_POINTS, "ramp": args.ramp,
         "measure_every": first.finetune.measure_every, "checkpoint": str(ckpt), "data": str(coco),
         "dense_long_map_job_val": dl_map, "map_floor": floor, "dense_long_s": dense_long_s,
         "dense_long_source": args.dense_long, "dense_long_checkpoint": str(dense_long),

@@ -126,14 +126,14 @@ def test_auto_channel_multiple_resolves_once_with_its_reason(tmp_path: Path):
 
 
 def test_allocation_controller_holds_the_dense_target_through_the_warmup():
-    from avprune.prune_job.search import warmup_allocation_controller
+    from pruning.allocation_controller import AllocationController
     from pruning.latency_model import LatencyTable
 
     net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
     table = LatencyTable.measure(net, torch.zeros(1, 3, 16, 16), lambda m, shape: 0.001 * m.weight.numel() ** 0.5,
                                  runtime="pytorch", device="cpu", fractions=(0.5, 1.0), multiple=16)
     dense = table.predict({})
-    ctl = warmup_allocation_controller(10)(table, dense / 2, total_steps=40, ramp_fraction=0.5)
+    ctl = AllocationController(table, dense / 2, total_steps=40, ramp_fraction=0.5, warmup_steps=10)
     for _ in range(10):
         ctl.step()
         assert ctl.scheduled_ms() == pytest.approx(dense)  # warm-up: nothing to prune for

@@ -336,3 +336,72 @@ def test_saving_scale_from_a_holdout_aims_the_first_allocation_at_the_budget() -
     assert ends[0.75][0] == pytest.approx(1.0, abs=0.04) and ends[0.75][1] == 0.0  # scaled: on it, nothing to correct
     with pytest.raises(ValueError, match="saving_scale"):
         AllocationController(table, 1.0, total_steps=5, saving_scale=2.0)
+
+
+def test_floor_allowance_is_whole_through_the_ramp_then_shrinks_to_zero_at_the_end() -> None:
+    _, table, _ = _two_branch()
+    ctrl = AllocationController(table, 0.5 * table.predict({}), total_steps=100, ramp_fraction=0.3, warmup_steps=10,
+                                floor_allowance=0.02)
+    assert ctrl.allowance(0) == ctrl.allowance(40) == 0.02  # warm-up + 30-step ramp
+    assert ctrl.allowance(70) == pytest.approx(0.01)
+    assert ctrl.allowance(100) == 0.0
+    with pytest.raises(ValueError, match="floor_allowance"):
+        AllocationController(table, 1.0, total_steps=10, floor_allowance=2.0)
+    with pytest.raises(ValueError, match="step_back"):
+        AllocationController(table, 1.0, total_steps=10, step_back=-0.1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        AllocationController(table, 1.0, total_steps=10, warmup_steps=10)
+
+
+def test_a_dip_inside_the_allowance_does_not_hold_the_ramp() -> None:
+    # 3 points under the floor at every measurement: with a 5-point allowance the ramp runs on and
+    # reaches the budget; without one it holds where the first dip was measured.
+    def run(allowance: float) -> AllocationController:
+        pruner, ctrl = _measured_pruner(1.0, 0.47, map_floor=0.5, floor_allowance=allowance)
+        for _ in range(20):
+            pruner.step()
+        return ctrl
+    ran = run(0.05)
+    assert not ran.under_floor and ran.last.predicted_ms <= ran.budget  # the ramp reached the budget
+    held = run(0.0)
+    assert held.under_floor and held.last.predicted_ms > 1.05 * held.budget
+
+
+def test_step_back_regrows_towards_the_last_good_target_then_bisects() -> None:
+    # the ramp reaches the budget; a measurement under the floor there steps the target half-way back
+    # to the last target that met the floor; after the recovery the next target is the midpoint
+    maps = iter([0.9, 0.9, 0.9, 0.9, 0.1] + [0.9] * 10)
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=60, ramp=0.25, measure_every=5,
+                       measure=lambda: (ctrl.last.predicted_ms if ctrl.last else ctrl.dense_ms, next(maps)),
+                       map_floor=0.5, step_back=0.5)
+    pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=5)
+    for _ in range(20):  # the ramp reaches the budget, and that model meets the floor at step 20
+        pruner.step()
+    cut = ctrl.last
+    assert cut.target_ms == pytest.approx(ctrl.budget) and ctrl.good_ms == pytest.approx(cut.target_ms)
+    for _ in range(5):  # ... and falls under it at 25: the same target failed, so back half-way to dense
+        pruner.step()
+    assert ctrl.under_floor and ctrl.bad_ms == pytest.approx(cut.target_ms)
+    assert ctrl.hold_ms == pytest.approx(cut.target_ms + 0.5 * (ctrl.dense_ms - cut.target_ms))
+    assert ctrl.last.predicted_ms > cut.predicted_ms  # the allocation after the dip widened: groups regrew
+    good, bad = ctrl.hold_ms, ctrl.bad_ms
+    for _ in range(5):  # recovered at the stepped-back target: the next one is the midpoint towards the failure
+        pruner.step()
+    assert not ctrl.under_floor and ctrl.good_ms == pytest.approx(good) and ctrl.bad_ms == bad
+    assert ctrl.hold_ms == pytest.approx(0.5 * (good + bad)) and ctrl.target_ms() == pytest.approx(ctrl.hold_ms)
+    again = _controller(table, 0.5 * table.predict({}), total_steps=60, ramp=0.25, step_back=0.5)
+    again.load_state_dict(ctrl.state_dict())
+    assert (again.good_ms, again.bad_ms, again.hold_ms) == (ctrl.good_ms, ctrl.bad_ms, ctrl.hold_ms)
+
+
+def test_max_cut_per_update_spreads_a_one_shot_target_over_updates() -> None:
+    pruner, ctrl = _measured_pruner(1.0, 0.9, max_cut_per_update=0.1)
+    ctrl.ramp_fraction = 0.0  # one-shot: the whole budget at the first update
+    for _ in range(5):
+        pruner.step()
+    assert ctrl.last.target_ms == pytest.approx(0.9 * ctrl.dense_ms)  # one capped cut, not the budget
+    for _ in range(35):
+        pruner.step()
+    assert ctrl.last.predicted_ms <= ctrl.budget  # reached over several updates

@@ -171,6 +171,19 @@ class PruningSpec(StrictModel):
         DEFAULT_CHANNEL_MULTIPLE, description="channels pruned per group (16: ORT AVX-512 blocks), or 'auto'")
     round_to: int | None = Field(None, ge=1, description="older name of channel_multiple")
     update_every: int = Field(5, ge=1)
+    floor_allowance: float = Field(
+        0.02, ge=0, le=1,
+        description="allocation controller: mAP the model may sit under the floor while the ramp runs, shrinking "
+        "to 0 at the last step (a model cut during the ramp has not had the steps to recover); 0: the full "
+        "floor at every measurement")
+    step_back: float = Field(
+        0.5, ge=0, le=1,
+        description="allocation controller: under the floor, raise the latency target this share of the way back "
+        "to the last target that met it (pruned groups regrow), then bisect; 0: hold the target instead")
+    max_cut_per_update: float | None = Field(
+        0.08, gt=0, le=1,
+        description="allocation controller: the most predicted latency one mask update may cut, as a share of the "
+        "dense prediction (None: no cap)")
     max_sparsity: float = Field(0.75, gt=0, lt=1)
     in_graph_calibration: bool | None = Field(
         None,

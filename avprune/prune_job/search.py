@@ -86,16 +86,19 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
     if p.granularity == "block":  # depth only: channels stay whole
         return build_controller("fixed", sparsity=0.0)
     if cand.controller == "allocation":
-        from pruning.allocation_controller import saving_scale
+        from pruning.allocation_controller import AllocationController, saving_scale
 
         # the held-out pruned model's measured saving over its predicted one: the table's known
         # bias on pruned shapes, given to the controller up front instead of learnt by the PI late
         scale = 1.0 if spec.holdout_ms is None else saving_scale(float(table.predict({})), *spec.holdout_ms)
-        ctrl = warmup_allocation_controller(begin)(
+        # the target holds at the dense prediction through the warm-up (a fresh optimizer's dip is
+        # not pruning damage; issue #12) and the ramp covers the steps after it
+        ctrl = AllocationController(
             table, budget, total_steps=steps, allocation=p.allocation,
             ramp_fraction=min(1.0, ramp_steps / steps), measure=measure,
             measure_every=cfg.finetune.measure_every, map_floor=spec.map_floor, max_unit_sparsity=p.max_sparsity,
-            saving_scale=scale,
+            saving_scale=scale, warmup_steps=begin, floor_allowance=p.floor_allowance, step_back=p.step_back,
+            max_cut_per_update=p.max_cut_per_update,
         )
         log.info("%s: saving scale %.3f (held-out model %s ms predicted/measured)", cand.candidate_id, scale,
                  spec.holdout_ms)
@@ -116,20 +119,6 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
     return build_controller("layer_adaptive", profile=spec.sensitivity,
                             max_drop=max(0.0, spec.dense_map - spec.map_floor),
                             begin_step=begin, end_step=begin + ramp_steps, max_sparsity=p.max_sparsity)
-
-
-def warmup_allocation_controller(warmup_steps: int) -> type[Controller]:
-    """:class:`pruning.allocation_controller.AllocationController` whose moving target holds at the
-    dense prediction through the learning-rate warm-up and starts its schedule after it, like the
-    other controllers here (a fresh optimizer's dip is not pruning damage; issue #12)."""
-    from pruning.allocation_controller import AllocationController
-
-    class WarmupAllocationController(AllocationController):
-        def scheduled_ms(self, step: int | None = None) -> float:
-            step = self.schedule_clock() if step is None else step
-            return super().scheduled_ms(max(0, step - warmup_steps))
-
-    return WarmupAllocationController
 
 
 def finalized_copy(pruner: Pruner, fresh_model: nn.Module) -> nn.Module:
