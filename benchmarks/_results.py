@@ -36,6 +36,7 @@ SECTION_ORDER = (
     "compare",
     "allocation",
     "allocation_latency",
+    "oneshot_recovery",
     "depth",
     "reliability",
 )

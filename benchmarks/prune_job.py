@@ -205,6 +205,16 @@ def _stage(job_dir: Path, stage: str) -> dict[str, Any]:
     return json.loads(rec.read_text())["result"] if rec.is_file() else {}
 
 
+def _stage_walls(job_dir: Path) -> dict[str, float]:
+    """Seconds per finished stage, from the job's stage records (also when the job raised at the end)."""
+    out = {}
+    for rec in sorted((job_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        d = json.loads(rec.read_text())
+        if isinstance(d.get("wall_s"), (int, float)):
+            out[str(d.get("stage", rec.stem))] = float(d["wall_s"])
+    return out
+
+
 def _run_job(cfg: Any, job_dir: Path, quick: bool) -> dict[str, Any]:
     """One prune job; an infeasible or unreachable budget is recorded, not raised (the candidates
     are still worth measuring)."""
@@ -232,7 +242,7 @@ def _run_job(cfg: Any, job_dir: Path, quick: bool) -> dict[str, Any]:
                 continue
             break
     return {"granularity": cfg.pruning.granularity, "job_dir": str(job_dir), "job_wall_s": time.perf_counter() - t0,
-            "stage_wall_s": result.stage_wall_s if result else None,
+            "stage_wall_s": result.stage_wall_s if result else _stage_walls(job_dir),
             "candidate_id": result.candidate_id if result else None,
             "selected_checkpoint": str(result.checkpoint) if result else None,
             "infeasible": infeasible, "unreachable": unreachable, "peak_rss_gib": mem.peak_bytes / 2**30,

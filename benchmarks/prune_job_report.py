@@ -52,7 +52,7 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
             note = (f"budget unreachable by the latency table ({j['unreachable'][:160]}); run at the nearest "
                     f"feasible budget, {_f(j.get('latency_budget_ms'))} ms. {note}")
         stages = ", ".join(f"{k} {v:.0f}" for k, v in (j.get("stage_wall_s") or {}).items())
-        lines.append(f"| {g} | {j['job_wall_s']:.0f} ({stages}) | {j['peak_rss_gib']:.2f} | {j.get('candidate_id') or '-'} "
+        lines.append(f"| {g} | {j['job_wall_s']:.0f}{f' ({stages})' if stages else ''} | {j['peak_rss_gib']:.2f} | {j.get('candidate_id') or '-'} "
                      f"| {note[:400]} |")
     table = record["side_by_side"]
     if table:

@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "compare": ("--quick",),
     "allocation": ("--quick",),
     "depth": ("--quick",),
+    "oneshot_recovery": ("--quick",),
     "reliability": (),  # no quick mode: 23 bad inputs through the CLI, about a minute
 }
 

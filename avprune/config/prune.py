@@ -411,8 +411,9 @@ class PruneJobConfig(StrictModel):
         p, ft = data["pruning"], data["finetune"]
         if p.get("round_to") is not None and p.get("channel_multiple") == p["round_to"]:
             p.pop("channel_multiple")
-        if p.get("controller") != "allocation":
-            p.pop("allocation", None)
+        if p.get("controller") != "allocation":  # these steer the allocation controller only
+            for key in ("allocation", "floor_allowance", "step_back", "max_cut_per_update"):
+                p.pop(key, None)
         if ft.get("distill") is None:
             ft.pop("distill", None)
         if p.get("in_graph_calibration") is None:
