@@ -86,3 +86,11 @@ def write_section(name: str, markdown: str) -> Path:
         order = [s for s in SECTION_ORDER if s in sections] + sorted(s for s in sections if s not in SECTION_ORDER)
         atomic_write_text(RESULTS, _HEADER + "\n" + "\n\n".join(sections[s] for s in order) + "\n")
     return RESULTS
+
+
+def publish(name: str, markdown: str, *, quick: bool) -> None:
+    """Print a benchmark's section and, unless it is a smoke run, write it to RESULTS.md (a smoke
+    run is not a measurement: RESULTS.md keeps the real run)."""
+    if not quick:
+        write_section(name, markdown)
+    print(markdown)

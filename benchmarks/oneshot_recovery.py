@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._results import ASSETS, machine_line, write_section
+from benchmarks._results import ASSETS, machine_line, publish
 from perception.io import atomic_write_json
 
 log = logging.getLogger("benchmarks.oneshot_recovery")
@@ -113,14 +113,10 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from deploy.html_kit import figure, figure_png
     from perception.io import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = figure(7, 4.2)
     for r in rows:
         xs, ys = zip(*r["curve"], strict=True)
         label = r["name"] if r["ratio"] == 0 else f"{r['name']} ({r['graph_speedup']:.2f}x graph)"
@@ -131,13 +127,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    import io
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig))
     return path
 
 
@@ -213,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (6 if args.quick else 1000)
     args.eval_every = args.eval_every or (3 if args.quick else 250)
     args.val_images = args.val_images or (16 if args.quick else 480)
+    for flag, v in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--val-images", args.val_images)):
+        if v < 1:
+            raise SystemExit(f"{flag} {v}: give a positive integer")
+    if not args.lr > 0:
+        raise SystemExit(f"--lr {args.lr}: give a positive rate, e.g. 1e-3")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from benchmarks.prune_job import _data, _dense_checkpoint, _side_by_side
 
@@ -245,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(rec: dict[str, Any], tag: str) -> int:
     png = _plot(ASSETS / f"{tag}.png", rec["rows"], f"one-shot pruning + {rec['steps']}-step distilled fine-tune")
-    md = markdown(rec, png.name)
-    if not rec["quick"]:  # a smoke run is not a measurement: it prints, RESULTS.md keeps the real run
-        write_section(tag, md)
-    print(md)
+    publish(tag, markdown(rec, png.name), quick=rec["quick"])
     return 0
 
 

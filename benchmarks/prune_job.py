@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._results import ASSETS, machine_line, write_section
+from benchmarks._results import ASSETS, machine_line, publish
 from benchmarks.prune_job_front import best_within, compare_fronts, pareto_front, plot_fronts
 from perception.io import atomic_write_json
 
@@ -510,10 +510,7 @@ def _write(record: dict[str, Any], tag: str) -> int:
                     f"prune_job: {record['steps']} fine-tune steps, budget {record['budget_speedup']}x graph")
     from benchmarks.prune_job_report import markdown
 
-    md = markdown(record, png.name, tag)
-    if not record["quick"]:  # a smoke run is not a measurement: it prints, RESULTS.md keeps the real run
-        write_section(tag, md)
-    print(md)
+    publish(tag, markdown(record, png.name, tag), quick=record["quick"])
     return 0
 
 
