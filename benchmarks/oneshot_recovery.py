@@ -14,12 +14,14 @@ controller has to beat at equal steps (HALP's schedule with its ramp at zero):
 3. Every row, dense included, gets the same fine-tune: distilled from the checkpoint (the prune
    job's default for SSDlite), AdamW, 10% linear warm-up then cosine, batch 8, one seed, the same
    batches; mAP on the val images every ``--eval-every`` steps (the recovery curves). The dense row
-   is "dense trained as long": every drop is against it.
+   is "dense trained as long": every drop is against it. ``--feature-weight W`` adds attention
+   transfer on the backbone's feature maps to the pruned rows' distillation (the dense row's
+   features are its teacher's own, so it keeps the head-only recipe and its cached row).
 4. Side by side in one run: mAP, ORT graph (core) and frame (pre-processing + graph + decode/NMS)
    latency timed paired and interleaved (``deploy.timing.time_runtimes``), speed-ups as paired
    ratios with their bootstrap intervals.
 
-Rows are cached by recipe under ``benchmarks/_work/oneshot_recovery`` (a rerun after a failure
+Rows are cached by recipe under ``benchmarks/_work/TAG`` (a rerun after a failure
 trains only what is missing). Results: ``benchmarks/results/oneshot_recovery.json``, a PNG of the
 curves, and the ``oneshot_recovery`` section of RESULTS.md.
 """
@@ -30,6 +32,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,9 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
     recipe = {"checkpoint": str(cfg.model.checkpoint), "ratio": ratio, "multiple": MULTIPLE, "steps": args.steps,
               "lr": args.lr, "eval_every": args.eval_every, "val_images": args.val_images, "seed": args.seed,
               "distill": True}
+    feature_weight = args.feature_weight if ratio > 0 else 0.0
+    if feature_weight > 0:  # only then in the key: rows cached before the option stay valid
+        recipe["feature_weight"] = feature_weight
     done = folder / "row.json"
     if done.is_file() and json.loads(done.read_text()).get("recipe") == recipe:
         log.info("%s: cached (%s)", name, done)
@@ -99,7 +105,7 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
     t0 = time.perf_counter()
     start = env.evaluate_map(student).map
     log.info("%s: ratio %.2f, mAP at step 0 %.4f; fine-tuning %d steps", name, ratio, start, args.steps)
-    res = train(DistilledDetector(student, teacher), env.train_set, settings, progress=True, resume=False,
+    res = train(DistilledDetector(student, teacher, feature_weight=feature_weight), env.train_set, settings, progress=True, resume=False,
                 eval_fn=lambda _m: {"map": env.evaluate_map(student).map}, eval_every=args.eval_every)
     curve = [[0, start]] + [[h["step"], h["eval"]["map"]] for h in res.history if "eval" in h]
     if curve[-1][0] != args.steps:
@@ -134,15 +140,21 @@ def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
 def markdown(rec: dict[str, Any], png: str) -> str:
     rows = rec["rows"]
     steps = sorted({s for r in rows for s, _ in r["curve"]})
+    tag, fw = rec.get("tag", "oneshot_recovery"), rec.get("feature_weight", 0.0)
+    ratios = ",".join(str(r["ratio"]) for r in rows if r["ratio"])
+    cmd = (f"python -m benchmarks.oneshot_recovery --tag {tag} --checkpoint {rec['checkpoint']} --ratios {ratios} "
+           f"--steps {rec['steps']} --eval-every {rec.get('eval_every', 250)} --lr {rec['lr']:g}"
+           + (f" --feature-weight {fw:g}" if fw else ""))
+    feat = (f"; the pruned rows add attention transfer on the backbone's feature maps (weight {fw:g}), the dense "
+            "row keeps head distillation only" if fw else "")
     lines = [
-        "## oneshot_recovery: one-shot aligned pruning + a long distilled fine-tune, beside dense trained as long",
+        f"## {tag}: one-shot aligned pruning + a long distilled fine-tune, beside dense trained as long",
         "",
-        f"`python -m benchmarks.oneshot_recovery --ratios {','.join(str(r['ratio']) for r in rows if r['ratio'])} "
-        f"--steps {rec['steps']} --lr {rec['lr']:g}` on {rec['machine']}. Checkpoint `{rec['checkpoint']}`, data "
+        f"`{cmd}` on {rec['machine']}. Data "
         f"`{rec['data']}`, {rec['val_images']} val images at score threshold 0.01. Each pruned row: Torch-Pruning "
         f"removes that share of every channel group at step 0 (L2 magnitude, multiples of {MULTIPLE}, heads' "
         f"output convs kept); every row, dense included, gets the same distilled fine-tune (teacher = the "
-        f"checkpoint; AdamW {rec['lr']:g}, 10% warm-up then cosine, batch 8, seed {rec['seed']}, same batches). "
+        f"checkpoint; AdamW {rec['lr']:g}, 10% warm-up then cosine, batch 8, seed {rec['seed']}, same batches{feat}). "
         f"Latency: ORT CPU, 2 threads, paired interleaved blocks, dense as the reference. Wall time "
         f"{rec['wall_s'] / 60:.1f} min.",
         "",
@@ -183,14 +195,21 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, help="steps between mAP evaluations (default 250; quick 3)")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak rate (default 1e-3)")
     ap.add_argument("--val-images", type=int, help="val images every mAP is judged on (default 480; quick 16)")
+    ap.add_argument("--feature-weight", type=float, default=0.0,
+                    help="attention-transfer weight on the backbone feature maps for the pruned rows (default 0: "
+                         "head distillation only; ~1000 balances the detection loss)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", help="results name: benchmarks/results/TAG.json, its RESULTS.md section and the "
+                    "row cache benchmarks/_work/TAG (default oneshot_recovery; quick oneshot_recovery_quick)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from the last run")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    tag = "oneshot_recovery_quick" if args.quick else "oneshot_recovery"
+    tag = args.tag or ("oneshot_recovery_quick" if args.quick else "oneshot_recovery")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        raise SystemExit(f"--tag {tag!r}: use letters, digits, '_', '-' or '.'")
     if args.report_only:
         rec = json.loads((ASSETS / f"{tag}.json").read_text())
         return _write(rec, tag)
@@ -206,18 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     for flag, v in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--val-images", args.val_images)):
         if v < 1:
             raise SystemExit(f"{flag} {v}: give a positive integer")
+    if not args.feature_weight >= 0:
+        raise SystemExit(f"--feature-weight {args.feature_weight}: give a weight >= 0 (0 = head distillation only)")
     if not args.lr > 0:
         raise SystemExit(f"--lr {args.lr}: give a positive rate, e.g. 1e-3")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from benchmarks.prune_job import _data, _dense_checkpoint, _side_by_side
 
-    work = WORK.with_name("oneshot_recovery_quick") if args.quick else WORK
+    work = WORK.with_name(tag)  # a tag of its own keeps another checkpoint's rows from overwriting these
     t_start = time.perf_counter()
     coco = _data(args.quick, args.seed, args.data)
     ckpt = _dense_checkpoint(args.quick, coco, args.seed, args.checkpoint)
     cfg = _config(args, ckpt, coco, work)
     rows = [_row("dense as long", 0.0, cfg, args, work)]
-    rows += [_row(f"one-shot {round(100 * r)}%", r, cfg, args, work) for r in ratios]
+    feat = f" +feat {args.feature_weight:g}" if args.feature_weight > 0 else ""
+    rows += [_row(f"one-shot {round(100 * r)}%{feat}", r, cfg, args, work) for r in ratios]
     models = {"dense": ckpt, **{r["name"]: Path(r["checkpoint"]) for r in rows}}
     table = _side_by_side(cfg, models, work, blocks=3 if args.quick else 20)
     ref = table["dense as long"]["map"]
@@ -228,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         r["params_m"] = t["params"] / 1e6
         r["map_drop_points"] = 100 * (ref - r["map"])
     within = [r for r in rows[1:] if r["map_drop_points"] <= MAX_DROP_POINTS]
-    rec = {"quick": args.quick, "checkpoint": str(ckpt), "data": str(coco), "steps": args.steps, "lr": args.lr,
+    rec = {"tag": tag, "quick": args.quick, "feature_weight": args.feature_weight, "checkpoint": str(ckpt), "data": str(coco), "steps": args.steps, "lr": args.lr,
            "eval_every": args.eval_every, "val_images": args.val_images, "seed": args.seed, "multiple": MULTIPLE,
            "dense_checkpoint_map": table["dense"]["map"], "rows": rows, "machine": machine_line(),
            "best_within_drop": max(within, key=lambda r: r["graph_speedup"]) if within else None,

@@ -39,6 +39,12 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   midpoint between the last good and the last bad one, until they are within 1% of the dense
   prediction. ``step_back = 0`` is the plain hold. Why: holding alone kept a model cut 3.4 points
   under its floor there for the rest of the fine-tune, and it shipped 2.8 points under.
+- **Gentle retries.** Once the bisection converges, the schedule may pull the target at most half
+  the unresolved gap (to the untried midpoint of the last good and last bad targets) below the last
+  good target, and that distance doubles with every measurement that meets the floor (slow start,
+  as in TCP's congestion window). Why: a
+  retry released straight to the schedule cut a whole ``max_cut_per_update`` at once and lost
+  8.6, 11.3 and 10.2 points at its three retries (prune_job_recovery, BN-scale candidate).
 - **Capped cuts.** ``max_cut_per_update`` bounds one allocation's predicted saving (share of the
   dense prediction), so a PI correction or a released hold moves over several updates.
 - **Measured damage.** ``set_damage`` hands the knapsack each unit's sensitivity curve, so it
@@ -166,6 +172,7 @@ class AllocationController(Controller):
         self.good_ms: float | None = None
         self.bad_ms: float | None = None
         self.hold_ms: float | None = None
+        self.retry_ms: float | None = None  # after a converged bisection: how far below good_ms a retry may cut
         self.kept: dict[str, int] = {}
         self.kept_at_measure: dict[str, int] = {}
         self.last: Allocation | None = None
@@ -238,6 +245,8 @@ class AllocationController(Controller):
                 t = max(t, self.last.target_ms)  # hold while the model recovers from a dip
         elif self.hold_ms is not None:
             t = max(t, self.hold_ms)
+        elif self.retry_ms is not None and self.good_ms is not None:
+            t = max(t, self.good_ms - self.retry_ms)
         if self.max_cut_per_update is not None:
             prev = self.last.predicted_ms if self.last is not None else self.dense_ms
             t = max(t, prev - self.max_cut_per_update * self.dense_ms)
@@ -250,9 +259,12 @@ class AllocationController(Controller):
             self.good_ms = tried
             if self.bad_ms is None:
                 self.hold_ms = None  # nothing failed yet: follow the schedule
+                if self.retry_ms is not None:
+                    self.retry_ms *= 2.0  # a retry that met the floor may go twice as far next time
                 return
             mid = 0.5 * (self.good_ms + self.bad_ms)
-            if self.good_ms - mid < 0.01 * self.dense_ms:  # converged: forget the failure, let the schedule retry
+            if self.good_ms - mid < 0.01 * self.dense_ms:  # converged: forget the failure, retry gently
+                self.retry_ms = max(self.good_ms - mid, 0.005 * self.dense_ms)  # first retry: the untried midpoint
                 self.bad_ms, self.hold_ms = None, None
             else:
                 self.hold_ms = mid
@@ -333,7 +345,7 @@ class AllocationController(Controller):
             **super().state_dict(),
             "correction": self.correction, "prev_error": self.prev_error, "under_floor": self.under_floor,
             "held_steps": self.held_steps, "saving_scale": self.saving_scale,
-            "good_ms": self.good_ms, "bad_ms": self.bad_ms, "hold_ms": self.hold_ms,
+            "good_ms": self.good_ms, "bad_ms": self.bad_ms, "hold_ms": self.hold_ms, "retry_ms": self.retry_ms,
             "weights": dict(self.weights), "damage": {u: list(c) for u, c in self.damage.items()},
             "kept": dict(self.kept), "kept_at_measure": dict(self.kept_at_measure),
             "last": None if self.last is None else asdict(self.last),
@@ -347,6 +359,7 @@ class AllocationController(Controller):
         self.held_steps = int(state.get("held_steps", 0))
         self.good_ms, self.bad_ms, self.hold_ms = (None if state.get(k) is None else float(state[k])
                                                    for k in ("good_ms", "bad_ms", "hold_ms"))
+        self.retry_ms = None if state.get("retry_ms") is None else float(state["retry_ms"])
         self.saving_scale = float(state.get("saving_scale", self.saving_scale))
         self.weights = {k: float(v) for k, v in state["weights"].items()}
         self.damage = {k: [(float(s), float(d)) for s, d in c] for k, c in state.get("damage", {}).items()}

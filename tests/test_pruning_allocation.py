@@ -396,6 +396,31 @@ def test_step_back_regrows_towards_the_last_good_target_then_bisects() -> None:
     assert (again.good_ms, again.bad_ms, again.hold_ms) == (ctrl.good_ms, ctrl.bad_ms, ctrl.hold_ms)
 
 
+def test_after_the_bisection_converges_a_retry_cuts_to_the_untried_midpoint_then_twice_as_far() -> None:
+    maps = iter([0.9, 0.9, 0.9, 0.9, 0.1] + [0.9] * 40)  # the budget fails once, everything else meets the floor
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=200, ramp=0.1, measure_every=5,
+                       measure=lambda: (ctrl.last.predicted_ms if ctrl.last else ctrl.dense_ms, next(maps)),
+                       map_floor=0.5, step_back=0.5)
+    pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=5)
+    for _ in range(150):
+        pruner.step()
+        if ctrl.retry_ms is not None:
+            break
+    assert ctrl.retry_ms is not None and ctrl.bad_ms is None and ctrl.hold_ms is None  # converged, failure forgotten
+    gap, good = ctrl.retry_ms, ctrl.good_ms
+    assert 0 < gap < 0.01 * ctrl.dense_ms and good - gap > ctrl.budget
+    assert ctrl.target_ms() == pytest.approx(good - gap)  # not the schedule's budget: the untried midpoint
+    for _ in range(5):  # that retry met the floor: the next may go twice as far
+        pruner.step()
+    assert ctrl.good_ms == pytest.approx(good - gap) and ctrl.retry_ms == pytest.approx(2 * gap)
+    assert ctrl.target_ms() == pytest.approx(max(ctrl.budget, good - 3 * gap))  # the schedule bounds it too
+    again = _controller(table, 0.5 * table.predict({}), total_steps=200, ramp=0.1, step_back=0.5)
+    again.load_state_dict(ctrl.state_dict())
+    assert again.retry_ms == ctrl.retry_ms and again.target_ms() == pytest.approx(ctrl.target_ms())
+
+
 def test_max_cut_per_update_spreads_a_one_shot_target_over_updates() -> None:
     pruner, ctrl = _measured_pruner(1.0, 0.9, max_cut_per_update=0.1)
     ctrl.ramp_fraction = 0.0  # one-shot: the whole budget at the first update

@@ -53,3 +53,27 @@ def test_train_default_judges_the_8_minute_target_only_on_time_sized_runs() -> N
     assert target_verdict(True, 400, 7 * 60) == "met"  # a --steps run within the 8 minutes counts
     long_run = target_verdict(True, 3000, 53.6 * 60)
     assert long_run.startswith("not judged") and "3000" in long_run and "53.6 min" in long_run
+
+
+def test_oneshot_recovery_section_is_named_by_its_tag_and_judges_the_required_point() -> None:
+    from benchmarks.oneshot_recovery import markdown
+
+    def row(name: str, ratio: float, speedup: float, drop: float) -> dict:
+        return {"name": name, "ratio": ratio, "params_m": 2.0 - ratio, "graph_p50_ms": 8.0 / speedup,
+                "graph_speedup": speedup, "graph_speedup_ci": [speedup - 0.02, speedup + 0.02],
+                "frame_speedup": speedup * 0.9, "map": 0.6 - drop / 100, "map_drop_points": drop,
+                "curve": [[0, 0.5], [1000, 0.6 - drop / 100]]}
+
+    fast = row("one-shot 30%", 0.3, 1.52, 0.8)
+    rec = {"tag": "oneshot_recovery_ckpt4000", "quick": False, "checkpoint": "c.pt", "data": "d", "steps": 1000,
+           "lr": 1e-3, "val_images": 480, "seed": 0, "machine": "m", "wall_s": 60.0,
+           "rows": [row("dense as long", 0.0, 1.0, 0.0), fast], "best_within_drop": fast}
+    md = markdown(rec, "oneshot_recovery_ckpt4000.png")
+    assert md.startswith("## oneshot_recovery_ckpt4000: ") and "--tag oneshot_recovery_ckpt4000 " in md
+    assert "--feature-weight" not in md and "attention transfer" not in md
+    assert "**met** by one-shot 30% (1.52x at +0.8)" in md
+    slow = row("one-shot 20%", 0.2, 1.31, 0.4)
+    md = markdown({**rec, "rows": [rec["rows"][0], slow], "best_within_drop": slow}, "x.png")
+    assert "**not met**" in md and "1.31x at +0.4" in md
+    md = markdown({**rec, "feature_weight": 1000.0}, "x.png")
+    assert "--feature-weight 1000" in md and "attention transfer" in md and "(weight 1000)" in md
