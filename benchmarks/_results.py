@@ -88,6 +88,13 @@ def write_section(name: str, markdown: str) -> Path:
     return RESULTS
 
 
+def check_tag(tag: str) -> str:
+    """A results name usable as a file stem and a section name; one-line refusal otherwise."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        raise SystemExit(f"--tag {tag!r}: use letters, digits, '_', '-' or '.'")
+    return tag
+
+
 def publish(name: str, markdown: str, *, quick: bool) -> None:
     """Print a benchmark's section and, unless it is a smoke run, write it to RESULTS.md (a smoke
     run is not a measurement: RESULTS.md keeps the real run)."""

@@ -32,12 +32,11 @@ import argparse
 import copy
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._results import ASSETS, machine_line, publish
+from benchmarks._results import ASSETS, check_tag, machine_line, publish
 from perception.io import atomic_write_json
 
 log = logging.getLogger("benchmarks.oneshot_recovery")
@@ -208,9 +207,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    tag = args.tag or ("oneshot_recovery_quick" if args.quick else "oneshot_recovery")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
-        raise SystemExit(f"--tag {tag!r}: use letters, digits, '_', '-' or '.'")
+    tag = check_tag(args.tag or ("oneshot_recovery_quick" if args.quick else "oneshot_recovery"))
     if args.report_only:
         rec = json.loads((ASSETS / f"{tag}.json").read_text())
         return _write(rec, tag)

@@ -36,12 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._results import ASSETS, machine_line, publish
+from benchmarks._results import ASSETS, check_tag, machine_line, publish
 from benchmarks.prune_job_front import best_within, compare_fronts, pareto_front, plot_fronts
 from perception.io import atomic_write_json
 
@@ -392,9 +391,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    tag = args.tag or ("prune_job_quick" if args.quick else "prune_job")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
-        raise SystemExit(f"--tag {tag!r}: use letters, digits, '_', '-' or '.'")
+    tag = check_tag(args.tag or ("prune_job_quick" if args.quick else "prune_job"))
     if args.report_only:
         return _write(json.loads((ASSETS / f"{tag}.json").read_text()), tag)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

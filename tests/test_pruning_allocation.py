@@ -367,16 +367,22 @@ def test_a_dip_inside_the_allowance_does_not_hold_the_ramp() -> None:
     assert held.under_floor and held.last.predicted_ms > 1.05 * held.budget
 
 
+def _scripted_step_back(maps: list[float], *, total_steps: int, ramp: float):
+    """A step-back controller (floor 0.5, budget half of dense) whose measurements return the
+    allocation's prediction as latency and ``maps`` in turn as mAP, with its pruner."""
+    scripted = iter(maps)
+    model = small_net()
+    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
+    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=total_steps, ramp=ramp, measure_every=5,
+                       measure=lambda: (ctrl.last.predicted_ms if ctrl.last else ctrl.dense_ms, next(scripted)),
+                       map_floor=0.5, step_back=0.5)
+    return Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=5), ctrl, table
+
+
 def test_step_back_regrows_towards_the_last_good_target_then_bisects() -> None:
     # the ramp reaches the budget; a measurement under the floor there steps the target half-way back
     # to the last target that met the floor; after the recovery the next target is the midpoint
-    maps = iter([0.9, 0.9, 0.9, 0.9, 0.1] + [0.9] * 10)
-    model = small_net()
-    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
-    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=60, ramp=0.25, measure_every=5,
-                       measure=lambda: (ctrl.last.predicted_ms if ctrl.last else ctrl.dense_ms, next(maps)),
-                       map_floor=0.5, step_back=0.5)
-    pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=5)
+    pruner, ctrl, table = _scripted_step_back([0.9, 0.9, 0.9, 0.9, 0.1] + [0.9] * 10, total_steps=60, ramp=0.25)
     for _ in range(20):  # the ramp reaches the budget, and that model meets the floor at step 20
         pruner.step()
     cut = ctrl.last
@@ -397,13 +403,8 @@ def test_step_back_regrows_towards_the_last_good_target_then_bisects() -> None:
 
 
 def test_after_the_bisection_converges_a_retry_cuts_to_the_untried_midpoint_then_twice_as_far() -> None:
-    maps = iter([0.9, 0.9, 0.9, 0.9, 0.1] + [0.9] * 40)  # the budget fails once, everything else meets the floor
-    model = small_net()
-    table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
-    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=200, ramp=0.1, measure_every=5,
-                       measure=lambda: (ctrl.last.predicted_ms if ctrl.last else ctrl.dense_ms, next(maps)),
-                       map_floor=0.5, step_back=0.5)
-    pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=5)
+    # the budget fails once, everything else meets the floor
+    pruner, ctrl, table = _scripted_step_back([0.9, 0.9, 0.9, 0.9, 0.1] + [0.9] * 40, total_steps=200, ramp=0.1)
     for _ in range(150):
         pruner.step()
         if ctrl.retry_ms is not None:
