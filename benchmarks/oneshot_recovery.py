@@ -11,6 +11,9 @@ controller has to beat at equal steps (HALP's schedule with its ramp at zero):
 1. The dense checkpoint and data of ``benchmarks.prune_job`` (``--checkpoint`` / ``--data``).
 2. Per ``--ratios`` value: Torch-Pruning's MetaPruner removes that share of every channel group at
    step 0 (L2 magnitude, counts multiples of ``MULTIPLE``, the heads' output convs kept).
+   Per ``--depth BLOCKS:SHARE`` value (issue #14's lever, one-shot): the BLOCKS residual blocks
+   that cost the least detection loss per millisecond saved are removed first (measured on the
+   checkpoint: :func:`rank_blocks`), then SHARE of every channel group as above.
 3. Every row, dense included, gets the same fine-tune: distilled from the checkpoint (the prune
    job's default for SSDlite), AdamW, 10% linear warm-up then cosine, batch 8, one seed, the same
    batches; mAP on the val images every ``--eval-every`` steps (the recovery curves). The dense row
@@ -78,27 +81,67 @@ def one_shot(model: Any, ratio: float, input_size: tuple[int, int]) -> Any:
     return model
 
 
-def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Prune (ratio > 0) and fine-tune one row, or reuse it when its recipe is cached."""
+def rank_blocks(env: Any) -> list[dict[str, Any]]:
+    """The dense model's removable blocks, cheapest first: detection-loss increase per ms saved.
+
+    Loss: :func:`perception.loss_probe.loss_metric` on 64 fixed training images (not the val images
+    every row is judged on). Latency: :func:`pruning.blocks.block_latency`, the dense core and each
+    single removal exported and timed interleaved on ORT (process CPU ms, steady under load).
+    """
+    from benchmarks.depth import ort_measure_all
+    from perception.loss_probe import loss_metric
+    from pruning.blocks import block_latency, block_sensitivity, require_blocks
+
+    dense = env.load_dense().eval()
+    blocks = require_blocks(dense)
+    lat = block_latency(dense, None, blocks, rounds=1, measure_all=ort_measure_all(40, {}))
+    loss_up = block_sensitivity(dense, loss_metric(env.train_set, images=64, seed=0), blocks)
+    rows = [{"name": b.name, "ms": lat[b.name].ms, "share": lat[b.name].share, "loss_up": loss_up[b.name]}
+            for b in blocks]
+    # A block timed as saving nothing (noise) is ranked last, whatever its loss.
+    return sorted(rows, key=lambda r: r["loss_up"] / r["ms"] if r["ms"] > 0 else float("inf"))
+
+
+def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path,
+         blocks: tuple[str, ...] = (), knapsack: float | None = None) -> dict[str, Any]:
+    """Remove ``blocks``, prune (``ratio`` > 0 uniformly, or HALP's knapsack to the measured speed-up
+    ``knapsack``) and fine-tune one row, or reuse it when its recipe is cached."""
     from avprune.prune_job.env import JobEnv
     from perception.distill import DistilledDetector
-    from perception.models import save_checkpoint
+    from perception.models import drop_blocks, save_checkpoint
     from perception.train import TrainSettings, train
 
     folder = work / name.replace(" ", "_").replace("%", "pct")
     recipe = {"checkpoint": str(cfg.model.checkpoint), "ratio": ratio, "multiple": MULTIPLE, "steps": args.steps,
               "lr": args.lr, "eval_every": args.eval_every, "val_images": args.val_images, "seed": args.seed,
               "distill": True}
-    feature_weight = args.feature_weight if ratio > 0 else 0.0
+    feature_weight = args.feature_weight if ratio > 0 or blocks or knapsack else 0.0
     if feature_weight > 0:  # only then in the key: rows cached before the option stay valid
         recipe["feature_weight"] = feature_weight
+    if blocks:
+        recipe["blocks"] = list(blocks)
+    if knapsack:
+        recipe["knapsack"], recipe["knapsack_cost"] = knapsack, args.knapsack_cost
+        if args.knapsack_share is not None:
+            recipe["knapsack_share"] = args.knapsack_share
     done = folder / "row.json"
     if done.is_file() and json.loads(done.read_text()).get("recipe") == recipe:
         log.info("%s: cached (%s)", name, done)
         return json.loads(done.read_text())
     env = JobEnv.from_config(cfg)
     teacher = env.load_dense().eval()
-    student = one_shot(copy.deepcopy(teacher), ratio, tuple(cfg.budget.input_size))
+    cut: dict[str, Any] = {}
+    if knapsack:
+        from benchmarks.allocation import damage_curves
+        folder.mkdir(parents=True, exist_ok=True)
+        from benchmarks.oneshot_knapsack import knapsack_cut
+
+        damage, _ = damage_curves(Path(cfg.model.checkpoint), env.train_set)
+        student, cut = knapsack_cut(env, knapsack, damage, folder, cost=args.knapsack_cost, share=args.knapsack_share)
+    else:
+        student = copy.deepcopy(teacher)
+        drop_blocks(student, list(blocks))  # depth first, so the width cut sees the shallower graph
+        student = one_shot(student, ratio, tuple(cfg.budget.input_size))
     settings = TrainSettings(steps=args.steps, batch_size=8, optimizer="adamw", lr=args.lr,
                              warmup_steps=cfg.finetune.warmup(), checkpoint_every=10**9, seed=args.seed, num_threads=2)
     t0 = time.perf_counter()
@@ -111,10 +154,35 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
         curve.append([args.steps, env.evaluate_map(student).map])
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder / "model.pt", student.eval())
-    row = {"name": name, "ratio": ratio, "recipe": recipe, "curve": curve, "checkpoint": str(folder / "model.pt"),
+    row = {"name": name, "ratio": ratio, "blocks": list(blocks), "knapsack": cut or None, "recipe": recipe, "curve": curve, "checkpoint": str(folder / "model.pt"),
            "train_s": time.perf_counter() - t0}
     atomic_write_json(done, row)
     return row
+
+
+def _is_dense(row: dict[str, Any]) -> bool:
+    return row["ratio"] == 0 and not row.get("blocks") and not row.get("knapsack")
+
+
+def parse_depth(spec: str) -> list[tuple[int, float]]:
+    """``"7:0,4:0.1"`` -> ``[(7, 0.0), (4, 0.1)]``: blocks removed and share of channels cut per row."""
+    out = []
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        k, sep, r = item.partition(":")
+        try:
+            pair = (int(k), float(r) if sep else 0.0)
+        except ValueError:
+            pair = (0, -1.0)
+        if pair[0] < 1 or not 0 <= pair[1] < 0.9:
+            raise ValueError(f"--depth item {item!r}: give BLOCKS:SHARE, BLOCKS >= 1 and SHARE in [0, 0.9), e.g. 7:0,4:0.1")
+        out.append(pair)
+    return out
+
+
+def _row_name(k: int, ratio: float, feat: str) -> str:
+    width = f"{round(100 * ratio)}%" if ratio else ""
+    depth = f"{k} block{'s' if k > 1 else ''}" if k else ""
+    return "one-shot " + " + ".join(p for p in (depth, width) if p) + feat
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
@@ -124,8 +192,8 @@ def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
     fig, ax = figure(7, 4.2)
     for r in rows:
         xs, ys = zip(*r["curve"], strict=True)
-        label = r["name"] if r["ratio"] == 0 else f"{r['name']} ({r['graph_speedup']:.2f}x graph)"
-        ax.plot(xs, ys, marker="o", ms=3, label=label, lw=2 if r["ratio"] == 0 else 1.2)
+        label = r["name"] if _is_dense(r) else f"{r['name']} ({r['graph_speedup']:.2f}x graph)"
+        ax.plot(xs, ys, marker="o", ms=3, label=label, lw=2 if _is_dense(r) else 1.2)
     ax.set_xlabel("fine-tune step")
     ax.set_ylabel("mAP@[.5:.95] (val)")
     ax.set_ylim(bottom=max(0.0, min(y for r in rows for _, y in r["curve"][1:]) - 0.05))
@@ -140,9 +208,16 @@ def markdown(rec: dict[str, Any], png: str) -> str:
     rows = rec["rows"]
     steps = sorted({s for r in rows for s, _ in r["curve"]})
     tag, fw = rec.get("tag", "oneshot_recovery"), rec.get("feature_weight", 0.0)
-    ratios = ",".join(str(r["ratio"]) for r in rows if r["ratio"])
-    cmd = (f"python -m benchmarks.oneshot_recovery --tag {tag} --checkpoint {rec['checkpoint']} --ratios {ratios} "
-           f"--steps {rec['steps']} --eval-every {rec.get('eval_every', 250)} --lr {rec['lr']:g}"
+    ratios = ",".join(str(r["ratio"]) for r in rows if r["ratio"] and not r.get("blocks"))
+    depth = ",".join(f"{len(r['blocks'])}:{r['ratio']:g}" for r in rows if r.get("blocks"))
+    knap = ",".join(f"{r['recipe']['knapsack']:g}" for r in rows if r.get("knapsack"))
+    knap_cost = next((r["recipe"].get("knapsack_cost", "ort") for r in rows if r.get("knapsack")), "")
+    knap_share = next((r["recipe"].get("knapsack_share") for r in rows if r.get("knapsack")), None)
+    cmd = (f"python -m benchmarks.oneshot_recovery --tag {tag} --checkpoint {rec['checkpoint']} --ratios '{ratios}' "
+           + (f"--depth {depth} " if depth else "")
+           + (f"--knapsack {knap} --knapsack-cost {knap_cost} " if knap else "")
+           + (f"--knapsack-share {knap_share:g} " if knap_share else "")
+           + f"--steps {rec['steps']} --eval-every {rec.get('eval_every', 250)} --lr {rec['lr']:g}"
            + (f" --feature-weight {fw:g}" if fw else ""))
     feat = (f"; the pruned rows add attention transfer on the backbone's feature maps (weight {fw:g}), the dense "
             "row keeps head distillation only" if fw else "")
@@ -171,6 +246,25 @@ def markdown(rec: dict[str, Any], png: str) -> str:
     for s in steps:
         cells = [next((f"{m:.3f}" for st, m in r["curve"] if st == s), "-") for r in rows]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    for r in rows:
+        k = r.get("knapsack")
+        if k:
+            tries = ", ".join(f"{t['budget_ms']:.2f} ms predicted -> {t['measured_speedup']:.2f}x" for t in k["tries"])
+            cut = ", ".join(f"{u} {kept}/{size}" for u, (kept, size) in sorted(k["cut_units"].items()))
+            table = "MACs per layer scaled to the dense latency" if k.get("cost") == "macs" else "in-graph calibrated ORT table"
+            lines += ["", f"{r['name']}: HALP's knapsack ({table}, per-unit loss damage at "
+                      f"25/50/75%, groups of {MULTIPLE}), the predicted budget corrected to the measured speed-up "
+                      f"({tries}). Units cut (kept/dense channels): {cut or 'none'}."]
+    if rec.get("block_ranking"):
+        lines += ["", "Depth rows remove the blocks cheapest first: detection-loss increase (64 training images, "
+                  "the block alone removed from the checkpoint) per ms saved (ORT, the block alone removed, "
+                  "process CPU time):", "",
+                  "| rank | block | ms saved | loss increase | per ms | removed in |",
+                  "|---:|---|---:|---:|---:|---|"]
+        for i, b in enumerate(rec["block_ranking"], 1):
+            used = ", ".join(r["name"] for r in rows if b["name"] in r.get("blocks", ())) or "-"
+            per = f"{b['loss_up'] / b['ms']:.2f}" if b["ms"] > 0 else "-"
+            lines.append(f"| {i} | {b['name']} | {b['ms']:.2f} | {b['loss_up']:+.3f} | {per} | {used} |")
     best = rec.get("best_within_drop")
     verdict = (["(smoke run on an untrained model: no verdict)"] if rec["quick"] else [
               f"Issue #12's required point (>= {REQUIRED_SPEEDUP}x graph at <= {MAX_DROP_POINTS} point): "
@@ -189,7 +283,20 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="smoke run: a few steps on the quick data (not written)")
     ap.add_argument("--checkpoint", type=Path, help="dense checkpoint (default: benchmarks.prune_job's)")
     ap.add_argument("--data", type=Path, help="COCO folder of that checkpoint (default: benchmarks.prune_job's)")
-    ap.add_argument("--ratios", default="0.3,0.4", help="shares of every channel group removed (default 0.3,0.4)")
+    ap.add_argument("--ratios", default="0.3,0.4", help="shares of every channel group removed, one row each "
+                    "(default 0.3,0.4; '' for none)")
+    ap.add_argument("--knapsack", default="", help="knapsack rows, measured graph speed-ups comma-separated (e.g. "
+                    "1.55): HALP's latency-aware allocation with measured per-unit damage, cut until the ORT graph "
+                    "speed-up over dense is within 2%% of each (benchmarks.oneshot_knapsack)")
+    ap.add_argument("--knapsack-cost", choices=("ort", "macs"), default="macs",
+                    help="the knapsack's per-layer cost: macs (default: multiply-accumulates scaled to the dense "
+                    "latency) or ort (the prune job's in-graph-calibrated ORT table)")
+    ap.add_argument("--knapsack-share", type=float, default=None,
+                    help="no search: the knapsack's budget is this share of the dense prediction (an earlier "
+                    "row's 'share' in its JSON repeats its cut exactly)")
+    ap.add_argument("--depth", default="", help="depth rows, BLOCKS:SHARE comma-separated (e.g. 7:0,4:0.1): remove the "
+                    "BLOCKS residual blocks cheapest in loss per ms saved (measured on the checkpoint), then cut "
+                    "SHARE of every channel group")
     ap.add_argument("--steps", type=int, help="fine-tune steps of every row (default 1000; quick 6)")
     ap.add_argument("--eval-every", type=int, help="steps between mAP evaluations (default 250; quick 3)")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak rate (default 1e-3)")
@@ -215,8 +322,22 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     except ValueError:
         raise SystemExit(f"--ratios {args.ratios!r}: give comma-separated shares in (0, 0.9), e.g. 0.3,0.4") from None
-    if not ratios or any(not 0 < r < 0.9 for r in ratios):
+    if any(not 0 < r < 0.9 for r in ratios):
         raise SystemExit(f"--ratios {args.ratios!r}: give comma-separated shares in (0, 0.9), e.g. 0.3,0.4")
+    try:
+        depth = parse_depth(args.depth)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        knapsacks = [float(v) for v in args.knapsack.split(",") if v.strip()]
+    except ValueError:
+        knapsacks = [0.0]
+    if any(not 1 < v < 5 for v in knapsacks):
+        raise SystemExit(f"--knapsack {args.knapsack!r}: give measured graph speed-ups in (1, 5), e.g. 1.55")
+    if args.knapsack_share is not None and not 0 < args.knapsack_share < 1:
+        raise SystemExit(f"--knapsack-share {args.knapsack_share}: give a share of the dense prediction in (0, 1)")
+    if not ratios and not depth and not knapsacks:
+        raise SystemExit("no pruned row: give --ratios (e.g. 0.3), --depth (e.g. 7:0) and/or --knapsack (e.g. 1.55)")
     args.steps = args.steps or (6 if args.quick else 1000)
     args.eval_every = args.eval_every or (3 if args.quick else 250)
     args.val_images = args.val_images or (16 if args.quick else 480)
@@ -237,7 +358,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _config(args, ckpt, coco, work)
     rows = [_row("dense as long", 0.0, cfg, args, work)]
     feat = f" +feat {args.feature_weight:g}" if args.feature_weight > 0 else ""
-    rows += [_row(f"one-shot {round(100 * r)}%{feat}", r, cfg, args, work) for r in ratios]
+    rows += [_row(_row_name(0, r, feat), r, cfg, args, work) for r in ratios]
+    rows += [_row(f"one-shot knapsack {v:g}x {args.knapsack_cost}{feat}", 0.0, cfg, args, work, knapsack=v)
+             for v in knapsacks]
+    ranking: list[dict[str, Any]] = []
+    if depth:
+        from avprune.prune_job.env import JobEnv
+
+        ranking = rank_blocks(JobEnv.from_config(cfg))
+        log.info("blocks, cheapest first: %s", [(b["name"], round(b["ms"], 2), round(b["loss_up"], 3)) for b in ranking])
+        for k, r in depth:
+            if k > len(ranking):
+                raise SystemExit(f"--depth {k}:{r:g}: the model has only {len(ranking)} removable blocks")
+            names = tuple(b["name"] for b in ranking[:k])
+            rows.append(_row(_row_name(k, r, feat), r, cfg, args, work, blocks=names))
     models = {"dense": ckpt, **{r["name"]: Path(r["checkpoint"]) for r in rows}}
     table = _side_by_side(cfg, models, work, blocks=3 if args.quick else 20)
     ref = table["dense as long"]["map"]
@@ -247,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "frame_p50_ms", "frame_speedup", "frame_speedup_ci")})
         r["params_m"] = t["params"] / 1e6
         r["map_drop_points"] = 100 * (ref - r["map"])
-    within = [r for r in rows[1:] if r["map_drop_points"] <= MAX_DROP_POINTS]
+    within = [r for r in rows if not _is_dense(r) and r["map_drop_points"] <= MAX_DROP_POINTS]
     rec = {"tag": tag, "quick": args.quick, "feature_weight": args.feature_weight, "checkpoint": str(ckpt), "data": str(coco), "steps": args.steps, "lr": args.lr,
            "eval_every": args.eval_every, "val_images": args.val_images, "seed": args.seed, "multiple": MULTIPLE,
+           "block_ranking": ranking,
            "dense_checkpoint_map": table["dense"]["map"], "rows": rows, "machine": machine_line(),
            "best_within_drop": max(within, key=lambda r: r["graph_speedup"]) if within else None,
            "wall_s": time.perf_counter() - t_start}

@@ -406,3 +406,27 @@ def torch_measure_fn(repeats: int = 20, warmup: int = 3) -> MeasureFn:
         return float(sorted(times)[len(times) // 2])
 
     return measure
+
+
+def macs_measure_fn() -> MeasureFn:
+    """A cost callable that counts multiply-accumulates (millions) instead of timing.
+
+    A table built with it ranks layers by compute alone: noise-free and machine-independent, for
+    runtimes whose latency tracks MACs once channel counts are aligned to their blocks (issue #12:
+    ONNX Runtime's NCHWc convs on this CPU, where isolated-layer timings mislead a knapsack). Scale
+    it to milliseconds with :meth:`LatencyTable.calibrate` on the measured dense model.
+    """
+
+    def measure(module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        with torch.no_grad():
+            out = module(torch.zeros(input_shape))
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            per_output = (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            per_output = module.in_features
+        else:
+            raise TypeError(f"macs_measure_fn counts Conv2d and Linear layers; got {type(module).__name__}")
+        return float(out.numel() * per_output) / 1e6
+
+    return measure

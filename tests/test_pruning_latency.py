@@ -141,3 +141,26 @@ def test_budget_controller_drives_pruner_to_predicted_latency_budget() -> None:
     assert abs(achieved - budget) / budget <= 0.05
     assert pruner.history[-1].predicted_latency_ms == pytest.approx(achieved)
     assert not ctrl.infeasible and 0.0 < ctrl.u < 0.9
+
+
+def test_a_macs_table_predicts_the_multiply_accumulates_of_a_physically_pruned_model() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pruning.latency_model import macs_measure_fn
+
+    def macs(m: nn.Module) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(X)
+        return fc.get_total_flops() / 2 / 1e6
+
+    model = small_net()
+    table = LatencyTable.measure(model, X, macs_measure_fn(), runtime="macs", device="analytic")
+    assert table.predict({}) == pytest.approx(macs(model), rel=1e-6)
+    pruner = Pruner(copy.deepcopy(model), controller=build_controller("fixed", sparsity=0.5), example_inputs=X)
+    pruner.update()
+    config = pruner.channel_config()
+    small = pruner.finalize()
+    assert macs(small) < 0.6 * macs(model)
+    assert table.predict(config) == pytest.approx(macs(small), rel=1e-6)
+    with pytest.raises(TypeError, match="Conv2d and Linear"):
+        macs_measure_fn()(nn.ReLU(), (1, 3))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import run_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +79,48 @@ def test_oneshot_recovery_section_is_named_by_its_tag_and_judges_the_required_po
     assert "**not met**" in md and "1.31x at +0.4" in md
     md = markdown({**rec, "feature_weight": 1000.0}, "x.png")
     assert "--feature-weight 1000" in md and "attention transfer" in md and "(weight 1000)" in md
+
+
+def test_oneshot_recovery_depth_rows_parse_name_and_report_the_blocks_they_removed() -> None:
+    from benchmarks.oneshot_recovery import _row_name, markdown, parse_depth
+
+    assert parse_depth("7:0, 4:0.1,2") == [(7, 0.0), (4, 0.1), (2, 0.0)]
+    for bad in ("0:0.1", "3:0.95", "x:0.1", "3:-0.1"):
+        with pytest.raises(ValueError, match="BLOCKS:SHARE"):
+            parse_depth(bad)
+    assert [_row_name(7, 0.0, ""), _row_name(1, 0.1, ""), _row_name(0, 0.3, " +feat 5")] == [
+        "one-shot 7 blocks", "one-shot 1 block + 10%", "one-shot 30% +feat 5"]
+    ranking = [{"name": "b.6", "ms": 0.8, "loss_up": 0.12}, {"name": "b.1", "ms": 0.6, "loss_up": 3.0},
+               {"name": "b.9", "ms": -0.1, "loss_up": 0.01}]
+    depth_row = {"name": "one-shot 1 block + 10%", "ratio": 0.1, "blocks": ["b.6"], "params_m": 1.4,
+                 "graph_p50_ms": 5.0, "graph_speedup": 1.6, "frame_speedup": 1.5, "map": 0.64, "map_drop_points": 0.5,
+                 "curve": [[0, 0.3], [1000, 0.64]]}
+    dense = {**depth_row, "name": "dense as long", "ratio": 0.0, "blocks": [], "graph_speedup": 1.0,
+             "map_drop_points": 0.0}
+    rec = {"tag": "oneshot_recovery_depth", "quick": False, "checkpoint": "c.pt", "data": "d", "steps": 1000,
+           "lr": 1e-3, "val_images": 480, "seed": 0, "machine": "m", "wall_s": 60.0, "block_ranking": ranking,
+           "rows": [dense, depth_row], "best_within_drop": depth_row}
+    md = markdown(rec, "x.png")
+    assert "--ratios '' --depth 1:0.1 " in md  # the command reruns the same rows
+    assert "| 1 | b.6 | 0.80 | +0.120 | 0.15 | one-shot 1 block + 10% |" in md
+    assert "| 2 | b.1 | 0.60 | +3.000 | 5.00 | - |" in md and "| 3 | b.9 | -0.10 | +0.010 | - | - |" in md
+    assert "**met** by one-shot 1 block + 10% (1.60x at +0.5)" in md
+
+
+def test_oneshot_recovery_knapsack_rows_rerun_from_the_command_and_show_their_cut() -> None:
+    from benchmarks.oneshot_recovery import _is_dense, markdown
+
+    base = {"params_m": 1.4, "graph_p50_ms": 5.0, "frame_speedup": 1.4, "curve": [[0, 0.3], [1000, 0.64]]}
+    knap = {**base, "name": "one-shot knapsack 1.55x", "ratio": 0.0, "blocks": [], "graph_speedup": 1.56,
+            "map": 0.63, "map_drop_points": 1.5, "recipe": {"knapsack": 1.55},
+            "knapsack": {"cut_units": {"backbone.a": [32, 64]},
+                         "tries": [{"budget_ms": 5.1, "measured_speedup": 1.41}, {"budget_ms": 4.6, "measured_speedup": 1.56}]}}
+    dense = {**base, "name": "dense as long", "ratio": 0.0, "blocks": [], "knapsack": None, "graph_speedup": 1.0,
+             "map": 0.645, "map_drop_points": 0.0}
+    assert _is_dense(dense) and not _is_dense(knap)
+    rec = {"tag": "t", "quick": False, "checkpoint": "c.pt", "data": "d", "steps": 1000, "lr": 1e-3,
+           "val_images": 480, "seed": 0, "machine": "m", "wall_s": 60.0, "rows": [dense, knap], "best_within_drop": None}
+    md = markdown(rec, "x.png")
+    assert "--ratios '' --knapsack 1.55 --knapsack-cost ort --steps 1000" in md
+    assert "(5.10 ms predicted -> 1.41x, 4.60 ms predicted -> 1.56x)" in md and "backbone.a 32/64" in md
+    assert "**not met**" in md
