@@ -110,6 +110,8 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, out
                       "search.shadow_dense": True})
     if args.allocation:
         overrides["pruning.allocation"] = args.allocation
+    if args.latency_costs:
+        overrides["pruning.latency_costs"] = args.latency_costs
     if args.allocation == "latency":  # the knapsack reads every unit's damage curve (resolved defaults)
         overrides.update({"sensitivity.max_layers": None, "sensitivity.sparsities": None})
     if args.quick:
@@ -382,6 +384,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="the dense model trained as long that every drop is against: the first job's dense "
                          "shadow (default: one model for the floor and the report) or a separate training")
     ap.add_argument("--allocation", choices=("uniform", "latency"), help="default: the example job's")
+    ap.add_argument("--latency-costs", choices=("measured", "macs"),
+                    help="the latency table's per-layer costs (default: the example job's, measured)")
     ap.add_argument("--ramp", type=float, default=RAMP,
                     help=f"share of the fine-tune (after the warm-up) by which the latency target reaches the budget; "
                          f"the rest recovers (default {RAMP})")

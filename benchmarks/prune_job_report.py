@@ -34,7 +34,8 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
         f"#12's minimum; the budget is reached by {record['ramp']:.0%} of the steps, the rest recovers), "
         + (f"peak rate {ft['lr']:g}, " if "lr" in ft else "")
         + f"batch {ft['batch_size']}, controller `{p['controller']}`"
-        + (f" (allocation `{p.get('allocation')}`)" if p.get("allocation") else "")
+        + (f" (allocation `{p.get('allocation')}`" + (", MAC costs" if p.get("latency_costs") == "macs" else "")
+           + ")" if p.get("allocation") else "")
         + f", channel groups of {p['channel_multiple']}, distillation {'on' if ft.get('distill', True) else 'off'}. "
           f"*dense-long*: the dense checkpoint fine-tuned {record['steps']} steps with the same recipe, without pruning"
         + (" (the first job's dense shadow, the model its floor was judged against)"

@@ -128,3 +128,37 @@ def test_latency_stage_calibrates_in_graph_caches_it_and_checks_feasibility_on_i
     assert not off.in_graph and off.in_graph_reason == "pruning.in_graph_calibration: false"
     assert not LatencyTable.load(off.path).layer_scale
     assert abs(rec.widest_reach_ms / off.widest_reach_ms - 1) > 0.02
+
+
+def test_latency_costs_macs_builds_a_proportional_mac_table_without_timing_or_in_graph_fit(job, monkeypatch):
+    def no_timing(config):
+        raise AssertionError("latency_costs: macs must not time layers")
+
+    monkeypatch.setattr(latency_table, "measure_fn_for", no_timing)
+    job["data"]["pruning"]["latency_costs"] = "macs"
+    dense = job["dense_ms"]
+    rec = _run(job, latency_ms=0.9 * dense)
+    assert rec.source == "macs" and not rec.in_graph and "latency_costs: macs" in rec.in_graph_reason
+    assert job["calls"] == []  # no in-graph probes either
+    table = LatencyTable.load(rec.path)
+    assert table.overhead_ms == 0 and table.predict({}) == pytest.approx(dense, rel=1e-6)
+    # Proportional to MACs: the fake graph charges MACs + 0.3 ms, so a cut's predicted share of the
+    # dense latency is its share of the dense MACs.
+    from pruning import Pruner, build_controller
+
+    det = JobEnv(PruneJobConfig.model_validate(job["data"])).load_dense()
+    pruner = Pruner(det, controller=build_controller("fixed", sparsity=0.5), example_inputs=torch.zeros(SHAPE),
+                    channel_multiple=8)
+    pruner.update()
+    config = pruner.channel_config()
+    small = pruner.finalize()
+    assert table.predict(config) / dense == pytest.approx((graph_ms(small) - 0.3) / (dense - 0.3), rel=1e-3)
+    assert rec.widest_reach_ms < 0.9 * dense
+
+
+def test_latency_costs_macs_refuses_an_in_graph_calibration_at_config_load(job):
+    data = {**job["data"], "pruning": {**job["data"]["pruning"], "latency_costs": "macs", "in_graph_calibration": True}}
+    with pytest.raises(ValueError, match="latency_costs 'macs' has none to fit"):
+        PruneJobConfig.model_validate(data)
+    assert not PruneJobConfig.model_validate(
+        {**job["data"], "pruning": {**job["data"]["pruning"], "latency_costs": "macs"}}).pruning.in_graph()

@@ -185,6 +185,12 @@ class PruningSpec(StrictModel):
         description="allocation controller: the most predicted latency one mask update may cut, as a share of the "
         "dense prediction (None: no cap)")
     max_sparsity: float = Field(0.75, gt=0, lt=1)
+    latency_costs: Literal["measured", "macs"] = Field(
+        "measured",
+        description="the latency table's per-layer costs: 'measured' (each layer timed on the budget's runtime, "
+        "cached) or 'macs' (multiply-accumulates scaled to the baseline's dense latency: noise-free; on ONNX "
+        "Runtime CPU the measured table's knapsack reached 1.42x at most where a MAC table's reached 1.69x, "
+        "benchmarks/RESULTS.md oneshot_recovery_knapsack). The measured latency corrects either")
     in_graph_calibration: bool | None = Field(
         None,
         description="re-fit the latency table's per-layer costs to the whole graph (one probe per channel "
@@ -226,6 +232,9 @@ class PruningSpec(StrictModel):
         if self.controller == "allocation" and self.granularity not in ("channel", "channel+block"):
             raise ValueError(f"pruning.controller 'allocation' allocates channel groups; it needs granularity "
                              f"'channel' or 'channel+block', not {self.granularity!r}")
+        if self.in_graph_calibration and self.latency_costs == "macs":
+            raise ValueError("pruning.in_graph_calibration re-fits measured per-layer costs; latency_costs 'macs' "
+                             "has none to fit. Set in_graph_calibration: false or latency_costs: measured")
         if self.in_graph_calibration and not self.prunes_channels:
             raise ValueError(f"pruning.in_graph_calibration: its probes thin channel groups, and granularity "
                              f"{self.granularity!r} prunes none; set it to false or use granularity 'channel'")
@@ -235,7 +244,7 @@ class PruningSpec(StrictModel):
         """Whether the latency-table stage calibrates the table in-graph (``in_graph_calibration``, resolved)."""
         if self.in_graph_calibration is not None:
             return self.in_graph_calibration
-        return self.controller == "allocation" and self.allocation == "latency"
+        return self.controller == "allocation" and self.allocation == "latency" and self.latency_costs == "measured"
 
     @property
     def prunes_channels(self) -> bool:

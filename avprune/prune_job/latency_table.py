@@ -178,14 +178,33 @@ def load_or_measure(model: nn.Module, example_input: object, config: PruneJobCon
     return table, path, "measured"
 
 
+def macs_table(model: nn.Module, example_input: object, config: PruneJobConfig, dense_ms: float) -> LatencyTable:
+    """``pruning.latency_costs: macs``: each layer's multiply-accumulates, scaled so the dense model
+    predicts ``dense_ms`` (proportional, no fixed part: the controller's measured latency corrects the
+    rest, pre/post-processing included with ``end_to_end``). Computed in well under a second: no cache."""
+    from pruning.latency_model import LatencyTable, macs_measure_fn
+
+    table = LatencyTable.measure(model, example_input, macs_measure_fn(), runtime=f"macs ({config.budget.runtime})",
+                                 device="analytic", fractions=(0.125, 0.25, 0.5, 0.75, 1.0),
+                                 multiple=grid_multiple(config))
+    table.scale, table.overhead_ms = float(dense_ms) / table.layer_sum({}), 0.0
+    table.meta.update({"costs": "macs", "dense_ms": float(dense_ms), "model": config.model.name})
+    return table
+
+
 def run(ctx: StageContext) -> LatencyTableRecord:
     """Load or measure the table, calibrate it to the dense model, save a copy in the output dir."""
     cfg, b = ctx.config, ctx.config.budget
     model = ctx.env.load_dense().eval()  # the graph as loaded is the cache key, not model.name
-    ctx.progress.stage_start("latency_table", note=f"latency table on {b.runtime}")
-    table, cached, source = load_or_measure(model, ctx.env.example_input(b.batch), cfg, measure_fn_for(cfg))
     base = ctx.record(BaselineRecord)
-    overhead = table.calibrate(base.dense.p50_ms)
+    if cfg.pruning.latency_costs == "macs":
+        ctx.progress.stage_start("latency_table", note="MAC cost table (no timing)")
+        table, cached, source = macs_table(model, ctx.env.example_input(b.batch), cfg, base.dense.p50_ms), "", "macs"
+        overhead = table.overhead_ms
+    else:
+        ctx.progress.stage_start("latency_table", note=f"latency table on {b.runtime}")
+        table, cached, source = load_or_measure(model, ctx.env.example_input(b.batch), cfg, measure_fn_for(cfg))
+        overhead = table.calibrate(base.dense.p50_ms)
     multiple, reason = resolve_channel_multiple(cfg, table)
     log.info("channel multiple %d (%s)", multiple, reason)
     in_graph = None
@@ -226,6 +245,7 @@ def _in_graph_fields(cfg: PruneJobConfig, res: object | None) -> dict[str, objec
     p = cfg.pruning
     if res is None:
         why = ("pruning.in_graph_calibration: false" if p.in_graph_calibration is False else
+               "pruning.latency_costs: macs (no measured costs to fit)" if p.latency_costs == "macs" else
                f"off by default for controller {p.controller!r}" +
                (f" with allocation {p.allocation!r}" if p.controller == "allocation" else ""))
         return {"in_graph": False, "in_graph_reason": why}

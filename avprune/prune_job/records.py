@@ -166,7 +166,7 @@ class LatencyTableRecord:
 
     path: str
     cache: str
-    source: str  # "cache" or "measured"
+    source: str  # "cache", "measured" or "macs" (pruning.latency_costs: macs, computed)
     entries: int
     overhead_ms: float
     # Resolved once here (``auto`` probed on the runtime); None in records written before issue #12,
