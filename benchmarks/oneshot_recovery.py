@@ -252,9 +252,11 @@ def markdown(rec: dict[str, Any], png: str) -> str:
             tries = ", ".join(f"{t['budget_ms']:.2f} ms predicted -> {t['measured_speedup']:.2f}x" for t in k["tries"])
             cut = ", ".join(f"{u} {kept}/{size}" for u, (kept, size) in sorted(k["cut_units"].items()))
             table = "MACs per layer scaled to the dense latency" if k.get("cost") == "macs" else "in-graph calibrated ORT table"
+            share = r["recipe"].get("knapsack_share")
+            how = (f"the budget fixed at {share:.4f} of the dense prediction, no search ({tries})" if share else
+                   f"the predicted budget corrected to the measured speed-up ({tries})")
             lines += ["", f"{r['name']}: HALP's knapsack ({table}, per-unit loss damage at "
-                      f"25/50/75%, groups of {MULTIPLE}), the predicted budget corrected to the measured speed-up "
-                      f"({tries}). Units cut (kept/dense channels): {cut or 'none'}."]
+                      f"25/50/75%, groups of {MULTIPLE}), {how}. Units cut (kept/dense channels): {cut or 'none'}."]
     if rec.get("block_ranking"):
         lines += ["", "Depth rows remove the blocks cheapest first: detection-loss increase (64 training images, "
                   "the block alone removed from the checkpoint) per ms saved (ORT, the block alone removed, "
