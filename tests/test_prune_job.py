@@ -598,6 +598,7 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     assert dumped["pruning"].pop("channel_multiple") == data["pruning"]["round_to"] == 8
     assert dumped["pruning"].pop("allocation") == "uniform" and dumped["finetune"].pop("distill") is None
     assert dumped["pruning"].pop("in_graph_calibration") is None and dumped["search"].pop("shadow_dense") is None
+    assert dumped["pruning"].pop("latency_costs") == "measured"  # every table before the field was timed
     assert dumped["sensitivity"].pop("metric") is None  # resolved: what the old job meant
     # the allocation controller's floor handling (not read by this job's cubic controller)
     assert [dumped["pruning"].pop(k) for k in ("floor_allowance", "step_back", "max_cut_per_update")] == [0.02, 0.5, 0.08]

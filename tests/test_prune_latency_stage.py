@@ -160,5 +160,7 @@ def test_latency_costs_macs_refuses_an_in_graph_calibration_at_config_load(job):
     data = {**job["data"], "pruning": {**job["data"]["pruning"], "latency_costs": "macs", "in_graph_calibration": True}}
     with pytest.raises(ValueError, match="latency_costs 'macs' has none to fit"):
         PruneJobConfig.model_validate(data)
-    assert not PruneJobConfig.model_validate(
-        {**job["data"], "pruning": {**job["data"]["pruning"], "latency_costs": "macs"}}).pruning.in_graph()
+    macs = PruneJobConfig.model_validate({**job["data"], "pruning": {**job["data"]["pruning"], "latency_costs": "macs"}})
+    assert not macs.pruning.in_graph()
+    # a job folder resumes only under the costs it was pruned with
+    assert macs.fingerprint() != PruneJobConfig.model_validate(job["data"]).fingerprint()

@@ -427,6 +427,8 @@ class PruneJobConfig(StrictModel):
             ft.pop("distill", None)
         if p.get("in_graph_calibration") is None:
             p.pop("in_graph_calibration", None)
+        if p.get("latency_costs") == "measured":  # every table before the field was measured
+            p.pop("latency_costs", None)
         if data["search"].get("shadow_dense") is None:
             data["search"].pop("shadow_dense", None)
         for key in ("metric", "max_layers", "sparsities"):  # None: resolved as a job before them meant
