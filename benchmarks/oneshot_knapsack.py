@@ -17,8 +17,8 @@ fine-tune:
    no ramp) allocates channel groups (multiples of 16) under a predicted budget, and
    :meth:`pruning.Pruner.finalize` removes them;
 4. the predicted budget is corrected until the finalized model's *measured* graph speed-up (ORT,
-   paired with dense, :meth:`avprune.prune_job.env.JobEnv.measure_latency_paired`) is within
-   ``tol`` of the target: the table ranks layers, the measurement sets how far to cut.
+   paired and interleaved with dense, :func:`deploy.timing.time_runtimes` as the side-by-side tables
+   time it) is within ``tol`` of the target: the table ranks layers, the measurement sets how far to cut.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from typing import Any
 log = logging.getLogger("benchmarks.oneshot_knapsack")
 
 MULTIPLE = 16
-
-
 COSTS = ("ort", "macs")
 
 
@@ -40,8 +38,7 @@ def calibrated_table(env: Any, work: Path, cost: str = "ort") -> tuple[Any, floa
     table (cached), in-graph calibrated; ``macs``, multiply-accumulates per layer
     (:func:`pruning.latency_model.macs_measure_fn`) scaled to the measured dense latency."""
     from avprune.prune_job import in_graph
-    from avprune.prune_job.latency_table import load_or_measure, measure_fn_for
-    from pruning.latency_model import LatencyTable, macs_measure_fn
+    from avprune.prune_job.latency_table import load_or_measure, macs_table, measure_fn_for
 
     if cost not in COSTS:
         raise ValueError(f"cost {cost!r}: expected one of {', '.join(COSTS)}")
@@ -49,9 +46,7 @@ def calibrated_table(env: Any, work: Path, cost: str = "ort") -> tuple[Any, floa
     dense = env.load_dense().eval()
     dense_ms = env.measure_latency(dense, work).p50_ms
     if cost == "macs":
-        table = LatencyTable.measure(dense, env.example_input(cfg.budget.batch), macs_measure_fn(), runtime="macs",
-                                     device="analytic", fractions=(0.125, 0.25, 0.5, 0.75, 1.0), multiple=MULTIPLE)
-        table.overhead_ms, table.scale = 0.0, dense_ms / table.layer_sum({})  # proportional: no fixed part
+        table = macs_table(dense, env.example_input(cfg.budget.batch), cfg, dense_ms)  # the job's, proportional
         log.info("MAC table: dense %.2f ms, predicted %.2f ms", dense_ms, table.predict({}))
         return table, dense_ms
     table, cache, source = load_or_measure(dense, env.example_input(cfg.budget.batch), cfg, measure_fn_for(cfg))

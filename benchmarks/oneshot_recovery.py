@@ -81,17 +81,22 @@ def one_shot(model: Any, ratio: float, input_size: tuple[int, int]) -> Any:
     return model
 
 
-def rank_blocks(env: Any) -> list[dict[str, Any]]:
+def rank_blocks(env: Any, cache: Path) -> list[dict[str, Any]]:
     """The dense model's removable blocks, cheapest first: detection-loss increase per ms saved.
 
     Loss: :func:`perception.loss_probe.loss_metric` on 64 fixed training images (not the val images
     every row is judged on). Latency: :func:`pruning.blocks.block_latency`, the dense core and each
     single removal exported and timed interleaved on ORT (process CPU ms, steady under load).
+    Kept in ``cache`` per checkpoint: the timing is noisy, and a rerun that re-ranked would change
+    the depth rows' recipes and retrain rows already cached.
     """
     from benchmarks.depth import ort_measure_all
     from perception.loss_probe import loss_metric
     from pruning.blocks import block_latency, block_sensitivity, require_blocks
 
+    ckpt = str(env.config.model.checkpoint)
+    if cache.is_file() and json.loads(cache.read_text()).get("checkpoint") == ckpt:
+        return json.loads(cache.read_text())["ranking"]
     dense = env.load_dense().eval()
     blocks = require_blocks(dense)
     lat = block_latency(dense, None, blocks, rounds=1, measure_all=ort_measure_all(40, {}))
@@ -99,7 +104,9 @@ def rank_blocks(env: Any) -> list[dict[str, Any]]:
     rows = [{"name": b.name, "ms": lat[b.name].ms, "share": lat[b.name].share, "loss_up": loss_up[b.name]}
             for b in blocks]
     # A block timed as saving nothing (noise) is ranked last, whatever its loss.
-    return sorted(rows, key=lambda r: r["loss_up"] / r["ms"] if r["ms"] > 0 else float("inf"))
+    ranking = sorted(rows, key=lambda r: r["loss_up"] / r["ms"] if r["ms"] > 0 else float("inf"))
+    atomic_write_json(cache, {"checkpoint": ckpt, "ranking": ranking})
+    return ranking
 
 
 def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path,
@@ -133,9 +140,9 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
     cut: dict[str, Any] = {}
     if knapsack:
         from benchmarks.allocation import damage_curves
-        folder.mkdir(parents=True, exist_ok=True)
         from benchmarks.oneshot_knapsack import knapsack_cut
 
+        folder.mkdir(parents=True, exist_ok=True)
         damage, _ = damage_curves(Path(cfg.model.checkpoint), env.train_set)
         student, cut = knapsack_cut(env, knapsack, damage, folder, cost=args.knapsack_cost, share=args.knapsack_share)
     else:
@@ -367,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if depth:
         from avprune.prune_job.env import JobEnv
 
-        ranking = rank_blocks(JobEnv.from_config(cfg))
+        ranking = rank_blocks(JobEnv.from_config(cfg), work / "block_ranking.json")
         log.info("blocks, cheapest first: %s", [(b["name"], round(b["ms"], 2), round(b["loss_up"], 3)) for b in ranking])
         for k, r in depth:
             if k > len(ranking):
