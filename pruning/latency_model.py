@@ -414,7 +414,9 @@ def macs_measure_fn() -> MeasureFn:
     A table built with it ranks layers by compute alone: noise-free and machine-independent, for
     runtimes whose latency tracks MACs once channel counts are aligned to their blocks (issue #12:
     ONNX Runtime's NCHWc convs on this CPU, where isolated-layer timings mislead a knapsack). Scale
-    it to milliseconds with :meth:`LatencyTable.calibrate` on the measured dense model.
+    it to milliseconds proportionally: ``table.scale = dense_ms / table.layer_sum({})`` with
+    ``overhead_ms = 0`` (:meth:`LatencyTable.calibrate` at scale 1 would put almost all of the dense
+    latency into the fixed overhead, since the entries are in millions of MACs, not ms).
     """
 
     def measure(module: nn.Module, input_shape: tuple[int, ...]) -> float:
