@@ -500,6 +500,37 @@ def test_allocation_controller_with_blocks_tiny_job(assets, ray_local, tmp_path)
     assert "Channels per layer" in html and "Channel multiple" in html
 
 
+def test_reconstruct_images_resolves_the_cut_once_in_a_tiny_job(assets, ray_local, tmp_path, monkeypatch):
+    """pruning.reconstruct_images: the trial re-solves its consumer layers once, after its ramp, and
+    records when, how many layers and their output error before/after in pruning.json. The output
+    folder is given relative (``--out job``): Tune runs trials in folders of their own."""
+    from avprune.prune_job import run_prune_job
+
+    out = tmp_path / "job"
+    changes = {"budget.latency_ms": None, "budget.speedup": 1.1, "budget.max_map_drop": 1.0,
+               "pruning.controller": "allocation", "pruning.allocation": "uniform", "pruning.granularity": "channel",
+               "pruning.max_sparsity": 0.5, "pruning.importances": ["magnitude"], "pruning.reconstruct_images": 4,
+               "search.candidates": 1, "sensitivity.max_layers": 1, "search.shadow_dense": False}
+    cfg = PruneJobConfig.model_validate(tiny_job(assets, out, **changes))
+    monkeypatch.chdir(tmp_path)
+    try:
+        run_prune_job(cfg, out_dir=Path("job"), progress=False)
+    except InfeasibleBudgetError:
+        pass  # measured latency on a shared machine may miss the budget; the artifacts are written either way
+    rec = json.loads((out / "search" / "trials" / "c0" / "pruning.json").read_text())
+    solved = rec["reconstruction"]
+    assert solved is not None, rec
+    ft = cfg.finetune
+    assert ft.warmup() < solved["step"] <= ft.steps and solved["step"] % cfg.pruning.update_every == 0
+    cut = any(ch["kept"] < ch["dense"] for ch in rec["channels"].values())
+    assert solved["layers"] >= 1 or not cut
+    assert solved["mean_error_after"] <= solved["mean_error_before"]
+    report = json.loads((out / "report.json").read_text())
+    if report["candidate_id"] == "c0":  # the final model of c0 (not a mid-run snapshot) was selected
+        assert report["reconstruction"] == solved
+        assert f"at step {solved['step']} the {solved['layers']} 1x1 convs" in (out / "report.html").read_text()
+
+
 def test_live_progress_callback_survives_tunes_pickling():
     """Tune pickles callbacks into the experiment state; the live display must not go with them."""
     from ray import cloudpickle

@@ -164,3 +164,16 @@ def test_latency_costs_macs_refuses_an_in_graph_calibration_at_config_load(job):
     assert not macs.pruning.in_graph()
     # a job folder resumes only under the costs it was pruned with
     assert macs.fingerprint() != PruneJobConfig.model_validate(job["data"]).fingerprint()
+
+
+def test_reconstruct_images_is_refused_without_channels_and_off_keeps_the_fingerprint(job):
+    data = job["data"]
+    with pytest.raises(ValueError, match="reconstruct_images re-solves layers"):
+        PruneJobConfig.model_validate({**data, "pruning": {**data["pruning"], "granularity": "block", "controller": "budget",
+                                                          "reconstruct_images": 8}})
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        PruneJobConfig.model_validate({**data, "pruning": {**data["pruning"], "reconstruct_images": -1}})
+    base = PruneJobConfig.model_validate(data)
+    off = PruneJobConfig.model_validate({**data, "pruning": {**data["pruning"], "reconstruct_images": 0}})
+    on = PruneJobConfig.model_validate({**data, "pruning": {**data["pruning"], "reconstruct_images": 8}})
+    assert off.fingerprint() == base.fingerprint() != on.fingerprint()

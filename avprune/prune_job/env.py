@@ -133,6 +133,18 @@ class JobEnv:
 
         return subset(self.val_set, n, seed=self.config.seed)
 
+    def calibration_batches(self, model: nn.Module, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
+        """The first ``images`` training images as ``model``'s normalised core inputs ([B, 3, H, W]
+        batches of ``batch``): what :func:`pruning.reconstruct.reconstruct` fits layers on."""
+        import torch
+
+        n = min(int(images), len(self.train_set))
+        if n < 1:
+            raise ValueError(f"calibration images {images!r}: give at least 1 (the train split has {len(self.train_set)})")
+        with torch.no_grad():
+            return [model.transform([self.train_set[i][0] for i in range(s, min(s + batch, n))])[0].tensors
+                    for s in range(0, n, batch)]
+
     @cached_property
     def timing_frames(self) -> list[np.ndarray]:
         """``budget.batch`` real frames (HxWx3 uint8): the batch every latency is measured on."""

@@ -159,6 +159,8 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "allocation": {"controller": c.controller, "granularity": p.granularity,
                        "mode": p.allocation if c.controller == "allocation" else f"{c.controller} (one global ratio)"},
         "widest_reach_ms": table_rec.widest_reach_ms,
+        # pruning.reconstruct_images: when the candidate's cut was re-solved, how many layers, their error
+        "reconstruction": pruning.get("reconstruction"),
         **block_section(env, model, pruning, table_rec.block_ms, base.dense.p50_ms),  # issue #14
         "pruner_history": pruning.get("history", []),
         "artifacts": {"checkpoint": f"{stem}.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},

@@ -243,7 +243,17 @@ def _pruning_setup(doc: JSONDict) -> str:
             f"(configured <code>{html.escape(str(cm.get('configured')))}</code>): {html.escape(str(cm.get('reason', '')))}."
             f"<br>Allocation: <b>{html.escape(str(al.get('mode')))}</b>, controller "
             f"<code>{html.escape(str(al.get('controller')))}</code>, granularity "
-            f"<code>{html.escape(str(al.get('granularity')))}</code>.</p>")
+            f"<code>{html.escape(str(al.get('granularity')))}</code>.{_reconstruction(doc)}</p>")
+
+
+def _reconstruction(doc: JSONDict) -> str:
+    """One sentence on ``pruning.reconstruct_images``: when the cut was re-solved and how close it got."""
+    rc = doc.get("reconstruction")
+    if not rc:
+        return ""
+    return (f"<br>Reconstruction: at step {int(rc['step'])} the {int(rc['layers'])} 1x1 convs reading pruned channels "
+            f"were re-solved against the dense model ({rc['seconds']:.0f} s): mean relative output error "
+            f"{rc['mean_error_before']:.3f} -> {rc['mean_error_after']:.3f}.")
 
 
 def _floor_section(doc: JSONDict) -> str:

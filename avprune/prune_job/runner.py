@@ -146,7 +146,9 @@ def run_prune_job(
         from avprune.prune_job.preflight import check_job_inputs
 
         check_job_inputs(config)  # before Ray starts and before OUT is written
-    out = Path(out_dir) if out_dir is not None else config.output_dir
+    # absolute, as the config's paths are: Ray Tune runs each trial in a folder of its own, where a
+    # relative --out would name another place (measured: the trials failed on work/latency_table.json)
+    out = Path(out_dir).expanduser().resolve() if out_dir is not None else config.output_dir
     # what config load cannot see (the architecture): refused before Ray starts or OUT is created
     check_model(config)
     store = StageStore(out)

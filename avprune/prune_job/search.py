@@ -19,6 +19,7 @@ measurement is judged against is the shadow's mAP at that step minus the drop.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from avprune.prune_job.block_step import BlockStep
+    from avprune.prune_job.reconstruct_step import ReconstructStep
     from deploy.timing import LatencySummary
     from perception.train import StepContext
     from pruning import Controller, Pruner
@@ -159,6 +161,7 @@ class _Trial:
         self.spec, self.env, self.work = spec, env, work
         self.pruner: Pruner | None = None
         self.blocks: BlockStep | None = None
+        self.reconstruct: ReconstructStep | None = None
         self.last: _Measured | None = None
         self._dense_target: nn.Module | Path | None = None
         self.load_factor: float | None = None  # baseline dense p50 / dense p50 in the last paired timing
@@ -248,6 +251,7 @@ class _Trial:
             "channel_multiple": pruner.channel_multiple,
             "allocation": getattr(ctrl, "allocation_kind", None),
             "removed_blocks": removed,
+            "reconstruction": self.reconstruct.summary if self.reconstruct is not None else None,
             **({"block_events": []} if self.blocks is None else self.blocks.report()),
         })
         if self.last is None or self.last.step != steps:
@@ -332,7 +336,11 @@ def trial(params: dict[str, object]) -> None:
         hooks.append(blocks)
         if budget_ms is not None:
             hooks.append(budget_ms)
-    hooks += [pruner, state.hook, state.gate]  # the gate last: a measurement elsewhere waits for this step's hooks
+    hooks.append(pruner)
+    if p.reconstruct_images and p.prunes_channels:
+        state.reconstruct = _reconstruct_step(cfg, spec, env, model, dense, controller)
+        hooks.append(state.reconstruct)  # after the pruner (this step's masks), before the measurement
+    hooks += [state.hook, state.gate]  # the gate last: a measurement elsewhere waits for this step's hooks
     student = model
     if cfg.distill():
         from perception.distill import DistilledDetector
@@ -351,6 +359,27 @@ def trial(params: dict[str, object]) -> None:
     if state.gate.waited_s > 1.0:
         log.info("paused %.1f s in all while other trials timed latency", state.gate.waited_s)
     state.finish(pruner, ft.steps, infeasible=bool(getattr(controller, "infeasible", False)))
+
+
+def _reconstruct_step(cfg: PruneJobConfig, spec: TrialSpec, env: JobEnv, model: nn.Module, dense: nn.Module,
+                      controller: Controller) -> ReconstructStep:
+    """The hook that re-solves the pruned model's consumer layers once its cut has reached the budget:
+    the first mask update after the ramp where the allocation met its target (or the last update)."""
+    from avprune.prune_job.reconstruct_step import ReconstructStep
+    from pruning.filters import detector_core_forward
+
+    ft = cfg.finetune
+    begin = ft.warmup()
+    ramp_end = begin + max(1, int(round(spec.candidate.ramp * (ft.steps - begin))))
+
+    def caught_up() -> bool:  # the allocation controller may lag its target (max_cut_per_update)
+        last = getattr(controller, "last", None)
+        return last is None or float(last.predicted_ms) <= float(last.target_ms) * 1.01
+
+    teacher = copy.deepcopy(dense).eval()  # the distillation teacher is left as it is
+    return ReconstructStep(model, teacher, lambda: env.calibration_batches(teacher, cfg.pruning.reconstruct_images),
+                           from_step=ramp_end, last_step=freeze_after(cfg), update_every=cfg.pruning.update_every,
+                           ready=caught_up, forward_fn=detector_core_forward)
 
 
 def freeze_after(cfg: PruneJobConfig) -> int:
