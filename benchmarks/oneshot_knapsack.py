@@ -58,8 +58,11 @@ def calibrated_table(env: Any, work: Path, cost: str = "ort") -> tuple[Any, floa
     return table, dense_ms
 
 
-def allocate(env: Any, table: Any, budget_ms: float, damage: dict[str, list[list[float]]]) -> tuple[Any, dict[str, Any]]:
-    """The dense model with the knapsack's channel groups under ``budget_ms`` (predicted) removed."""
+def allocate(env: Any, table: Any, budget_ms: float, damage: dict[str, list[list[float]]], *,
+             reconstruct_images: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The dense model with the knapsack's channel groups under ``budget_ms`` (predicted) removed;
+    ``reconstruct_images`` > 0: the layers reading pruned channels re-solved on that many training
+    images before the groups go (:func:`pruning.reconstruct.reconstruct`)."""
     from pruning import Pruner
     from pruning.allocation_controller import AllocationController
 
@@ -75,7 +78,28 @@ def allocate(env: Any, table: Any, budget_ms: float, damage: dict[str, list[list
     last = ctrl.last
     kept = {u: [int(k), int(sizes[u])] for u, k in (last.kept if last else {}).items() if k < sizes[u]}
     info = {"budget_ms": budget_ms, "predicted_ms": last.predicted_ms if last else None, "cut_units": kept}
+    if reconstruct_images > 0:
+        info["reconstruct"] = reconstruct_masked(env, model, reconstruct_images)
     return pruner.finalize().eval(), info
+
+
+def reconstruct_masked(env: Any, model: Any, images: int) -> dict[str, Any]:
+    """Re-solve ``model``'s (masked) consumers of pruned channels against the dense model on
+    ``images`` training images; a summary of the fits."""
+    import time
+
+    from pruning.filters import detector_core_forward
+    from pruning.reconstruct import reconstruct
+
+    teacher = env.load_dense().eval()
+    t0 = time.perf_counter()
+    fits = reconstruct(model, teacher, env.calibration_batches(teacher, images), forward_fn=detector_core_forward)
+    n = max(len(fits), 1)
+    out = {"images": images, "layers": len(fits), "seconds": time.perf_counter() - t0,
+           "mean_error_before": sum(f.error_before for f in fits) / n, "mean_error_after": sum(f.error_after for f in fits) / n}
+    log.info("reconstruction: %d layers on %d images in %.0f s, mean relative error %.3f -> %.3f", out["layers"],
+             images, out["seconds"], out["mean_error_before"], out["mean_error_after"])
+    return out
 
 
 def measured_speedup(env: Any, dense_onnx: Path, model: Any, work: Path, *, blocks: int = 10) -> float:
@@ -98,7 +122,7 @@ def measured_speedup(env: Any, dense_onnx: Path, model: Any, work: Path, *, bloc
 
 def knapsack_cut(env: Any, speedup: float, damage: dict[str, list[list[float]]], work: Path, *,
                  cost: str = "ort", share: float | None = None, tol: float = 0.02,
-                 tries: int = 5) -> tuple[Any, dict[str, Any]]:
+                 tries: int = 5, reconstruct_images: int = 0) -> tuple[Any, dict[str, Any]]:
     """A finalized model whose measured graph speed-up over dense is within ``tol`` of ``speedup``
     (or the closest of ``tries``), and what each try predicted and measured. ``share``: no search,
     the budget is that share of the dense prediction (repeats an earlier row's cut exactly)."""
@@ -112,7 +136,7 @@ def knapsack_cut(env: Any, speedup: float, damage: dict[str, list[list[float]]],
     history: list[dict[str, Any]] = []
     best: tuple[float, Any, dict[str, Any]] | None = None
     for _ in range(1 if share is not None else tries):
-        model, info = allocate(env, table, budget, damage)
+        model, info = allocate(env, table, budget, damage, reconstruct_images=reconstruct_images)
         measured = measured_speedup(env, dense, model, work)
         info["measured_speedup"], info["share"] = measured, budget / table.predict({})
         history.append({k: v for k, v in info.items() if k != "cut_units"})

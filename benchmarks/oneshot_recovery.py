@@ -81,6 +81,23 @@ def one_shot(model: Any, ratio: float, input_size: tuple[int, int]) -> Any:
     return model
 
 
+def uniform_reconstructed(env: Any, ratio: float, images: int) -> tuple[Any, dict[str, Any]]:
+    """``ratio`` of every channel group masked by the job's pruner (L2 magnitude, multiples of
+    :data:`MULTIPLE`, the same layer filter), the layers reading pruned channels re-solved on
+    ``images`` training images (:func:`pruning.reconstruct.reconstruct`), then finalized."""
+    from benchmarks.oneshot_knapsack import reconstruct_masked
+    from pruning import Pruner
+    from pruning.controllers import FixedController
+
+    model = env.load_dense().eval()
+    pruner = Pruner(model, importance="magnitude", granularity="channel", controller=FixedController(ratio),
+                    example_inputs=env.example_input(1), layer_filter=env.layer_filter(model, "magnitude"),
+                    channel_multiple=MULTIPLE)
+    pruner.update()
+    info = {"reconstruct": reconstruct_masked(env, model, images)}
+    return pruner.finalize().eval(), info
+
+
 def rank_blocks(env: Any, cache: Path) -> list[dict[str, Any]]:
     """The dense model's removable blocks, cheapest first: detection-loss increase per ms saved.
 
@@ -110,7 +127,7 @@ def rank_blocks(env: Any, cache: Path) -> list[dict[str, Any]]:
 
 
 def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path,
-         blocks: tuple[str, ...] = (), knapsack: float | None = None) -> dict[str, Any]:
+         blocks: tuple[str, ...] = (), knapsack: float | None = None, recon: int = 0) -> dict[str, Any]:
     """Remove ``blocks``, prune (``ratio`` > 0 uniformly, or HALP's knapsack to the measured speed-up
     ``knapsack``) and fine-tune one row, or reuse it when its recipe is cached."""
     from avprune.prune_job.env import JobEnv
@@ -127,6 +144,8 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
         recipe["feature_weight"] = feature_weight
     if blocks:
         recipe["blocks"] = list(blocks)
+    if recon:  # only then in the key: rows cached before the option stay valid
+        recipe["reconstruct"] = recon
     if knapsack:
         recipe["knapsack"], recipe["knapsack_cost"] = knapsack, args.knapsack_cost
         if args.knapsack_share is not None:
@@ -144,7 +163,10 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
 
         folder.mkdir(parents=True, exist_ok=True)
         damage, _ = damage_curves(Path(cfg.model.checkpoint), env.train_set)
-        student, cut = knapsack_cut(env, knapsack, damage, folder, cost=args.knapsack_cost, share=args.knapsack_share)
+        student, cut = knapsack_cut(env, knapsack, damage, folder, cost=args.knapsack_cost, share=args.knapsack_share,
+                                    reconstruct_images=recon)
+    elif recon:
+        student, cut = uniform_reconstructed(env, ratio, recon)
     else:
         student = copy.deepcopy(teacher)
         drop_blocks(student, list(blocks))  # depth first, so the width cut sees the shallower graph
@@ -161,7 +183,8 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
         curve.append([args.steps, env.evaluate_map(student).map])
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder / "model.pt", student.eval())
-    row = {"name": name, "ratio": ratio, "blocks": list(blocks), "knapsack": cut or None, "recipe": recipe, "curve": curve, "checkpoint": str(folder / "model.pt"),
+    row = {"name": name, "ratio": ratio, "blocks": list(blocks), "knapsack": (cut or None) if knapsack else None,
+           "reconstruct": cut.get("reconstruct"), "recipe": recipe, "curve": curve, "checkpoint": str(folder / "model.pt"),
            "train_s": time.perf_counter() - t0}
     atomic_write_json(done, row)
     return row
@@ -215,17 +238,19 @@ def markdown(rec: dict[str, Any], png: str) -> str:
     rows = rec["rows"]
     steps = sorted({s for r in rows for s, _ in r["curve"]})
     tag, fw = rec.get("tag", "oneshot_recovery"), rec.get("feature_weight", 0.0)
-    ratios = ",".join(str(r["ratio"]) for r in rows if r["ratio"] and not r.get("blocks"))
+    ratios = ",".join(dict.fromkeys(str(r["ratio"]) for r in rows if r["ratio"] and not r.get("blocks")))
     depth = ",".join(f"{len(r['blocks'])}:{r['ratio']:g}" for r in rows if r.get("blocks"))
-    knap = ",".join(f"{r['recipe']['knapsack']:g}" for r in rows if r.get("knapsack"))
+    knap = ",".join(dict.fromkeys(f"{r['recipe']['knapsack']:g}" for r in rows if r.get("knapsack")))
     knap_cost = next((r["recipe"].get("knapsack_cost", "ort") for r in rows if r.get("knapsack")), "")
     knap_share = next((r["recipe"].get("knapsack_share") for r in rows if r.get("knapsack")), None)
+    recon = next((r["recipe"]["reconstruct"] for r in rows if r.get("recipe", {}).get("reconstruct")), 0)
     cmd = (f"python -m benchmarks.oneshot_recovery --tag {tag} --checkpoint {rec['checkpoint']} --ratios '{ratios}' "
            + (f"--depth {depth} " if depth else "")
            + (f"--knapsack {knap} --knapsack-cost {knap_cost} " if knap else "")
            + (f"--knapsack-share {knap_share:g} " if knap_share else "")
            + f"--steps {rec['steps']} --eval-every {rec.get('eval_every', 250)} --lr {rec['lr']:g}"
-           + (f" --feature-weight {fw:g}" if fw else ""))
+           + (f" --feature-weight {fw:g}" if fw else "")
+           + (f" --reconstruct {recon}" if recon else ""))
     feat = (f"; the pruned rows add attention transfer on the backbone's feature maps (weight {fw:g}), the dense "
             "row keeps head distillation only" if fw else "")
     lines = [
@@ -254,6 +279,13 @@ def markdown(rec: dict[str, Any], png: str) -> str:
         cells = [next((f"{m:.3f}" for st, m in r["curve"] if st == s), "-") for r in rows]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     for r in rows:
+        rc = r.get("reconstruct")
+        if rc:
+            lines += ["", f"{r['name']}: cut by the prune job's pruner (masks, L2 magnitude, multiples of {MULTIPLE}), "
+                      f"then every 1x1 conv reading pruned channels re-solved by least squares against the dense model "
+                      f"on {rc['images']} training images (`pruning.reconstruct`): {rc['layers']} layers in "
+                      f"{rc['seconds']:.0f} s, mean relative output error {rc['mean_error_before']:.3f} -> "
+                      f"{rc['mean_error_after']:.3f}; step-0 mAP {r['curve'][0][1]:.3f}."]
         k = r.get("knapsack")
         if k:
             tries = ", ".join(f"{t['budget_ms']:.2f} ms predicted -> {t['measured_speedup']:.2f}x" for t in k["tries"])
@@ -314,6 +346,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="attention-transfer weight on the backbone feature maps for the pruned rows (default 0: "
                          "head distillation only). At weight 1 the attention loss is ~0.14 for a fresh 30%% cut and ~0.04 for dense "
                          "(BatchNorm's batch statistics), against a detection loss of ~0.75: 5 weighs them alike")
+    ap.add_argument("--reconstruct", type=int, default=0, metavar="IMAGES",
+                    help="add, beside each width row, the same row with the layers reading pruned channels "
+                         "re-solved on this many training images before the fine-tune (least squares against the "
+                         "dense model, pruning.reconstruct; default 0: off). A re-solved uniform row is cut by the "
+                         "prune job's pruner (masks, L2 magnitude, multiples of 16) instead of Torch-Pruning's "
+                         "MetaPruner; not with --depth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", help="results name: benchmarks/results/TAG.json, its RESULTS.md section and the "
                     "row cache benchmarks/_work/TAG (default oneshot_recovery; quick oneshot_recovery_quick)")
@@ -357,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--feature-weight {args.feature_weight}: give a weight >= 0 (0 = head distillation only)")
     if not args.lr > 0:
         raise SystemExit(f"--lr {args.lr}: give a positive rate, e.g. 1e-3")
+    if args.reconstruct < 0:
+        raise SystemExit(f"--reconstruct {args.reconstruct}: give a number of calibration images >= 0 (e.g. 64)")
+    if args.reconstruct and depth:
+        raise SystemExit("--reconstruct with --depth: reconstruction solves the masked width cut; run depth rows without it")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from benchmarks.prune_job import _data, _dense_checkpoint, _side_by_side
 
@@ -367,9 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _config(args, ckpt, coco, work)
     rows = [_row("dense as long", 0.0, cfg, args, work)]
     feat = f" +feat {args.feature_weight:g}" if args.feature_weight > 0 else ""
-    rows += [_row(_row_name(0, r, feat), r, cfg, args, work) for r in ratios]
-    rows += [_row(f"one-shot knapsack {v:g}x {args.knapsack_cost}{feat}", 0.0, cfg, args, work, knapsack=v)
-             for v in knapsacks]
+    # with --reconstruct each width row comes twice: as cut, and with its layers re-solved (paired)
+    recons = [0, args.reconstruct] if args.reconstruct else [0]
+    rc = {0: "", args.reconstruct: f" +recon {args.reconstruct}"}
+    rows += [_row(_row_name(0, r, feat + rc[n]), r, cfg, args, work, recon=n) for r in ratios for n in recons]
+    rows += [_row(f"one-shot knapsack {v:g}x {args.knapsack_cost}{feat}{rc[n]}", 0.0, cfg, args, work, knapsack=v,
+                  recon=n) for v in knapsacks for n in recons]
     ranking: list[dict[str, Any]] = []
     if depth:
         from avprune.prune_job.env import JobEnv

@@ -124,3 +124,25 @@ def test_oneshot_recovery_knapsack_rows_rerun_from_the_command_and_show_their_cu
     assert "--ratios '' --knapsack 1.55 --knapsack-cost ort --steps 1000" in md
     assert "(5.10 ms predicted -> 1.41x, 4.60 ms predicted -> 1.56x)" in md and "backbone.a 32/64" in md
     assert "**not met**" in md
+
+
+def test_oneshot_recovery_reconstructed_rows_rerun_from_the_command_and_say_what_the_solve_did() -> None:
+    from benchmarks.oneshot_recovery import _is_dense, markdown
+
+    base = {"params_m": 1.4, "graph_p50_ms": 5.0, "frame_speedup": 1.4, "blocks": [], "knapsack": None}
+    dense = {**base, "name": "dense as long", "ratio": 0.0, "graph_speedup": 1.0, "map": 0.645, "map_drop_points": 0.0,
+             "recipe": {}, "curve": [[0, 0.645], [1000, 0.645]]}
+    plain = {**base, "name": "one-shot 30%", "ratio": 0.3, "graph_speedup": 1.55, "map": 0.628, "map_drop_points": 1.7,
+             "recipe": {"ratio": 0.3}, "curve": [[0, 0.002], [1000, 0.628]]}
+    solved = {**plain, "name": "one-shot 30% +recon 64", "recipe": {"ratio": 0.3, "reconstruct": 64},
+              "map": 0.640, "map_drop_points": 0.5, "curve": [[0, 0.596], [1000, 0.640]],
+              "reconstruct": {"images": 64, "layers": 59, "seconds": 120.0, "mean_error_before": 0.466,
+                              "mean_error_after": 0.02}}
+    assert not _is_dense(solved)
+    rec = {"tag": "t", "quick": False, "checkpoint": "c.pt", "data": "d", "steps": 1000, "lr": 1e-3,
+           "val_images": 480, "seed": 0, "machine": "m", "wall_s": 60.0, "rows": [dense, plain, solved],
+           "best_within_drop": solved}
+    md = markdown(rec, "x.png")
+    assert "--ratios '0.3' --steps 1000 --eval-every 250 --lr 0.001 --reconstruct 64`" in md
+    assert "59 layers in 120 s, mean relative output error 0.466 -> 0.020; step-0 mAP 0.596." in md
+    assert "one-shot 30%: cut by" not in md  # only the re-solved row gets the sentence
