@@ -112,6 +112,8 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, out
         overrides["pruning.allocation"] = args.allocation
     if args.latency_costs:
         overrides["pruning.latency_costs"] = args.latency_costs
+    if args.reconstruct:
+        overrides["pruning.reconstruct_images"] = args.reconstruct
     if args.allocation == "latency":  # the knapsack reads every unit's damage curve (resolved defaults)
         overrides.update({"sensitivity.max_layers": None, "sensitivity.sparsities": None})
     if args.quick:
@@ -389,6 +391,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--ramp", type=float, default=RAMP,
                     help=f"share of the fine-tune (after the warm-up) by which the latency target reaches the budget; "
                          f"the rest recovers (default {RAMP})")
+    ap.add_argument("--reconstruct", type=int, default=0, metavar="IMAGES",
+                    help="pruning.reconstruct_images: each candidate's cut re-solved against the dense model on this "
+                         "many training images once it reaches the budget (default 0: off)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from the last run")
     return ap
 

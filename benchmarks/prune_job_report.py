@@ -36,7 +36,10 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
         + f"batch {ft['batch_size']}, controller `{p['controller']}`"
         + (f" (allocation `{p.get('allocation')}`" + (", MAC costs" if p.get("latency_costs") == "macs" else "")
            + ")" if p.get("allocation") else "")
-        + f", channel groups of {p['channel_multiple']}, distillation {'on' if ft.get('distill', True) else 'off'}. "
+        + f", channel groups of {p['channel_multiple']}, distillation {'on' if ft.get('distill', True) else 'off'}"
+        + (f", each cut re-solved against the dense model on {p['reconstruct_images']} training images once it reached "
+           "the budget (`pruning.reconstruct_images`)" if p.get("reconstruct_images") else "")
+        + ". "
           f"*dense-long*: the dense checkpoint fine-tuned {record['steps']} steps with the same recipe, without pruning"
         + (" (the first job's dense shadow, the model its floor was judged against)"
            if record.get("dense_long_source") == "shadow" else " (trained apart from the jobs' shadows)")

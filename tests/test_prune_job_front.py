@@ -84,5 +84,8 @@ def test_results_section_and_plot_from_a_record(tmp_path) -> None:
     md = markdown(record, "prune_job_pareto.png")
     assert "**400 fine-tune steps**" in md and "#14 target, channel+block" in md and "NOT met" in md
     assert "channel+block vs channel at equal drop" in md and "results/prune_job_pareto.png" in md
+    assert "re-solved" not in md
+    record["config"]["channel"]["pruning"]["reconstruct_images"] = 64
+    assert "each cut re-solved against the dense model on 64 training images" in markdown(record, "x.png")
     png = plot_fronts(tmp_path / "p.png", points, record["pareto"], 1.0, (1.5, 2.0, 2.5), "t")
     assert png.stat().st_size > 1000
