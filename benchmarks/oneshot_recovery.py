@@ -281,7 +281,9 @@ def markdown(rec: dict[str, Any], png: str) -> str:
     for r in rows:
         rc = r.get("reconstruct")
         if rc:
-            lines += ["", f"{r['name']}: cut by the prune job's pruner (masks, L2 magnitude, multiples of {MULTIPLE}), "
+            how = ("HALP's knapsack (below), as masks" if r.get("knapsack")
+                   else f"the prune job's pruner (masks, L2 magnitude, multiples of {MULTIPLE})")
+            lines += ["", f"{r['name']}: cut by {how}, "
                       f"then every 1x1 conv reading pruned channels re-solved by least squares against the dense model "
                       f"on {rc['images']} training images (`pruning.reconstruct`): {rc['layers']} layers in "
                       f"{rc['seconds']:.0f} s, mean relative output error {rc['mean_error_before']:.3f} -> "

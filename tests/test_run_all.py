@@ -146,3 +146,4 @@ def test_oneshot_recovery_reconstructed_rows_rerun_from_the_command_and_say_what
     assert "--ratios '0.3' --steps 1000 --eval-every 250 --lr 0.001 --reconstruct 64`" in md
     assert "59 layers in 120 s, mean relative output error 0.466 -> 0.020; step-0 mAP 0.596." in md
     assert "one-shot 30%: cut by" not in md  # only the re-solved row gets the sentence
+    assert "one-shot 30% +recon 64: cut by the prune job's pruner" in md  # a width row, not a knapsack's
