@@ -89,14 +89,12 @@ def reconstruct_masked(env: Any, model: Any, images: int) -> dict[str, Any]:
     import time
 
     from pruning.filters import detector_core_forward
-    from pruning.reconstruct import reconstruct
+    from pruning.reconstruct import fit_summary, reconstruct
 
     teacher = env.load_dense().eval()
     t0 = time.perf_counter()
     fits = reconstruct(model, teacher, env.calibration_batches(teacher, images), forward_fn=detector_core_forward)
-    n = max(len(fits), 1)
-    out = {"images": images, "layers": len(fits), "seconds": time.perf_counter() - t0,
-           "mean_error_before": sum(f.error_before for f in fits) / n, "mean_error_after": sum(f.error_after for f in fits) / n}
+    out = {"images": images, "seconds": time.perf_counter() - t0, **fit_summary(fits)}
     log.info("reconstruction: %d layers on %d images in %.0f s, mean relative error %.3f -> %.3f", out["layers"],
              images, out["seconds"], out["mean_error_before"], out["mean_error_after"])
     return out

@@ -60,6 +60,13 @@ class _Stop(Exception):
     """Raised by a hook once it has what it needs: the rest of the forward is not run."""
 
 
+def fit_summary(fits: Sequence[LayerFit]) -> dict[str, float]:
+    """How many layers were solved and their mean relative output error before and after."""
+    n = max(len(fits), 1)
+    return {"layers": len(fits), "mean_error_before": sum(f.error_before for f in fits) / n,
+            "mean_error_after": sum(f.error_after for f in fits) / n}
+
+
 def _is_pointwise(module: nn.Module) -> bool:
     return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
             and module.stride == (1, 1) and module.padding in ((0, 0), "valid"))

@@ -58,16 +58,13 @@ class ReconstructStep:
             return
         import time
 
-        from pruning.reconstruct import reconstruct
+        from pruning.reconstruct import fit_summary, reconstruct
 
         t0 = time.perf_counter()
         was_training = self.model.training
         fits = reconstruct(self.model, self.teacher, self.batches(), forward_fn=self.forward_fn)
         self.model.train(was_training)
-        n = max(len(fits), 1)
         self.done_step = steps_done
-        self.summary = {"step": steps_done, "layers": len(fits), "seconds": time.perf_counter() - t0,
-                        "mean_error_before": sum(f.error_before for f in fits) / n,
-                        "mean_error_after": sum(f.error_after for f in fits) / n}
+        self.summary = {"step": steps_done, "seconds": time.perf_counter() - t0, **fit_summary(fits)}
         log.info("reconstruction at step %d: %d layers in %.0f s, mean relative error %.3f -> %.3f", steps_done,
                  len(fits), self.summary["seconds"], self.summary["mean_error_before"], self.summary["mean_error_after"])
