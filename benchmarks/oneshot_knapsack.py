@@ -134,7 +134,7 @@ def knapsack_cut(env: Any, speedup: float, damage: dict[str, list[list[float]]],
     history: list[dict[str, Any]] = []
     best: tuple[float, Any, dict[str, Any]] | None = None
     for _ in range(1 if share is not None else tries):
-        model, info = allocate(env, table, budget, damage, reconstruct_images=reconstruct_images)
+        model, info = allocate(env, table, budget, damage)  # speed depends on the cut alone: solve once, below
         measured = measured_speedup(env, dense, model, work)
         info["measured_speedup"], info["share"] = measured, budget / table.predict({})
         history.append({k: v for k, v in info.items() if k != "cut_units"})
@@ -150,4 +150,8 @@ def knapsack_cut(env: Any, speedup: float, damage: dict[str, list[list[float]]],
         budget = max(0.2 * dense_pred, dense_pred - saving * min(2.0, max(0.5, grow)))
     assert best is not None
     _, model, info = best
+    if reconstruct_images > 0:  # the chosen cut again (the allocation is deterministic), its layers re-solved
+        model, solved = allocate(env, table, info["budget_ms"], damage, reconstruct_images=reconstruct_images)
+        assert solved["cut_units"] == info["cut_units"], "the knapsack's allocation changed between two calls"
+        info["reconstruct"] = solved["reconstruct"]
     return model, {**info, "cost": cost, "dense_ms": dense_ms, "tries": history}
