@@ -234,6 +234,14 @@ def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
     return path
 
 
+def _cached_note(rows: list[dict[str, Any]], wall_s: float) -> str:
+    """Where rows came from the cache, the run's wall time is only the timing: say what the fine-tunes took."""
+    train_s = sum(r.get("train_s", 0.0) for r in rows)
+    if train_s <= wall_s:
+        return ""
+    return f" (rows reused from the cache; their fine-tunes took {train_s / 60:.0f} min in all)"
+
+
 def markdown(rec: dict[str, Any], png: str) -> str:
     rows = rec["rows"]
     steps = sorted({s for r in rows for s, _ in r["curve"]})
@@ -244,7 +252,8 @@ def markdown(rec: dict[str, Any], png: str) -> str:
     knap_cost = next((r["recipe"].get("knapsack_cost", "ort") for r in rows if r.get("knapsack")), "")
     knap_share = next((r["recipe"].get("knapsack_share") for r in rows if r.get("knapsack")), None)
     recon = next((r["recipe"]["reconstruct"] for r in rows if r.get("recipe", {}).get("reconstruct")), 0)
-    cmd = (f"python -m benchmarks.oneshot_recovery --tag {tag} --checkpoint {rec['checkpoint']} --ratios '{ratios}' "
+    cmd = (f"python -m benchmarks.oneshot_recovery --tag {tag} --checkpoint {rec['checkpoint']} --data {rec['data']} "
+           f"--ratios '{ratios}' "
            + (f"--depth {depth} " if depth else "")
            + (f"--knapsack {knap} --knapsack-cost {knap_cost} " if knap else "")
            + (f"--knapsack-share {knap_share:g} " if knap_share else "")
@@ -262,7 +271,7 @@ def markdown(rec: dict[str, Any], png: str) -> str:
         f"output convs kept); every row, dense included, gets the same distilled fine-tune (teacher = the "
         f"checkpoint; AdamW {rec['lr']:g}, 10% warm-up then cosine, batch 8, seed {rec['seed']}, same batches{feat}). "
         f"Latency: ORT CPU, 2 threads, paired interleaved blocks, dense as the reference. Wall time "
-        f"{rec['wall_s'] / 60:.1f} min.",
+        f"{rec['wall_s'] / 60:.1f} min{_cached_note(rows, rec['wall_s'])}.",
         "",
         "| row | params M | graph ms | graph speed-up [95% CI] | frame speed-up | mAP | drop vs dense as long (points) |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -72,6 +72,11 @@ def test_oneshot_recovery_section_is_named_by_its_tag_and_judges_the_required_po
            "rows": [row("dense as long", 0.0, 1.0, 0.0), fast], "best_within_drop": fast}
     md = markdown(rec, "oneshot_recovery_ckpt4000.png")
     assert md.startswith("## oneshot_recovery_ckpt4000: ") and "--tag oneshot_recovery_ckpt4000 " in md
+    assert "--checkpoint c.pt --data d --ratios" in md  # the command reruns the same rows on the same data
+    assert "Wall time 1.0 min." in md  # rows trained in this run: no cache note
+    cached = [{**r, "train_s": 1800.0} for r in rec["rows"]]
+    assert "Wall time 1.0 min (rows reused from the cache; their fine-tunes took 60 min in all)." in markdown(
+        {**rec, "rows": cached}, "x.png")
     assert "--feature-weight" not in md and "attention transfer" not in md
     assert "**met** by one-shot 30% (1.52x at +0.8)" in md
     slow = row("one-shot 20%", 0.2, 1.31, 0.4)
