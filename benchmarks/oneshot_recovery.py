@@ -98,6 +98,24 @@ def uniform_reconstructed(env: Any, ratio: float, images: int) -> tuple[Any, dic
     return pruner.finalize().eval(), info
 
 
+def fold_gates_of(env: Any, model: Any, images: int) -> dict[str, Any]:
+    """Fold ``model``'s squeeze-excitation gates into their consumer convs as their mean scale over
+    ``images`` training images (:func:`pruning.gate_fold.fold_gates`), recorded in the checkpoint's
+    architecture like removed blocks; a summary."""
+    from perception.models import drop_blocks
+    from pruning.filters import detector_core_forward
+    from pruning.gate_fold import fold_gates
+
+    t0 = time.perf_counter()
+    folds = fold_gates(model, env.calibration_batches(model, images), forward_fn=detector_core_forward)
+    drop_blocks(model, [f.gate for f in folds])
+    out = {"images": images, "seconds": time.perf_counter() - t0, "gates": [f.gate for f in folds],
+           "mean_scale_spread": sum(f.scale_spread for f in folds) / max(len(folds), 1)}
+    log.info("folded %d gates on %d images in %.0f s (mean scale spread %.3f)", len(folds), images, out["seconds"],
+             out["mean_scale_spread"])
+    return out
+
+
 def rank_blocks(env: Any, cache: Path) -> list[dict[str, Any]]:
     """The dense model's removable blocks, cheapest first: detection-loss increase per ms saved.
 
@@ -127,7 +145,7 @@ def rank_blocks(env: Any, cache: Path) -> list[dict[str, Any]]:
 
 
 def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path,
-         blocks: tuple[str, ...] = (), knapsack: float | None = None, recon: int = 0) -> dict[str, Any]:
+         blocks: tuple[str, ...] = (), knapsack: float | None = None, recon: int = 0, fold: int = 0) -> dict[str, Any]:
     """Remove ``blocks``, prune (``ratio`` > 0 uniformly, or HALP's knapsack to the measured speed-up
     ``knapsack``) and fine-tune one row, or reuse it when its recipe is cached."""
     from avprune.prune_job.env import JobEnv
@@ -146,6 +164,8 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
         recipe["blocks"] = list(blocks)
     if recon:  # only then in the key: rows cached before the option stay valid
         recipe["reconstruct"] = recon
+    if fold:
+        recipe["fold_gates"] = fold
     if knapsack:
         recipe["knapsack"], recipe["knapsack_cost"] = knapsack, args.knapsack_cost
         if args.knapsack_share is not None:
@@ -171,6 +191,7 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
         student = copy.deepcopy(teacher)
         drop_blocks(student, list(blocks))  # depth first, so the width cut sees the shallower graph
         student = one_shot(student, ratio, tuple(cfg.budget.input_size))
+    folded = fold_gates_of(env, student, fold) if fold else None  # after the width cut: it timed the gates in
     settings = TrainSettings(steps=args.steps, batch_size=8, optimizer="adamw", lr=args.lr,
                              warmup_steps=cfg.finetune.warmup(), checkpoint_every=10**9, seed=args.seed, num_threads=2)
     t0 = time.perf_counter()
@@ -184,7 +205,7 @@ def _row(name: str, ratio: float, cfg: Any, args: argparse.Namespace, work: Path
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder / "model.pt", student.eval())
     row = {"name": name, "ratio": ratio, "blocks": list(blocks), "knapsack": (cut or None) if knapsack else None,
-           "reconstruct": cut.get("reconstruct"), "recipe": recipe, "curve": curve, "checkpoint": str(folder / "model.pt"),
+           "reconstruct": cut.get("reconstruct"), "fold_gates": folded, "recipe": recipe, "curve": curve, "checkpoint": str(folder / "model.pt"),
            "train_s": time.perf_counter() - t0}
     atomic_write_json(done, row)
     return row
@@ -213,6 +234,11 @@ def _row_name(k: int, ratio: float, feat: str) -> str:
     width = f"{round(100 * ratio)}%" if ratio else ""
     depth = f"{k} block{'s' if k > 1 else ''}" if k else ""
     return "one-shot " + " + ".join(p for p in (depth, width) if p) + feat
+
+
+def _suffix(recon: int, fold: int) -> str:
+    """What a pruned row's name adds for its re-solve and gate fold (nothing for either when off)."""
+    return (f" +recon {recon}" if recon else "") + (f" +fold SE {fold}" if fold else "")
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
@@ -252,6 +278,7 @@ def markdown(rec: dict[str, Any], png: str) -> str:
     knap_cost = next((r["recipe"].get("knapsack_cost", "ort") for r in rows if r.get("knapsack")), "")
     knap_share = next((r["recipe"].get("knapsack_share") for r in rows if r.get("knapsack")), None)
     recon = next((r["recipe"]["reconstruct"] for r in rows if r.get("recipe", {}).get("reconstruct")), 0)
+    fold = next((r["recipe"]["fold_gates"] for r in rows if r.get("recipe", {}).get("fold_gates")), 0)
     cmd = (f"python -m benchmarks.oneshot_recovery --tag {tag} --checkpoint {rec['checkpoint']} --data {rec['data']} "
            f"--ratios '{ratios}' "
            + (f"--depth {depth} " if depth else "")
@@ -259,7 +286,8 @@ def markdown(rec: dict[str, Any], png: str) -> str:
            + (f"--knapsack-share {knap_share:g} " if knap_share else "")
            + f"--steps {rec['steps']} --eval-every {rec.get('eval_every', 250)} --lr {rec['lr']:g}"
            + (f" --feature-weight {fw:g}" if fw else "")
-           + (f" --reconstruct {recon}" if recon else ""))
+           + (f" --reconstruct {recon}" if recon else "")
+           + (f" --fold-gates {fold}" if fold else ""))
     feat = (f"; the pruned rows add attention transfer on the backbone's feature maps (weight {fw:g}), the dense "
             "row keeps head distillation only" if fw else "")
     lines = [
@@ -297,6 +325,12 @@ def markdown(rec: dict[str, Any], png: str) -> str:
                       f"on {rc['images']} training images (`pruning.reconstruct`): {rc['layers']} layers in "
                       f"{rc['seconds']:.0f} s, mean relative output error {rc['mean_error_before']:.3f} -> "
                       f"{rc['mean_error_after']:.3f}; step-0 mAP {r['curve'][0][1]:.3f}."]
+        fg = r.get("fold_gates")
+        if fg:
+            lines += ["", f"{r['name']}: after the cut, its {len(fg['gates'])} squeeze-excitation gates folded into the "
+                      f"convs that read them as their mean scale over {fg['images']} training images "
+                      f"(`pruning.gate_fold`; mean spread of the scale across images {fg['mean_scale_spread']:.3f}); "
+                      f"step-0 mAP {r['curve'][0][1]:.3f}."]
         k = r.get("knapsack")
         if k:
             tries = ", ".join(f"{t['budget_ms']:.2f} ms predicted -> {t['measured_speedup']:.2f}x" for t in k["tries"])
@@ -357,6 +391,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="attention-transfer weight on the backbone feature maps for the pruned rows (default 0: "
                          "head distillation only). At weight 1 the attention loss is ~0.14 for a fresh 30%% cut and ~0.04 for dense "
                          "(BatchNorm's batch statistics), against a detection loss of ~0.75: 5 weighs them alike")
+    ap.add_argument("--fold-gates", type=int, default=0, metavar="IMAGES",
+                    help="fold every pruned row's squeeze-excitation gates into the next conv as their mean scale "
+                         "over this many training images, after the cut (pruning.gate_fold; default 0: off)")
     ap.add_argument("--reconstruct", type=int, default=0, metavar="IMAGES",
                     help="add, beside each width row, the same row with the layers reading pruned channels "
                          "re-solved on this many training images before the fine-tune (least squares against the "
@@ -408,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--lr {args.lr}: give a positive rate, e.g. 1e-3")
     if args.reconstruct < 0:
         raise SystemExit(f"--reconstruct {args.reconstruct}: give a number of calibration images >= 0 (e.g. 64)")
+    if args.fold_gates < 0:
+        raise SystemExit(f"--fold-gates {args.fold_gates}: give a number of calibration images >= 0 (e.g. 64)")
     if args.reconstruct and depth:
         raise SystemExit("--reconstruct with --depth: reconstruction solves the masked width cut; run depth rows without it")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -422,10 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     feat = f" +feat {args.feature_weight:g}" if args.feature_weight > 0 else ""
     # with --reconstruct each width row comes twice: as cut, and with its layers re-solved (paired)
     recons = [0, args.reconstruct] if args.reconstruct else [0]
-    rc = {0: "", args.reconstruct: f" +recon {args.reconstruct}"}
-    rows += [_row(_row_name(0, r, feat + rc[n]), r, cfg, args, work, recon=n) for r in ratios for n in recons]
-    rows += [_row(f"one-shot knapsack {v:g}x {args.knapsack_cost}{feat}{rc[n]}", 0.0, cfg, args, work, knapsack=v,
-                  recon=n) for v in knapsacks for n in recons]
+    rows += [_row(_row_name(0, r, feat + _suffix(n, args.fold_gates)), r, cfg, args, work, recon=n,
+                  fold=args.fold_gates) for r in ratios for n in recons]
+    rows += [_row(f"one-shot knapsack {v:g}x {args.knapsack_cost}{feat}{_suffix(n, args.fold_gates)}", 0.0, cfg, args,
+                  work, knapsack=v, recon=n, fold=args.fold_gates) for v in knapsacks for n in recons]
     ranking: list[dict[str, Any]] = []
     if depth:
         from avprune.prune_job.env import JobEnv

@@ -152,3 +152,23 @@ def test_oneshot_recovery_reconstructed_rows_rerun_from_the_command_and_say_what
     assert "59 layers in 120 s, mean relative output error 0.466 -> 0.020; step-0 mAP 0.596." in md
     assert "one-shot 30%: cut by" not in md  # only the re-solved row gets the sentence
     assert "one-shot 30% +recon 64: cut by the prune job's pruner" in md  # a width row, not a knapsack's
+
+
+def test_oneshot_recovery_folded_rows_are_named_rerun_and_say_what_was_folded() -> None:
+    from benchmarks.oneshot_recovery import _suffix, markdown
+
+    assert [_suffix(0, 0), _suffix(64, 0), _suffix(0, 64), _suffix(32, 64)] == [
+        "", " +recon 64", " +fold SE 64", " +recon 32 +fold SE 64"]  # off adds nothing (was " +recon 0")
+    base = {"params_m": 1.4, "graph_p50_ms": 5.0, "frame_speedup": 1.4, "blocks": [], "knapsack": None}
+    dense = {**base, "name": "dense as long", "ratio": 0.0, "graph_speedup": 1.0, "map": 0.65, "map_drop_points": 0.0,
+             "recipe": {}, "curve": [[0, 0.648], [1000, 0.65]]}
+    folded = {**base, "name": "one-shot 30% +fold SE 64", "ratio": 0.3, "graph_speedup": 1.8, "map": 0.64,
+              "map_drop_points": 1.0, "recipe": {"ratio": 0.3, "fold_gates": 64}, "curve": [[0, 0.5], [1000, 0.64]],
+              "fold_gates": {"images": 64, "seconds": 6.0, "gates": ["a.se", "b.se"], "mean_scale_spread": 0.023}}
+    rec = {"tag": "t", "quick": False, "checkpoint": "c.pt", "data": "d", "steps": 1000, "lr": 1e-3,
+           "val_images": 480, "seed": 0, "machine": "m", "wall_s": 60.0, "rows": [dense, folded],
+           "best_within_drop": folded}
+    md = markdown(rec, "x.png")
+    assert "--lr 0.001 --fold-gates 64`" in md
+    assert ("one-shot 30% +fold SE 64: after the cut, its 2 squeeze-excitation gates folded into the convs that read "
+            "them as their mean scale over 64 training images") in md and "spread of the scale across images 0.023" in md
