@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning.groups import run_forward
+from pruning.groups import hooked_forward, run_forward
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,7 @@ def find_gates(model: nn.Module, example_inputs: Any, *, forward_fn: ForwardFn |
                     alive.append(t)
 
         handles += [mod.register_forward_hook(grab), mod.register_forward_pre_hook(read)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            run_forward(model, example_inputs, forward_fn)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    hooked_forward(model, example_inputs, forward_fn, handles)
     mods = dict(model.named_modules())
     gates: dict[str, str] = {}
     for name, (x, y) in io.items():

@@ -75,6 +75,21 @@ def run_forward(model: nn.Module, example_inputs: Any, forward_fn: Callable[[nn.
     return model(example_inputs)
 
 
+def hooked_forward(model: nn.Module, example_inputs: Any, forward_fn: Callable[[nn.Module, Any], Any] | None,
+                   handles: list[Any]) -> Any:
+    """One eval-mode, no-grad forward for the hooks in ``handles``; the hooks are removed and the
+    model's mode restored afterwards, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return run_forward(model, example_inputs, forward_fn)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def _member_tensors(module: nn.Module, role: str) -> tuple[tuple[str, int], ...] | None:
     """Which parameters and dims a role masks; None if we cannot express it exactly."""
     if isinstance(module, _BatchNorm):
@@ -217,15 +232,7 @@ def find_following_bn(
                 if hit is not None and hit[1] is args[0]:
                     found.setdefault(hit[0], (bn_name, m))
             handles.append(bn.register_forward_pre_hook(pre))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                run_forward(model, example_inputs, forward_fn)
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
+        hooked_forward(model, example_inputs, forward_fn, handles)
         return found
     order = list(mods.items())
     for i, (n, m) in enumerate(order):
