@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruning.blocks import remove_blocks
 from pruning.groups import hooked_forward, run_forward
+from pruning.masks import stored
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +123,6 @@ def _scale(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (y * x.sign()).sum(dim=(2, 3), keepdim=True) / x.abs().sum(dim=(2, 3), keepdim=True).clamp_min(1e-12)
 
 
-def _stored_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """The tensor an optimizer updates (under a pruning mask, its ``original``)."""
-    p = getattr(conv, "parametrizations", None)
-    return p.weight.original if p is not None and "weight" in p else conv.weight
-
-
 @torch.no_grad()
 def fold_gates(
     model: nn.Module,
@@ -183,10 +179,9 @@ def fold_gates(
         for g, consumer in chosen.items():
             mean = _mean(sums[g], counts[g])
             std = ((squares[g] / counts[g].clamp_min(1)) - mean ** 2).clamp_min(0).sqrt()
-            w = _stored_weight(mods[consumer])
+            w = stored(mods[consumer])  # under a pruning mask, what the optimizer updates
             w.mul_(mean.to(w.dtype).view(1, -1, 1, 1))
-            parent_name, _, last = g.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, last, nn.Identity())
+            remove_blocks(model, [g])
             folds.append(GateFold(g, consumer, int(mean.numel()), float(mean.mean()), float(std.mean())))
         got = run_forward(model, batches[0], forward_fn)
         _check_same(reference, got)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from pruning.groups import find_following_bn, run_forward
-from pruning.masks import get_mask
+from pruning.masks import get_mask, stored
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,6 @@ def fit_summary(fits: Sequence[LayerFit]) -> dict[str, float]:
 def _is_pointwise(module: nn.Module) -> bool:
     return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
             and module.stride == (1, 1) and module.padding in ((0, 0), "valid"))
-
-
-def _stored_weight(module: nn.Module) -> torch.Tensor:
-    """The stored (unmasked) weight tensor: what an optimizer updates and a mask multiplies."""
-    if get_mask(module, "weight") is not None:
-        return module.parametrizations.weight.original
-    return module.weight
 
 
 def _kept(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,8 +173,8 @@ def reconstruct(
         if not (_is_pointwise(s_mods.get(n, nn.Identity())) and _is_pointwise(t_mods.get(n, nn.Identity()))):
             raise ValueError(f"layer {n!r} is not a pointwise conv in both student and teacher; reconstruct solves "
                              "1x1 ungrouped convs of a masked student against the dense model it was masked from")
-        if _stored_weight(s_mods[n]).shape != t_mods[n].weight.shape:
-            raise ValueError(f"layer {n!r}: student weight {tuple(_stored_weight(s_mods[n]).shape)} and teacher "
+        if stored(s_mods[n]).shape != t_mods[n].weight.shape:
+            raise ValueError(f"layer {n!r}: student weight {tuple(stored(s_mods[n]).shape)} and teacher "
                              f"{tuple(t_mods[n].weight.shape)} differ; reconstruct a masked (not finalized) student")
     if not names:
         return []
@@ -203,7 +196,7 @@ def _solve(name: str, conv: nn.Conv2d, student: nn.Module, teacher: nn.Module, b
            forward_fn: ForwardFn | None, bn: tuple[str, nn.Module] | None, k: int, ridge: float,
            seed: int) -> LayerFit:
     keep_out, keep_in = _kept(conv)
-    w_store = _stored_weight(conv)
+    w_store = stored(conv)
     w0 = w_store.detach()[keep_out][:, keep_in, 0, 0].double()  # [o, i]
     if conv.bias is not None:
         intercept, b0 = "bias", conv.bias.detach()[keep_out].double()
