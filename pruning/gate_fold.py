@@ -13,8 +13,11 @@ for the trained SSDlite320 before any step), and that constant is folded exactly
 columns of the convolution that reads the gate's output, so nothing of the gate remains.
 
 A submodule is a *channel gate* when, on the example input, its output has its input's shape and
-equals ``input * s`` for a tensor ``s`` of shape [N, C, 1, 1] that the module computed (checked
-numerically, not by class name). Its *consumer* is the ungrouped convolution whose input tensor is
+equals ``input * s`` for a tensor ``s`` of shape [N, C, 1, 1] that one of its own submodules output
+(checked numerically, not by class name). Asking for that submodule, rather than for a scale that
+moves with the input, is what tells a gate from an affine layer (a BatchNorm, a layer scale) and
+still finds a gate whose activation is saturated: on a pruned SSDlite320 the highest-resolution
+gate's hardsigmoid barely moves between inputs, and an input-dependence test missed it. Its *consumer* is the ungrouped convolution whose input tensor is
 the gate's output; a gate whose output feeds anything else as well is not folded, because the
 fold would change that other reader. Folding is exact for the model with every folded gate held at
 its mean scale; :func:`fold_gates` checks this on the calibration batch before it returns.
@@ -55,10 +58,11 @@ def find_gates(model: nn.Module, example_inputs: Any, *, forward_fn: ForwardFn |
     """Channel gates of ``model`` that can be folded, each mapped to its consumer conv's name.
 
     One forward on ``example_inputs`` (eval mode, no grad): a module qualifies when its output
-    equals its input times a [N, C, 1, 1] scale, and exactly one module reads its output: an
-    ungrouped ``nn.Conv2d``. Nested gates are not considered (the outermost match wins).
+    equals its input times a [N, C, 1, 1] tensor that one of its submodules output, and exactly one
+    module reads its output: an ungrouped ``nn.Conv2d``. Nested gates are not considered (the outermost match wins).
     """
     io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    pooled: dict[str, torch.Tensor] = {}  # [N, C, 1, 1] outputs, by module
     ids: dict[str, int] = {}
     alive: list[torch.Tensor] = []
     readers: dict[int, list[str]] = {}
@@ -68,8 +72,11 @@ def find_gates(model: nn.Module, example_inputs: Any, *, forward_fn: ForwardFn |
             continue
 
         def grab(m: nn.Module, a: tuple, o: Any, n: str = name) -> None:
-            if a and isinstance(a[0], torch.Tensor) and isinstance(o, torch.Tensor) and a[0].shape == o.shape \
-                    and a[0].dim() == 4:
+            if not isinstance(o, torch.Tensor) or o.dim() != 4:
+                return
+            if o.shape[2:] == (1, 1):  # a candidate scale of the gate this module sits in
+                pooled.setdefault(n, o.detach().clone())
+            if a and isinstance(a[0], torch.Tensor) and a[0].shape == o.shape:
                 # copies: a later in-place op (an inplace activation, a residual +=) would rewrite them
                 io.setdefault(n, (a[0].detach().clone(), o.detach().clone()))
                 ids.setdefault(n, id(o))
@@ -90,17 +97,10 @@ def find_gates(model: nn.Module, example_inputs: Any, *, forward_fn: ForwardFn |
             continue
         if x.shape[2] * x.shape[3] < 2 or not bool((x != 0).any()):
             continue  # on a 1x1 map any output is the input times something
-        # y = x * s with s constant over H, W (a channel that is all zero, e.g. after a ReLU, fits any s)
-        s = _scale(x, y)
-        if not _close(x * s, y):
-            continue
-        # a gate computes its scale from its input; an affine layer (a BatchNorm with zero shift, an
-        # identity) scales every input alike: call the module again on another input to tell them apart
-        x2 = torch.flip(x, dims=(2, 3)) * torch.linspace(0.5, 2.0, x.shape[1]).view(1, -1, 1, 1)
-        with torch.no_grad():
-            y2 = mods[name](x2)
-        s2 = _scale(x2, y2)
-        if not _close(x2 * s2, y2) or _close(s, s2, 1e-3):
+        # y = x * s where s is what one of the module's own submodules output (SE's scale activation);
+        # an affine layer has no such submodule, however its scale came about
+        scales = [t for sub, t in pooled.items() if sub.startswith(name + ".") and t.shape == (*x.shape[:2], 1, 1)]
+        if not any(_close(x * t, y) for t in scales):
             continue
         readers_of_y = [r for r in readers.get(ids[name], []) if r != name and not name.startswith(r + ".")]
         # a container that merely passes the tensor on to its first child counts as that child

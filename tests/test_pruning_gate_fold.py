@@ -67,6 +67,31 @@ def test_an_input_dependent_gate_becomes_its_mean_and_a_shared_gate_is_not_folde
     assert find_gates(_toy(shared=True), torch.randn(1, 3, 8, 8)) == {}  # two readers: folding would change one
 
 
+def test_a_saturated_gate_is_still_a_gate_and_a_layer_scale_is_not() -> None:
+    """A gate whose activation sits at its ceiling for every input (scale 1) is found and folds to
+    the identity scale; a learned per-channel scale (no submodule computes it) is never a gate."""
+    net = _toy()
+    with torch.no_grad():
+        net.se.fc2.bias.fill_(50.0)  # hardsigmoid(50) == 1 whatever the input
+    x = torch.randn(2, 3, 12, 12)
+    assert find_gates(net, x) == {"se": "project"}
+    ref = copy.deepcopy(net)
+    folds = fold_gates(net, [x])
+    assert folds[0].mean_scale == pytest.approx(1.0) and folds[0].scale_spread < 1e-6
+    torch.testing.assert_close(net(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    class LayerScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t * self.gamma
+
+    scaled = nn.Sequential(nn.Conv2d(3, 4, 1), LayerScale(), nn.Conv2d(4, 2, 1)).eval()
+    assert find_gates(scaled, torch.randn(2, 3, 6, 6)) == {}
+
+
 def test_ssdlite_gates_are_its_squeeze_excitations_and_the_folded_model_round_trips(tmp_path) -> None:
     from perception.models import drop_blocks, load_detector, save_checkpoint
 
