@@ -114,6 +114,8 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, out
         overrides["pruning.latency_costs"] = args.latency_costs
     if args.reconstruct:
         overrides["pruning.reconstruct_images"] = args.reconstruct
+    if args.fold_gates:
+        overrides["pruning.fold_gates"] = args.fold_gates
     if args.allocation == "latency":  # the knapsack reads every unit's damage curve (resolved defaults)
         overrides.update({"sensitivity.max_layers": None, "sensitivity.sparsities": None})
     if args.quick:
@@ -251,7 +253,10 @@ def _run_job(cfg: Any, job_dir: Path, quick: bool) -> dict[str, Any]:
             "infeasible": infeasible, "unreachable": unreachable, "peak_rss_gib": mem.peak_bytes / 2**30,
             "dense_graph_ms": (_stage(job_dir, "baseline").get("dense") or {}).get("p50_ms"),
             "map_floor": _stage(job_dir, "baseline").get("map_floor"),
-            "latency_budget_ms": _stage(job_dir, "baseline").get("latency_budget_ms")}
+            "latency_budget_ms": _stage(job_dir, "baseline").get("latency_budget_ms"),
+            # pruning.fold_gates: what folding the gates alone gave before any pruning (empty when off)
+            "gate_fold": {k: _stage(job_dir, "gate_fold").get(k) for k in ("images", "map", "p50_ms", "seconds")}
+            | {"gates": len(_stage(job_dir, "gate_fold").get("gates") or [])}}
 
 
 def _reuse_shadow(src_job: Path, dst_job: Path, cfg: Any) -> None:
@@ -394,6 +399,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--reconstruct", type=int, default=0, metavar="IMAGES",
                     help="pruning.reconstruct_images: each candidate's cut re-solved against the dense model on this "
                          "many training images once it reaches the budget (default 0: off)")
+    ap.add_argument("--fold-gates", type=int, default=0, metavar="IMAGES",
+                    help="pruning.fold_gates: the squeeze-excitation gates folded into the next conv as their mean scale "
+                         "over this many training images before pruning (default 0: off)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from the last run")
     return ap
 

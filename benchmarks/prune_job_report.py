@@ -39,6 +39,8 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
         + f", channel groups of {p['channel_multiple']}, distillation {'on' if ft.get('distill', True) else 'off'}"
         + (f", each cut re-solved against the dense model on {p['reconstruct_images']} training images once it reached "
            "the budget (`pruning.reconstruct_images`)" if p.get("reconstruct_images") else "")
+        + (f", squeeze-excitation gates folded before pruning on {p['fold_gates']} training images "
+           "(`pruning.fold_gates`)" if p.get("fold_gates") else "")
         + ". "
           f"*dense-long*: the dense checkpoint fine-tuned {record['steps']} steps with the same recipe, without pruning"
         + (" (the first job's dense shadow, the model its floor was judged against)"
@@ -58,6 +60,14 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in (j.get("stage_wall_s") or {}).items())
         lines.append(f"| {g} | {j['job_wall_s']:.0f}{f' ({stages})' if stages else ''} | {j['peak_rss_gib']:.2f} | {j.get('candidate_id') or '-'} "
                      f"| {note[:400]} |")
+    for g, j in jobs.items():
+        fold = j.get("gate_fold") or {}
+        if fold.get("gates") and fold.get("p50_ms") and j.get("dense_graph_ms"):
+            lines += ["", f"`{g}` folded {fold['gates']} squeeze-excitation gates on {fold['images']} training images "
+                          f"before pruning (`gate_fold` stage, {fold.get('seconds') or 0:.0f} s): the folded model, before "
+                          f"any fine-tuning, at mAP {fold['map']:.3f} and graph p50 {fold['p50_ms']:.2f} ms "
+                          f"({j['dense_graph_ms'] / fold['p50_ms']:.2f}x the dense {j['dense_graph_ms']:.2f} ms, timed "
+                          "paired in the job)."]
     table = record["side_by_side"]
     if table:
         lines += ["", "Side by side (mAP on the same val images; latency paired and interleaved, "

@@ -261,6 +261,10 @@ def _kill_first_trial_worker(out: Path, killed: list[int], stop: list[bool]) -> 
         time.sleep(0.2)
 
 
+#: The reference job and the driver-killed one fold SSDlite's gates first (same config: same choice)
+FOLD = {"pruning.fold_gates": 4}
+
+
 @pytest.fixture(scope="module")
 def reference(assets, ray_local, tmp_path_factory) -> dict:
     """The tiny job run in-process on the module's local Ray, with one trial worker SIGKILLed
@@ -270,7 +274,7 @@ def reference(assets, ray_local, tmp_path_factory) -> dict:
     from avprune.prune_job import run_prune_job
 
     out = tmp_path_factory.mktemp("reference") / "job"
-    cfg = PruneJobConfig.model_validate(tiny_job(assets, out))
+    cfg = PruneJobConfig.model_validate(tiny_job(assets, out, **FOLD))
     killed: list[int] = []
     stop: list[bool] = []
     killer = threading.Thread(target=_kill_first_trial_worker, args=(out, killed, stop), daemon=True)
@@ -289,7 +293,8 @@ def test_tiny_job_local_ray_survives_a_killed_trial_worker(reference):
     assert result.candidate_id.split("@")[0] in {"c0", "c1"}  # a final model, or a trial's best snapshot
     for path in (result.checkpoint, result.onnx, result.report_json, result.report_html, out / "latency_table.json"):
         assert path.is_file(), path
-    assert StageStore(out).finished() == ["baseline", "latency_table", "sensitivity", "search", "select", "finalize"]
+    assert StageStore(out).finished() == ["baseline", "gate_fold", "latency_table", "sensitivity", "search", "select",
+                                          "finalize"]
     report = json.loads(result.report_json.read_text())
     c0 = next(c for c in report["candidates"] if c["candidate_id"] == "c0")
     assert c0["status"] == "done" and c0["history"], c0  # retried after the kill, and finished
@@ -306,6 +311,15 @@ def test_tiny_job_local_ray_survives_a_killed_trial_worker(reference):
 
     pruned = load_detector(result.checkpoint)
     assert sum(p.numel() for p in pruned.parameters()) == result.pruned.params
+    # pruning.fold_gates: the 8 squeeze-excitation gates were folded before pruning; every trial
+    # (the killed one resumed too) pruned the folded model, and the shipped checkpoint rebuilds it
+    from torchvision.ops.misc import SqueezeExcitation
+
+    fold = report["gate_fold"]
+    assert len(fold["gates"]) == 8 and fold["p50_ms_folded"] > 0 and 0 <= fold["map_folded"] <= 1
+    assert not any(isinstance(m, SqueezeExcitation) for m in pruned.modules())
+    assert not report["removed_blocks"]  # folded gates are not depth pruning
+    assert "Folded channel gates (8)" in html
 
 
 def test_tiny_job_judges_its_relative_floor_against_a_dense_shadow(reference):
@@ -350,7 +364,7 @@ def test_driver_killed_then_resume_selects_the_same_candidate(assets, reference,
     """SIGKILL the whole driver (and its local Ray) once sensitivity is recorded; --resume finishes."""
     out = tmp_path / "job"
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(tiny_job(assets, out)))
+    job.write_text(yaml.safe_dump(tiny_job(assets, out, **FOLD)))
     proc = _cli(job)
     deadline = time.monotonic() + 240
     while not (out / "stages" / "sensitivity.json").exists():
@@ -451,7 +465,7 @@ def test_budget_below_the_tables_reach_stops_before_fine_tuning(assets, ray_loca
     msg = str(e.value)
     assert "budget.latency_ms: 0.01 ms" in msg and "nearest feasible budget: latency_ms >=" in msg
     assert e.value.nearest_latency_ms > 0.01
-    assert StageStore(out).finished() == ["baseline"] and not (out / "search").exists()
+    assert StageStore(out).finished() == ["baseline", "gate_fold"] and not (out / "search").exists()
     # issue #13: the budget's dense p50 is the median of >= 5 timed blocks, each recorded
     base = StageStore(out).load("baseline")
     blocks = base["latency_blocks_ms"]
@@ -634,6 +648,7 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     # the allocation controller's floor handling (not read by this job's cubic controller)
     assert [dumped["pruning"].pop(k) for k in ("floor_allowance", "step_back", "max_cut_per_update")] == [0.02, 0.5, 0.08]
     assert dumped["pruning"].pop("reconstruct_images") == 0  # reconstruction off: what every older job did
+    assert dumped["pruning"].pop("fold_gates") == 0  # gates kept: what every older job did
     assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"checkpoint": Path(stored["config"]["model"]["checkpoint"])}),

@@ -87,5 +87,12 @@ def test_results_section_and_plot_from_a_record(tmp_path) -> None:
     assert "re-solved" not in md
     record["config"]["channel"]["pruning"]["reconstruct_images"] = 64
     assert "each cut re-solved against the dense model on 64 training images" in markdown(record, "x.png")
+    assert "gates folded" not in md and "squeeze-excitation" not in md
+    record["config"]["channel"]["pruning"]["fold_gates"] = 64
+    record["jobs"]["channel"].update(dense_graph_ms=8.0, gate_fold={"images": 64, "map": 0.49, "p50_ms": 6.9,
+                                                                    "seconds": 40.0, "gates": 8})
+    md = markdown(record, "x.png")
+    assert "squeeze-excitation gates folded before pruning on 64 training images" in md
+    assert "`channel` folded 8 squeeze-excitation gates on 64 training images" in md and "(1.16x the dense 8.00 ms" in md
     png = plot_fronts(tmp_path / "p.png", points, record["pareto"], 1.0, (1.5, 2.0, 2.5), "t")
     assert png.stat().st_size > 1000

@@ -177,3 +177,59 @@ def test_reconstruct_images_is_refused_without_channels_and_off_keeps_the_finger
     off = PruneJobConfig.model_validate({**data, "pruning": {**data["pruning"], "reconstruct_images": 0}})
     on = PruneJobConfig.model_validate({**data, "pruning": {**data["pruning"], "reconstruct_images": 8}})
     assert off.fingerprint() == base.fingerprint() != on.fingerprint()
+
+
+def test_gate_fold_stage_folds_before_pruning_and_the_table_is_anchored_to_the_folded_model(job, assets, monkeypatch):
+    """pruning.fold_gates: the gate_fold stage folds SSDlite's 8 squeeze-excitation gates, saves the
+    folded model where every pruning stage loads it, and records its own mAP and paired latency; the
+    latency table is then measured on the folded graph and calibrated to that latency, not dense's."""
+    from torchvision.ops.misc import SqueezeExcitation
+
+    from avprune.prune_job import gate_fold_stage
+    from avprune.prune_job.gate_fold_stage import gate_fold_html, gate_fold_section
+    from avprune.prune_job.records import GateFoldRecord
+
+    data = {**job["data"], "data": {"source": "coco", "root": str(assets["coco"]), "val_images": 6},
+            "model": {**job["data"]["model"], "checkpoint": str(assets["ckpt"])}}
+    data["budget"] = {**data["budget"], "latency_ms": 0.95 * job["dense_ms"]}
+    off_cfg = PruneJobConfig.model_validate(data)
+    cfg = PruneJobConfig.model_validate({**data, "pruning": {**data["pruning"], "fold_gates": 4}})
+    assert cfg.fingerprint() != off_cfg.fingerprint()  # a job folder resumes only with the gates it folded
+    ms = job["dense_ms"]
+    base = BaselineRecord(dense=ModelSummary(map=0.5, map50=0.7, p50_ms=ms, p99_ms=ms, params=1, gmacs=1.0),
+                          latency=LatencySummary(ms, ms, ms, ms, 5), latency_budget_ms=0.95 * ms, map_floor=0.4,
+                          val_images=6)
+
+    def paired(self, model, dense, work_dir, *, dense_ms):  # the fake graph's time, in the baseline's units
+        t = graph_ms(model)  # Σ conv MACs: the folded graph lacks the gates' two 1x1 convs each
+        return LatencySummary(t, t, t, t, 5), 1.0
+
+    monkeypatch.setattr(JobEnv, "measure_latency_paired", paired)
+    env = JobEnv(cfg)
+    ctx = StageContext(config=cfg, env=env, out_dir=job["out"], progress=JobProgress(False), results={"baseline": base})
+    rec = gate_fold_stage.run(ctx)
+    dense = env.load_dense()
+    se = sorted(n for n, m in dense.named_modules() if isinstance(m, SqueezeExcitation))
+    assert sorted(g.gate for g in rec.gates) == se and len(se) == 8 and rec.images == 4
+    assert rec.p50_ms == pytest.approx(graph_ms(env.load_start())) and rec.p50_ms < graph_ms(dense)
+    assert 0.0 <= rec.map <= 1.0
+    assert GateFoldRecord.from_dict(rec.to_dict()) == rec and "8 gates folded" in rec.note
+
+    start, arch = env.load_start(), env.build_start_architecture()
+    assert not any(isinstance(m, SqueezeExcitation) for m in start.modules())
+    assert {k: v.shape for k, v in start.state_dict().items()} == {k: v.shape for k, v in arch.state_dict().items()}
+    assert env.folded_gates == se
+    section = gate_fold_section(rec, base)
+    assert section["speedup"] == pytest.approx(ms / rec.p50_ms) and len(section["gates"]) == 8
+    assert "Folded channel gates (8)" in gate_fold_html({"gate_fold": section})
+
+    table_rec = latency_table.run(StageContext(config=cfg, env=env, out_dir=job["out"], progress=JobProgress(False),
+                                               results={"baseline": base, "gate_fold": rec}))
+    table = LatencyTable.load(table_rec.path)
+    assert table.predict({}) == pytest.approx(rec.p50_ms, rel=1e-6)  # the folded model's latency, not dense's
+    assert table.layers and not any(k.startswith(g + ".") for k in table.layers for g in se)  # no gate conv to price
+
+    off = gate_fold_stage.run(StageContext(config=off_cfg, env=JobEnv(off_cfg), out_dir=job["out"] / "off",
+                                           progress=JobProgress(False), results={"baseline": base}))
+    assert off.gates == () and "off" in off.note and gate_fold_section(off, base) is None
+    assert any(isinstance(m, SqueezeExcitation) for m in JobEnv(off_cfg).load_start().modules())

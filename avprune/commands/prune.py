@@ -10,6 +10,8 @@ from avprune.errors import EXIT_GATE_FAILED as EXIT_INFEASIBLE  # the one exit-c
 _EPILOG = """\
 stages (each recorded in OUT/stages/NAME.json; --resume skips the finished ones):
   baseline       dense mAP and measured p50/p99 latency on the budget's runtime
+  gate_fold      with pruning.fold_gates: squeeze-excitation gates folded into the next conv
+                 as their mean scale before pruning (folded model's mAP and latency); else "off"
   latency_table  per-layer latency table for that runtime (cached by model graph, runtime,
                  threads and device)
   sensitivity    per-layer sensitivity scan, layers in parallel as Ray tasks

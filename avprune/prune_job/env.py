@@ -180,6 +180,41 @@ class JobEnv:
         m = self.config.model
         return build_detector(m.name, num_classes=m.num_classes, image_size=tuple(self.config.budget.input_size))
 
+    # The model pruning starts from: the dense checkpoint, or with ``pruning.fold_gates`` the gate_fold
+    # stage's folded copy of it. Dense figures (baseline, shadow, teacher) always use the dense one.
+    @property
+    def folded_checkpoint(self) -> Path:
+        """Where the gate_fold stage writes the folded model (``pruning.fold_gates`` > 0)."""
+        return self.config.output_dir / "work" / "gate_fold" / "folded.pt"
+
+    def load_start(self) -> nn.Module:
+        """The model the job prunes: the folded checkpoint when ``pruning.fold_gates`` is on, else dense."""
+        if not self.config.pruning.fold_gates:
+            return self.load_dense()
+        path = self.folded_checkpoint
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the gate_fold stage's folded model is missing (pruning.fold_gates is "
+                                    f"{self.config.pruning.fold_gates}); delete {path.parents[2] / 'stages'}"
+                                    "/gate_fold.json and rerun with --resume to fold again")
+        return self.load_model(path)
+
+    def build_start_architecture(self) -> nn.Module:
+        """An untrained :meth:`load_start` architecture: dense, less the folded gates (now ``nn.Identity``)."""
+        from perception.models import drop_blocks
+
+        model = self.build_architecture()
+        drop_blocks(model, self.folded_gates)
+        return model
+
+    @cached_property
+    def folded_gates(self) -> list[str]:
+        """The gates the start model lacks (empty when ``pruning.fold_gates`` is off)."""
+        if not self.config.pruning.fold_gates:
+            return []
+        from perception.models import read_checkpoint
+
+        return [str(n) for n in read_checkpoint(self.folded_checkpoint)["model"].get("removed_blocks", ())]
+
     def layer_filter(self, model: nn.Module, importance: str) -> LayerFilter:
         """Which layers a candidate prunes: the detector default (never the class/box output convs);
         for ``bn_scale`` only layers a BatchNorm follows (its score is that BatchNorm's |gamma|, so

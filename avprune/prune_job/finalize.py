@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from avprune.prune_job.context import StageContext
+from avprune.prune_job.gate_fold_stage import gate_fold_section
 from avprune.prune_job.records import (
     BaselineRecord,
     FinalizeRecord,
+    GateFoldRecord,
     JSONDict,
     LatencyTableRecord,
     SearchRecord,
@@ -129,7 +131,7 @@ def run(ctx: StageContext) -> FinalizeRecord:
     final_model = "@" not in sel.candidate_id  # the pruner's records describe the final model only
     pruning: JSONDict = json.loads(pruning_file.read_text()) if final_model and pruning_file.is_file() else {}
     if not pruning.get("layers"):
-        pruning["layers"] = channel_sparsity(model, env.build_architecture())
+        pruning["layers"] = channel_sparsity(model, env.build_start_architecture())
     pruned = row.summary()
     speedup = base.dense.p50_ms / pruned.p50_ms
     sens = ctx.find(SensitivityRecord)
@@ -153,7 +155,7 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "pareto": [p.to_dict() for p in sel.pareto],
         "sensitivity": sens.to_dict() if sens is not None else {},
         "layers": pruning.get("layers", {}),
-        "channels": with_latency_shares(channel_widths(model, env.build_architecture()), table_src),
+        "channels": with_latency_shares(channel_widths(model, env.build_start_architecture()), table_src),
         "channel_multiple": {"value": table_rec.channel_multiple, "reason": table_rec.channel_multiple_reason,
                              "configured": p.channel_multiple},
         "allocation": {"controller": c.controller, "granularity": p.granularity,
@@ -162,6 +164,8 @@ def run(ctx: StageContext) -> FinalizeRecord:
         # pruning.reconstruct_images: when the candidate's cut was re-solved, how many layers, their error
         "reconstruction": pruning.get("reconstruction"),
         **block_section(env, model, pruning, table_rec.block_ms, base.dense.p50_ms),  # issue #14
+        # pruning.fold_gates: the gates folded before pruning, what the fold alone cost and gave
+        "gate_fold": gate_fold_section(ctx.find(GateFoldRecord), base),
         "pruner_history": pruning.get("history", []),
         "artifacts": {"checkpoint": f"{stem}.pt", "onnx": onnx_path.name, "latency_table": "latency_table.json"},
         "onnx_verification": verified.to_dict(),

@@ -157,7 +157,8 @@ def _apply(table: LatencyTable, d: dict[str, Any]) -> None:
 def calibrate(table: LatencyTable, env: JobEnv, *, table_cache: Path, table_key: str, channel_multiple: int,
               dense_p50_ms: float, measure_many: MeasureMany | None = None) -> InGraphResult:
     """Fit ``table`` (in place) to whole-graph probes, or apply the cached fit; then anchor it to
-    ``dense_p50_ms`` (the baseline's dense latency). ``measure_many`` replaces the runtime timing (tests)."""
+    ``dense_p50_ms`` (the measured latency of the model pruning starts from: the baseline's dense
+    latency, or the gate_fold stage's). ``measure_many`` replaces the runtime timing (tests)."""
     from pruning.graph_calibration import calibrate_in_graph
 
     cfg = env.config
@@ -178,7 +179,7 @@ def calibrate(table: LatencyTable, env: JobEnv, *, table_cache: Path, table_key:
         _apply(table, cached)
         source, fit = "cache", cached["fit"]
     else:
-        model = env.load_dense().eval()
+        model = env.load_start().eval()  # the folded model when pruning.fold_gates is on: the one pruned
         imp = cfg.pruning.importances[0]
         measure = measure_many or measure_many_for(cfg, timing)
         t1 = time.perf_counter()

@@ -28,6 +28,7 @@ from avprune.config.prune import PruneJobConfig
 from avprune.prune_job import preflight
 from avprune.prune_job.context import StageContext
 from avprune.prune_job.errors import BudgetUnreachableError
+from avprune.prune_job.gate_fold_stage import start_latency_ms
 from avprune.prune_job.records import BaselineRecord, LatencyTableRecord
 from perception.io import atomic_write_json
 
@@ -195,16 +196,17 @@ def macs_table(model: nn.Module, example_input: object, config: PruneJobConfig, 
 def run(ctx: StageContext) -> LatencyTableRecord:
     """Load or measure the table, calibrate it to the dense model, save a copy in the output dir."""
     cfg, b = ctx.config, ctx.config.budget
-    model = ctx.env.load_dense().eval()  # the graph as loaded is the cache key, not model.name
+    model = ctx.env.load_start().eval()  # the graph as loaded is the cache key, not model.name
     base = ctx.record(BaselineRecord)
+    start_ms = start_latency_ms(ctx)  # the folded model's when the gate_fold stage folded gates
     if cfg.pruning.latency_costs == "macs":
         ctx.progress.stage_start("latency_table", note="MAC cost table (no timing)")
-        table, cached, source = macs_table(model, ctx.env.example_input(b.batch), cfg, base.dense.p50_ms), "", "macs"
+        table, cached, source = macs_table(model, ctx.env.example_input(b.batch), cfg, start_ms), "", "macs"
         overhead = table.overhead_ms
     else:
         ctx.progress.stage_start("latency_table", note=f"latency table on {b.runtime}")
         table, cached, source = load_or_measure(model, ctx.env.example_input(b.batch), cfg, measure_fn_for(cfg))
-        overhead = table.calibrate(base.dense.p50_ms)
+        overhead = table.calibrate(start_ms)
     multiple, reason = resolve_channel_multiple(cfg, table)
     log.info("channel multiple %d (%s)", multiple, reason)
     in_graph = None
@@ -215,7 +217,7 @@ def run(ctx: StageContext) -> LatencyTableRecord:
 
         ctx.progress.stage_start("latency_table", note="in-graph calibration (one probe per channel group)")
         in_graph = ig.calibrate(table, ctx.env, table_cache=cached, table_key=str(table.meta["cache_key"]),
-                                channel_multiple=multiple, dense_p50_ms=base.dense.p50_ms)
+                                channel_multiple=multiple, dense_p50_ms=start_ms)
         overhead = table.overhead_ms
         log.info("in-graph calibration (%s): %d probes, residual RMS %.3f ms, holdout %s pred / %s meas, %.1f s",
                  in_graph.source, in_graph.probes, in_graph.residual_rms_ms, in_graph.holdout_predicted_ms,
@@ -226,7 +228,7 @@ def run(ctx: StageContext) -> LatencyTableRecord:
     block_ms = block_costs(table, blocks)
     # Feasibility before any fine-tuning: the widest pruning the job allows must reach the budget.
     p = cfg.pruning
-    pruner = preflight.probe_pruner(ctx.env, ctx.env.build_architecture(), multiple)
+    pruner = preflight.probe_pruner(ctx.env, ctx.env.build_start_architecture(), multiple)
     preflight.check_channel_multiple_fits({g.root: g.size for g in pruner.groups}, multiple, cfg.model.name)
     reach = preflight.widest_reach_ms(table, pruner, p.max_sparsity if p.prunes_channels else 0.0, block_ms)
     if base.latency_budget_ms < reach:

@@ -159,6 +159,57 @@ class BaselineRecord:
 
 
 @dataclass(frozen=True)
+class FoldedGate:
+    """One squeeze-excitation gate folded into its consumer conv (:class:`pruning.gate_fold.GateFold`)."""
+
+    gate: str
+    consumer: str
+    channels: int
+    mean_scale: float
+    scale_spread: float  # how much input dependence the fold gave up (std of the scale over images)
+
+    def to_dict(self) -> JSONDict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> FoldedGate:
+        return _flat(cls, d)
+
+
+@dataclass(frozen=True)
+class GateFoldRecord:
+    """Stage 1b: the channel gates folded before pruning (``pruning.fold_gates``), or why none were.
+
+    Every later stage prunes ``checkpoint`` (the folded model) where it is set; dense figures (the
+    baseline, the shadow, the teacher) stay those of the unfolded checkpoint, so the job's speed-up
+    and mAP drop include what the fold cost and gave."""
+
+    STAGE: ClassVar[str] = "gate_fold"
+
+    images: int  # calibration images (0: off)
+    reason: str = ""  # why nothing was folded
+    checkpoint: str | None = None
+    gates: tuple[FoldedGate, ...] = ()
+    map: float | None = None  # the folded model before any fine-tuning
+    p50_ms: float | None = None  # timed paired with dense, in the baseline's conditions
+    seconds: float = 0.0
+
+    @property
+    def note(self) -> str:
+        if not self.gates:
+            return self.reason or "nothing folded"
+        lat = f", p50 {self.p50_ms:.2f} ms" if self.p50_ms is not None else ""
+        return f"{len(self.gates)} gates folded on {self.images} images: mAP {self.map:.3f}{lat}"
+
+    def to_dict(self) -> JSONDict:
+        return {**asdict(self), "gates": [g.to_dict() for g in self.gates], "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: JSONDict) -> GateFoldRecord:
+        return _flat(cls, {**d, "gates": tuple(FoldedGate.from_dict(g) for g in d.get("gates", ()))})
+
+
+@dataclass(frozen=True)
 class LatencyTableRecord:
     """Stage 2: where the calibrated per-layer latency table is, and how it was obtained."""
 
@@ -564,5 +615,6 @@ class FinalizeRecord:
 
 #: The stage record type of each default stage, by stage name (how ``StageStore`` reads them back).
 RECORD_TYPES: dict[str, type] = {
-    r.STAGE: r for r in (BaselineRecord, LatencyTableRecord, SensitivityRecord, SearchRecord, SelectRecord, FinalizeRecord)
+    r.STAGE: r for r in (BaselineRecord, GateFoldRecord, LatencyTableRecord, SensitivityRecord, SearchRecord, SelectRecord,
+                         FinalizeRecord)
 }

@@ -212,6 +212,9 @@ def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None)
     from avprune.prune_job.report_blocks import blocks_html
 
     parts.append(blocks_html(doc))  # which blocks went, when, their latency share and mAP cost (#14)
+    from avprune.prune_job.gate_fold_stage import gate_fold_html
+
+    parts.append(gate_fold_html(doc))  # pruning.fold_gates: which gates, what the fold cost and gave
     layers = doc.get("layers") or {}
     if layers:
         parts += ["<h2>Per layer (selected candidate)</h2>", _layers_figure(layers)]

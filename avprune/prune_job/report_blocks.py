@@ -63,7 +63,8 @@ def block_section(env: JobEnv, model: nn.Module, pruning: Mapping[str, Any], blo
                   dense_ms: float | None) -> dict[str, Any]:
     """report.json's ``removed_blocks`` and ``restored_blocks`` (rows above), ``block_events`` and
     ``block_decision``."""
-    removed = list(getattr(model, "avprune_meta", {}).get("removed_blocks", []))
+    folded = set(env.folded_gates)  # gates the gate_fold stage replaced: report.json's gate_fold, not depth
+    removed = [b for b in getattr(model, "avprune_meta", {}).get("removed_blocks", []) if b not in folded]
     restored = [b for b in pruning.get("blocks_restored") or [] if b not in removed]
     try:
         cost = map_cost_points(env, [*removed, *restored])

@@ -56,11 +56,21 @@ class Stage:
 
 
 def default_stages() -> list[Stage]:
-    """The job's six stages, imported lazily (they pull in torch, Ray and the runtimes)."""
-    from avprune.prune_job import baseline, finalize, latency_table, records, search, select, sensitivity
+    """The job's seven stages, imported lazily (they pull in torch, Ray and the runtimes)."""
+    from avprune.prune_job import (
+        baseline,
+        finalize,
+        gate_fold_stage,
+        latency_table,
+        records,
+        search,
+        select,
+        sensitivity,
+    )
 
     return [
         Stage("baseline", baseline.run, records.BaselineRecord),
+        Stage("gate_fold", gate_fold_stage.run, records.GateFoldRecord),  # records "off" unless pruning.fold_gates
         Stage("latency_table", latency_table.run, records.LatencyTableRecord),
         Stage("sensitivity", sensitivity.run, records.SensitivityRecord),
         Stage("search", search.run, records.SearchRecord),

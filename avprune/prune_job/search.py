@@ -192,7 +192,7 @@ class _Trial:
         pruner = self.pruner
         if pruner is None:
             raise ValueError("measure() called before the trial's pruner was set")
-        small = finalized_copy(pruner, self.env.build_architecture())
+        small = finalized_copy(pruner, self.env.build_start_architecture())
         if self.blocks is not None:
             self.blocks.apply_to(small)
         lat = self._latency(small)
@@ -300,8 +300,8 @@ def trial(params: dict[str, object]) -> None:
     torch.manual_seed(spec.candidate.seed)
 
     table = LatencyTable.load(spec.latency_table)
-    dense = env.load_dense()
-    model = env.load_dense()
+    dense = env.load_dense()  # the teacher, and the reference every speed-up is measured against
+    model = env.load_start()  # what is pruned: dense, or dense with its gates folded (pruning.fold_gates)
     state = _Trial(spec, env, work)
     ft, p = cfg.finetune, cfg.pruning
     importance = spec.candidate.importance

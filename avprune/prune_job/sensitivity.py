@@ -56,7 +56,7 @@ def largest_units(cfg: PruneJobConfig, max_layers: int | None, channel_multiple:
     from pruning.controllers import build_controller
 
     env = JobEnv.from_config(cfg)
-    model = env.build_architecture()
+    model = env.build_start_architecture()
     pruner = _pruner(env, model, cfg.pruning.importances[0], build_controller("fixed", sparsity=0.0), channel_multiple)
     modules = dict(model.named_modules())
     size = {u: sum(p.numel() for p in modules[u].parameters()) for u in pruner.units}
@@ -93,7 +93,7 @@ def scan_layer_task(task: ScanTask) -> tuple[str, LayerSensitivity]:
 
     env = JobEnv.from_config(PruneJobConfig.model_validate(task.job))  # once per worker process
     env.set_worker_threads()
-    model = env.load_dense()
+    model = env.load_start()  # the model the trials prune (gates folded with pruning.fold_gates)
     p = env.config.pruning
     curve = scan_layer(
         model, task.layer, metric_fn(env), list(task.sparsities),
@@ -132,9 +132,9 @@ def calls_per_worker(tasks: int, cpus_per_task: float) -> int:
 
 
 def dense_value(cfg: PruneJobConfig) -> float:
-    """The dense model's metric on the scan's images (every curve's reference point)."""
+    """The unpruned start model's metric on the scan's images (every curve's reference point)."""
     env = JobEnv.from_config(cfg)
-    return metric_fn(env)(env.load_dense())
+    return metric_fn(env)(env.load_start())
 
 
 def run(ctx: StageContext) -> SensitivityRecord:
