@@ -14,6 +14,7 @@ from avprune.prune_job.preflight import (
     budget_unreachable_message,
     check_channel_multiple_fits,
     model_blocks,
+    model_gates,
     probe_pruner,
     widest_reach_ms,
 )
@@ -51,6 +52,19 @@ def _env(model_fn):
 def test_block_granularity_on_a_model_without_blocks_names_the_model():
     with pytest.raises(ValueError, match=r"pruning.granularity 'block': model 'plainnet': .*no removable residual block"):
         model_blocks(_env(_Plain))
+
+
+def test_fold_gates_on_a_model_without_gates_names_the_model_and_ssdlite_has_eight():
+    env = _env(_Plain)
+    env.config.pruning.fold_gates = 64
+    with pytest.raises(ValueError, match=r"pruning.fold_gates: 64: model 'plainnet' has no channel gate"):
+        model_gates(env)
+    from perception.models import build_detector
+
+    ssd = _env(lambda: build_detector("ssdlite320_mobilenet_v3_large", image_size=128))
+    ssd.config.pruning.fold_gates = 64
+    ssd.example_input = lambda b=1: torch.zeros(b, 3, 128, 128)  # the job's input size (16x16 leaves 1x1 maps)
+    assert len(model_gates(ssd)) == 8  # untrained: found from the forward, whatever the weights
 
 
 def test_widest_reach_is_the_tables_prediction_at_max_sparsity_aligned():

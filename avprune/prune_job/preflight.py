@@ -5,11 +5,12 @@ detector, a data set with no images or no boxes) fails here in about a second, w
 named, and leaves nothing behind: no ``OUT/job.json``, no ``stages/``, no latency table filed in the
 cache. Messages name the job file's fields (``model.name``, ``data.root``), which is what a CLI user edits.
 
-Model (:func:`check_model`): config load (pydantic) cannot see the architecture, so two refusals of
-issues #12 / #14 live here too: a ``pruning.channel_multiple`` no prunable channel group is wider
-than (nothing could be pruned), and ``granularity: block`` / ``channel+block`` on a detector without
-a removable residual block. Both build the untrained architecture (no checkpoint read, a few
-seconds) and raise ValueError (exit code 2) naming the field.
+Model (:func:`check_model`): config load (pydantic) cannot see the architecture, so the refusals of
+issues #12 / #14 that depend on it live here too: a ``pruning.channel_multiple`` no prunable channel
+group is wider than (nothing could be pruned), ``granularity: block`` / ``channel+block`` on a
+detector without a removable residual block, and ``pruning.fold_gates`` on one without a foldable
+channel gate. Each builds the untrained architecture (no checkpoint read, a few seconds) and raises
+ValueError (exit code 2) naming the field.
 
 :func:`widest_reach_ms` is the latency-table stage's feasibility bound: what the table predicts at
 the widest pruning the job allows (every channel group at ``max_sparsity``, aligned to the multiple,
@@ -122,6 +123,8 @@ def check_model(config: PruneJobConfig) -> None:
         check_channel_multiple_fits({g.root: g.size for g in pruner.groups}, p.channel_multiple, config.model.name)
     if p.prunes_blocks:
         model_blocks(env)
+    if p.fold_gates:
+        model_gates(env)
 
 
 def model_blocks(env: JobEnv) -> list[str]:
@@ -136,6 +139,26 @@ def model_blocks(env: JobEnv) -> list[str]:
         raise ValueError(f"pruning.granularity {env.config.pruning.granularity!r}: model "
                          f"{env.config.model.name!r}: {e}") from None
     return [b.name for b in blocks]
+
+
+def model_gates(env: JobEnv) -> dict[str, str]:
+    """The detector's foldable channel gates (gate -> consumer conv); ValueError naming the model when
+    it has none, so ``pruning.fold_gates`` on, say, a ResNet detector does not pass silently."""
+    import torch
+
+    from pruning.filters import detector_core_forward, is_detector
+    from pruning.gate_fold import find_gates
+
+    model = env.build_architecture().eval()
+    shape = tuple(env.example_input().shape)
+    # random, not zeros: an untrained model's activations of a zero image can be zero everywhere
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    gates = find_gates(model, x, forward_fn=detector_core_forward if is_detector(model) else None)
+    if not gates:
+        raise ValueError(f"pruning.fold_gates: {env.config.pruning.fold_gates}: model {env.config.model.name!r} has "
+                         "no channel gate (squeeze-excitation) read by a single conv, so there is nothing to fold; "
+                         "set pruning.fold_gates: 0")
+    return gates
 
 
 def widest_reach_ms(table: LatencyTable, pruner: Pruner, max_sparsity: float,
@@ -156,4 +179,4 @@ def budget_unreachable_message(budget_ms: float, reach_ms: float, dense_ms: floa
 
 
 __all__ = ["budget_unreachable_message", "check_channel_multiple_fits", "check_dense_checkpoint", "check_job_data",
-           "check_job_inputs", "check_model", "model_blocks", "probe_pruner", "widest_reach_ms"]
+           "check_job_inputs", "check_model", "model_blocks", "model_gates", "probe_pruner", "widest_reach_ms"]
