@@ -58,6 +58,7 @@ def _config(args: argparse.Namespace, ckpt: Path, coco: Path, work: Path) -> Any
         "model.checkpoint": str(ckpt),
         "data": {"source": "coco", "root": str(coco), "val_images": args.val_images},
         "budget.score_thresh": 0.01,  # deployed threshold, as in benchmarks.prune_job
+        "pruning.fold_gates": 0,  # rows fold after their cut themselves (--fold-gates), not the job's way
         "finetune.steps": args.steps, "finetune.lr": args.lr, "finetune.optimizer": "adamw",
         "finetune.measure_every": min(args.eval_every, args.steps),
         "output_dir": str(work / "job"), "cache_dir": str(WORK.parent / "cache"), "seed": args.seed,
