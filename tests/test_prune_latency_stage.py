@@ -221,7 +221,8 @@ def test_gate_fold_stage_folds_before_pruning_and_the_table_is_anchored_to_the_f
     assert env.folded_gates == se
     section = gate_fold_section(rec, base)
     assert section["speedup"] == pytest.approx(ms / rec.p50_ms) and len(section["gates"]) == 8
-    assert "Folded channel gates (8)" in gate_fold_html({"gate_fold": section})
+    page = gate_fold_html({"gate_fold": section})
+    assert "Folded channel gates (8)" in page and all(f"<td>{g}</td>" in page for g in se)
 
     table_rec = latency_table.run(StageContext(config=cfg, env=env, out_dir=job["out"], progress=JobProgress(False),
                                                results={"baseline": base, "gate_fold": rec}))

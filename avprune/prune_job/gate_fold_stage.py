@@ -86,18 +86,15 @@ def gate_fold_section(rec: GateFoldRecord | None, base: BaselineRecord) -> dict[
 
 def gate_fold_html(doc: dict[str, object]) -> str:
     """report.html's section on the folded gates ("" when the job folded none)."""
-    import html
+    from avprune.prune_job.report import _table
 
     sec = doc.get("gate_fold")
     if not isinstance(sec, dict):
         return ""
-    rows = "".join(f"<tr><td>{html.escape(g['gate'])}</td><td>{html.escape(g['consumer'])}</td><td>{g['channels']}</td>"
-                   f"<td>{g['mean_scale']:.3f}</td><td>{g['scale_spread']:.3f}</td></tr>" for g in sec["gates"])
     speed = f"{sec['speedup']:.2f}x" if sec.get("speedup") else "-"
     return (f"<h2>Folded channel gates ({len(sec['gates'])})</h2><p>Before pruning, each squeeze-excitation gate was "
             f"replaced by its mean scale over {sec['images']} training images, folded into the conv that reads it "
             f"(pruning.gate_fold). Before any fine-tuning the folded model ran {speed} the dense graph at mAP "
             f"{sec['map_folded']:.3f} (dense {sec['map_dense']:.3f}); the speed-up and drop above include it. "
-            "<i>spread</i>: the scale's standard deviation over the images, what the fold gave up.</p>"
-            "<table><tr><th>gate</th><th>consumer</th><th>channels</th><th>mean scale</th><th>spread</th></tr>"
-            f"{rows}</table>")
+            "<i>scale_spread</i>: the scale's standard deviation over the images, what the fold gave up.</p>"
+            + _table(sec["gates"], ["gate", "consumer", "channels", "mean_scale", "scale_spread"]))
