@@ -116,6 +116,8 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, out
         overrides["pruning.reconstruct_images"] = args.reconstruct
     if args.fold_gates is not None:
         overrides["pruning.fold_gates"] = args.fold_gates
+    if args.latency_margin is not None:
+        overrides["budget.latency_margin"] = args.latency_margin
     if args.allocation == "latency":  # the knapsack reads every unit's damage curve (resolved defaults)
         overrides.update({"sensitivity.max_layers": None, "sensitivity.sparsities": None})
     if args.quick:
@@ -399,6 +401,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--reconstruct", type=int, default=0, metavar="IMAGES",
                     help="pruning.reconstruct_images: each candidate's cut re-solved against the dense model on this "
                          "many training images once it reaches the budget (default 0: off)")
+    ap.add_argument("--latency-margin", type=float, default=None, metavar="SHARE",
+                    help="budget.latency_margin: the trials aim this share under the budget, select judges at it "
+                    "(default: the example job's)")
     ap.add_argument("--fold-gates", type=int, default=None, metavar="IMAGES",
                     help="pruning.fold_gates: the squeeze-excitation gates folded into the next conv as their mean scale "
                          "over this many training images before pruning (default: the example job's, 64; 0: off)")

@@ -41,6 +41,8 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
            "the budget (`pruning.reconstruct_images`)" if p.get("reconstruct_images") else "")
         + (f", squeeze-excitation gates folded before pruning on {p['fold_gates']} training images "
            "(`pruning.fold_gates`)" if p.get("fold_gates") else "")
+        + (f", trials aiming {cfg['budget']['latency_margin']:.0%} under the budget (`budget.latency_margin`; "
+           "select judges at the budget)" if cfg["budget"].get("latency_margin") else "")
         + ". "
           f"*dense-long*: the dense checkpoint fine-tuned {record['steps']} steps with the same recipe, without pruning"
         + (" (the first job's dense shadow, the model its floor was judged against)"

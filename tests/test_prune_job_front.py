@@ -94,5 +94,8 @@ def test_results_section_and_plot_from_a_record(tmp_path) -> None:
     md = markdown(record, "x.png")
     assert "squeeze-excitation gates folded before pruning on 64 training images" in md
     assert "`channel` folded 8 squeeze-excitation gates on 64 training images" in md and "(1.16x the dense 8.00 ms" in md
+    assert "latency_margin" not in md
+    record["config"]["channel"]["budget"]["latency_margin"] = 0.04
+    assert "trials aiming 4% under the budget (`budget.latency_margin`" in markdown(record, "x.png")
     png = plot_fronts(tmp_path / "p.png", points, record["pareto"], 1.0, (1.5, 2.0, 2.5), "t")
     assert png.stat().st_size > 1000

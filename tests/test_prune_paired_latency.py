@@ -80,6 +80,9 @@ def test_paired_latency_reads_the_same_under_load(env, tmp_path, end_to_end):
     dense, pruned = _Costed(12.8), _Costed(6.0)
     quiet, f_quiet = e.measure_latency_paired(pruned, dense, tmp_path, dense_ms=12.8, clock_ns=clock)
     assert f_quiet == pytest.approx(1.0) and quiet.p50_ms == pytest.approx(6.0)
+    assert quiet.n == max(cfg.budget.measure_iters, 10)  # one candidate call per pair
+    many, _ = e.measure_latency_paired(pruned, dense, tmp_path, dense_ms=12.8, pairs=40, clock_ns=clock)
+    assert many.n == 40 and many.p50_ms == pytest.approx(6.0)  # select's longer re-timing
     load[0] = 1.6  # another trial trains on the node: every call takes 1.6x as long
     loaded, f_loaded = e.measure_latency_paired(pruned, dense, tmp_path, dense_ms=12.8, clock_ns=clock)
     assert f_loaded == pytest.approx(1 / 1.6)

@@ -191,3 +191,29 @@ def test_the_benchmark_takes_dense_long_from_a_finished_shadow_only(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
     (work / "curve.json").write_text(json.dumps({"points": [], "done": False}))
     assert _shadow_model(job, tmp_path / "other.pt") is None  # a shadow cut short is not the recipe's model
+
+
+def test_trials_aim_under_the_budget_by_the_latency_margin_and_select_judges_at_the_budget(tmp_path):
+    """budget.latency_margin: every trial's controller, snapshot and score work to the budget less the
+    margin; select still picks by the budget itself (a model at 5.9 ms meets a 6.0 ms budget)."""
+    from avprune.prune_job.records import LatencyTableRecord
+    from avprune.prune_job.search import trial_specs
+
+    table = LatencyTableRecord(path="t.json", cache="c.json", source="macs", entries=3, overhead_ms=0.0,
+                               channel_multiple=16)
+    base = _base()
+    specs = {}
+    for margin in (0.0, 0.05):
+        cfg = PruneJobConfig.model_validate(_cfg(tmp_path, latency_margin=margin))
+        ctx = StageContext(config=cfg, env=None, out_dir=tmp_path / "out", progress=JobProgress(False),
+                           results={"baseline": base, "latency_table": table})
+        specs[margin] = trial_specs(ctx)
+    assert {s.latency_budget_ms for s in specs[0.0]} == {6.0}
+    assert [s.latency_budget_ms for s in specs[0.05]] == pytest.approx([5.7] * len(specs[0.05]))
+    chosen, infeasible = pick([_measured("c0", 0, 0.48, ms=5.9)], base)
+    assert chosen.candidate_id == "c0" and infeasible is None
+    plain = PruneJobConfig.model_validate(_cfg(tmp_path))
+    assert PruneJobConfig.model_validate(_cfg(tmp_path, latency_margin=0.0)).fingerprint() == plain.fingerprint()
+    assert PruneJobConfig.model_validate(_cfg(tmp_path, latency_margin=0.05)).fingerprint() != plain.fingerprint()
+    with pytest.raises(ValueError, match="latency_margin"):
+        PruneJobConfig.model_validate(_cfg(tmp_path, latency_margin=0.5))

@@ -59,7 +59,7 @@ class TrialSpec:
     job: JSONDict  # the validated job config as JSON (rebuilt in the worker)
     out_dir: str
     latency_table: str
-    latency_budget_ms: float
+    latency_budget_ms: float  # what the trial aims at: the budget less budget.latency_margin
     map_floor: float
     dense_map: float
     sensitivity: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # unit -> (sparsity, drop)

@@ -281,8 +281,8 @@ class JobEnv:
                                block_size=max(1, -(-b.measure_iters // blocks)), warmup=3)
 
     def measure_latency_paired(self, model: nn.Module, dense: nn.Module | Path, work_dir: Path, *,
-                               dense_ms: float, clock_ns: Callable[[], int] | None = None,
-                               ) -> tuple[LatencySummary, float]:
+                               dense_ms: float, pairs: int | None = None,
+                               clock_ns: Callable[[], int] | None = None) -> tuple[LatencySummary, float]:
         """``model``'s latency as the job's quiet baseline would have measured it, and the load factor.
 
         Trials share a node: one measures while another trains, which slows every call (measured
@@ -293,7 +293,8 @@ class JobEnv:
         alike. The candidate's p50 is ``dense_ms`` (the baseline's dense p50) over the median ratio
         of the dense call to the candidate call beside it, and its other percentiles scale with it.
         Returns (that summary, the load factor: ``dense_ms`` over the dense p50 of this run, < 1
-        under load). ``clock_ns``: the timer (default ``time.perf_counter_ns``).
+        under load). ``pairs``: how many dense/candidate call pairs (default ``budget.measure_iters``,
+        at least 10). ``clock_ns``: the timer (default ``time.perf_counter_ns``).
         """
         import numpy as np
 
@@ -305,7 +306,8 @@ class JobEnv:
         with self._runtime(model, work_dir / "latency_probe.onnx") as rt, self._open(dense) as drt:
             calls = {name: _batch_call(r, self.timing_frames, b.end_to_end) for name, r in (("dense", drt), ("model", rt))}
             # one call per block, the order rotating: each candidate call has a dense call beside it
-            timing = time_paired(calls, [None], blocks=max(b.measure_iters, 2 * BASELINE_BLOCKS), block_size=1,
+            n = b.measure_iters if pairs is None else int(pairs)
+            timing = time_paired(calls, [None], blocks=max(n, 2 * BASELINE_BLOCKS), block_size=1,
                                  warmup=3, **({} if clock_ns is None else {"clock_ns": clock_ns}))
         # The median of the per-pair ratios, not the ratio of the medians: the other trial's load
         # comes in bursts. Measured here, a dense graph against itself while two trials trained:

@@ -31,6 +31,10 @@ from avprune.prune_job.records import (
 )
 
 log = logging.getLogger(__name__)
+#: select re-times each deliverable with this many times budget.measure_iters call pairs: its verdict
+#: decides the job, and on a quiet node it costs seconds (measured: 30 pairs of one model spread
+#: 1.39-1.47x over four runs, 300 pairs 1.42-1.46x)
+SELECT_PAIRS = 10
 
 
 def _miss(p: Point, budget_ms: float, floor: float) -> float:
@@ -178,7 +182,8 @@ def run(ctx: StageContext) -> SelectRecord:
         # Side by side: the candidate is timed interleaved with the dense model and its latency is
         # taken as a ratio to it, expressed at the baseline's dense latency. Absolute timings minutes
         # apart on a shared machine drift by tens of percent; paired ratios do not.
-        lat, factor = env.measure_latency_paired(model, dense, work, dense_ms=base.dense.p50_ms)
+        lat, factor = env.measure_latency_paired(model, dense, work, dense_ms=base.dense.p50_ms,
+                                                 pairs=SELECT_PAIRS * ctx.config.budget.measure_iters)
         score, size = env.evaluate_map(model), env.size_of(model)
         row = MeasuredModel(candidate_id=item.candidate_id, index=item.index, checkpoint=item.checkpoint,
                             map=score.map, map50=score.map50, p50_ms=lat.p50_ms, p99_ms=lat.p99_ms,
