@@ -217,3 +217,9 @@ def test_trials_aim_under_the_budget_by_the_latency_margin_and_select_judges_at_
     assert PruneJobConfig.model_validate(_cfg(tmp_path, latency_margin=0.05)).fingerprint() != plain.fingerprint()
     with pytest.raises(ValueError, match="latency_margin"):
         PruneJobConfig.model_validate(_cfg(tmp_path, latency_margin=0.5))
+    from avprune.prune_job.report import _aim_note
+
+    note = _aim_note({"latency_budget_ms": 6.0, "search_target_ms": cfg.budget.search_target(6.0)})
+    assert "aimed at 5.70 ms (5% under the budget" in note and "judged at the budget" in note
+    assert _aim_note({"latency_budget_ms": 6.0, "search_target_ms": 6.0}) == ""  # no margin: nothing to say
+    assert _aim_note({"latency_budget_ms": 6.0}) == ""  # a report written before the field

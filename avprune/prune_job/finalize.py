@@ -145,6 +145,8 @@ def run(ctx: StageContext) -> FinalizeRecord:
         "pruned": pruned.to_dict(),
         "speedup": speedup,
         "latency_budget_ms": base.latency_budget_ms,
+        # what the trials aimed at (budget.latency_margin under the budget); select judged at the budget
+        "search_target_ms": cfg.budget.search_target(base.latency_budget_ms),
         "map_floor": floor,
         "floor": floor_block(cfg, base, sel, search),
         "runtime": cfg.budget.runtime,

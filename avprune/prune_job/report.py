@@ -189,6 +189,7 @@ def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None)
         "<h1>avprune prune job</h1>",
         f"<p>Budget: p50 &le; <b>{doc['latency_budget_ms']:.2f} ms</b> per batch on <code>{html.escape(doc['runtime'])}</code> "
         f"({html.escape(doc['device'])}, {doc['threads']} threads), mAP &ge; <b>{doc['map_floor']:.3f}</b>. "
+        + _aim_note(doc) +
         f"Selected <b>{html.escape(doc['candidate_id'])}</b>: {doc['speedup']:.2f}&times; faster.</p>",
         _infeasible_banner(doc),
         summary,
@@ -294,6 +295,15 @@ def _floor_section(doc: JSONDict) -> str:
     rows = [{"model": "dense shadow" if shadow else "starting checkpoint",
              "final mAP": fl.get("reference_map"), "floor": fl.get("map_floor")}] if fl.get("reference_map") is not None else []
     return text + _png(fig) + (_table(rows, ["model", "final mAP", "floor"]) if rows else "")
+
+
+def _aim_note(doc: JSONDict) -> str:
+    """The trials' own latency target, when ``budget.latency_margin`` put it under the budget."""
+    aim = doc.get("search_target_ms")
+    if aim is None or aim >= doc["latency_budget_ms"]:
+        return ""
+    return (f"The trials aimed at {aim:.2f} ms ({1 - aim / doc['latency_budget_ms']:.0%} under the budget, "
+            "<code>budget.latency_margin</code>); every model was judged at the budget. ")
 
 
 def _infeasible_banner(doc: JSONDict) -> str:
