@@ -207,21 +207,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_detector(path: str | Path, **overrides: Any) -> nn.Module:
     """Rebuild a detector from an avprune checkpoint, pruned or dense."""
     ckpt = read_checkpoint(path)
-    model = _architecture(ckpt["model"], path, overrides)
+    model = checkpoint_architecture(ckpt["model"], path, **overrides)
     _load_state(model, ckpt["state_dict"], path, allow_resize=True)
     return model
 
 
-def checkpoint_architecture(path: str | Path, **overrides: Any) -> nn.Module:
-    """The untrained detector an avprune checkpoint was saved from, at the registry's widths: its name,
-    class count, image size, SSD anchor scales and removed blocks (``overrides`` as for
-    :func:`load_detector`). A state dict of the checkpoint, or of one pruned from it, loads into it
-    (pruned widths resize); built from the registry defaults instead, a model trained with other
-    anchor scales would decode its boxes against the wrong anchors."""
-    return _architecture(read_checkpoint(path)["model"], path, overrides)
-
-
-def _architecture(meta: dict[str, Any], path: str | Path, overrides: dict[str, Any]) -> nn.Module:
+def checkpoint_architecture(meta: dict[str, Any], path: str | Path, **overrides: Any) -> nn.Module:
+    """The untrained detector an avprune checkpoint was saved from, at the registry's widths, from its
+    metadata (``read_checkpoint(path)["model"]``; ``path`` names it in errors): its name, class count,
+    image size, SSD anchor scales and removed blocks (``overrides`` as for :func:`load_detector`). A
+    state dict of the checkpoint, or of one pruned from it, loads into it (pruned widths resize);
+    built from the registry defaults instead, a model trained with other anchor scales would decode
+    its boxes against the wrong anchors."""
     if "name" not in meta:
         raise ValueError(
             f"{path}: a plain state_dict does not say which detector it is; "

@@ -180,7 +180,16 @@ class JobEnv:
         where its model scored 0.648 in the trial)."""
         from perception.models import checkpoint_architecture
 
-        return checkpoint_architecture(self.config.model.checkpoint, image_size=tuple(self.config.budget.input_size))
+        return checkpoint_architecture(self.dense_meta, self.config.model.checkpoint,
+                                       image_size=tuple(self.config.budget.input_size))
+
+    @cached_property
+    def dense_meta(self) -> dict[str, Any]:
+        """The dense checkpoint's architecture metadata, read once: :meth:`build_architecture` runs at
+        every measurement of every trial, and the checkpoint file holds the weights too."""
+        from perception.models import read_checkpoint
+
+        return dict(read_checkpoint(self.config.model.checkpoint)["model"])
 
     # The model pruning starts from: the dense checkpoint, or with ``pruning.fold_gates`` the gate_fold
     # stage's folded copy of it. Dense figures (baseline, shadow, teacher) always use the dense one.
