@@ -3,6 +3,13 @@
 - ``dense``: no pruning, trained for the same steps (an under-trained dense model flatters pruning).
 - ``tp_magnitude``: Torch-Pruning one-shot global L2 channel pruning (``MetaPruner`` +
   ``MagnitudeImportance``) to the latency target, then fine-tuning.
+- ``tp_aligned``: Torch-Pruning one-shot L2, the same ratio in every layer (``global_pruning=False``)
+  with counts rounded to the comparison's channel multiple (what avprune's aligned rows use), to the
+  latency target, then the same fine-tune (issue #12's fair baseline).
+- ``tp_aligned_distill``: ``tp_aligned`` fine-tuned with distillation from the dense checkpoint, as
+  ``avprune_latency`` is: what is left of the gap is the allocation's.
+- ``tp_iterative``: the same pruner on Torch-Pruning's own iterative schedule (``iterative_steps``):
+  one pruning step at the start of each of the first half's phases, each phase fine-tuned.
 - ``slimming``: network slimming (Liu et al., ICCV 2017): L1 on BatchNorm gamma while training,
   one global gamma threshold to the target, then a short fine-tune in the same step budget.
 - ``unstructured_l1``: ``torch.nn.utils.prune.global_unstructured`` (L1) at the best channel
@@ -58,35 +65,47 @@ def prunable_convs(detector: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 
 def tp_channel_prune(
-    detector: nn.Module, ratio: float, example_inputs: torch.Tensor, importance: Any = None, *, global_pruning: bool = True
+    detector: nn.Module, ratio: float, example_inputs: torch.Tensor, importance: Any = None, *, global_pruning: bool = True,
+    round_to: int = 8,
 ) -> nn.Module:
     """Channel pruning of ``detector`` in place with Torch-Pruning (MetaPruner), one shot: global
     ranking by default, or ``ratio`` of every group with ``global_pruning=False``.
 
-    ``round_to=8`` because odd channel counts slow dense kernels down (FIELD_NOTES).
+    ``round_to=8`` by default because odd channel counts slow dense kernels down (FIELD_NOTES);
+    the aligned baselines pass the comparison's channel multiple.
     """
-    import torch_pruning as tp
-
-    from pruning.filters import DetectorCore
-
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
     if ratio == 0.0:
         return detector
     was_training = detector.training
     detector.eval()
-    pruner = tp.pruner.MetaPruner(
+    pruner = tp_pruner(detector, ratio, example_inputs, importance, global_pruning=global_pruning, round_to=round_to)
+    pruner.step()
+    detector.train(was_training)
+    return detector
+
+
+def tp_pruner(
+    detector: nn.Module, ratio: float, example_inputs: torch.Tensor, importance: Any = None, *, global_pruning: bool,
+    round_to: int, iterative_steps: int = 1,
+) -> Any:
+    """Torch-Pruning's MetaPruner over the detector's core (backbone + head), the head's output convs
+    kept whole; ``iterative_steps`` > 1 reaches ``ratio`` over that many ``step()`` calls."""
+    import torch_pruning as tp
+
+    from pruning.filters import DetectorCore
+
+    return tp.pruner.MetaPruner(
         DetectorCore(detector),
         example_inputs,
         importance=importance if importance is not None else tp.importance.MagnitudeImportance(p=2),
         pruning_ratio=ratio,
         global_pruning=global_pruning,
         ignored_layers=head_output_convs(detector),
-        round_to=8,
+        round_to=round_to,
+        iterative_steps=iterative_steps,
     )
-    pruner.step()
-    detector.train(was_training)
-    return detector
 
 
 MAX_RATIO = 0.8  # beyond this a one-shot detector backbone is destroyed rather than pruned
@@ -142,6 +161,55 @@ def run_tp_magnitude(ctx: MethodContext) -> MethodOutput:
     traj = start_point(ctx, lambda: plain_copy(model))
     traj += finetune(model, ctx, steps=ctx.steps, snapshot=lambda: plain_copy(model))
     return MethodOutput(model.eval(), traj, {"ratio": ctx.channel_ratio})
+
+
+def run_tp_aligned(ctx: MethodContext, *, distill: bool = False) -> MethodOutput:
+    """Torch-Pruning one-shot L2, one ratio per layer, counts multiples of ``ctx.channel_multiple``, to
+    the latency target (the setup's bisection), then the same fine-tune as every method; with
+    ``distill``, the dense checkpoint teaches it as it teaches ``avprune_latency`` (the lever isolated)."""
+    model = load_base(ctx)
+    tp_channel_prune(model, ctx.aligned_ratio, ctx.example_inputs, global_pruning=False, round_to=ctx.channel_multiple)
+    traj = start_point(ctx, lambda: plain_copy(model))
+    trained: nn.Module = model
+    if distill:
+        from perception.distill import DistilledDetector
+
+        trained = DistilledDetector(model, load_base(ctx).eval())
+    traj += finetune(trained, ctx, steps=ctx.steps, snapshot=lambda: plain_copy(model))
+    return MethodOutput(model.eval(), traj, {"ratio": ctx.aligned_ratio, "round_to": ctx.channel_multiple,
+                                             "distill": distill})
+
+
+def run_tp_aligned_distill(ctx: MethodContext) -> MethodOutput:
+    return run_tp_aligned(ctx, distill=True)
+
+
+TP_ITERATIVE_STEPS = 4  # pruning steps, spread over the first half of the fine-tune (then recovery)
+
+
+def run_tp_iterative(ctx: MethodContext) -> MethodOutput:
+    """Torch-Pruning's iterative schedule to the aligned ratio: ``TP_ITERATIVE_STEPS`` pruning steps
+    (its linear schedule), one at the start of each phase of the first half, then the rest of the steps.
+
+    Physical pruning changes parameter shapes, so every phase fine-tunes with a fresh optimizer
+    (warm-up and decay per phase): what a Torch-Pruning user's loop does.
+    """
+    import torch_pruning as tp
+
+    model = load_base(ctx)
+    pruner = tp_pruner(model, ctx.aligned_ratio, ctx.example_inputs, tp.importance.MagnitudeImportance(p=2),
+                       global_pruning=False, round_to=ctx.channel_multiple, iterative_steps=TP_ITERATIVE_STEPS)
+    phase = max(1, ctx.steps // (2 * TP_ITERATIVE_STEPS))
+    traj: list[Any] = []
+    done = 0
+    for k in range(TP_ITERATIVE_STEPS):
+        model.eval()
+        pruner.step()
+        steps = phase if k < TP_ITERATIVE_STEPS - 1 else ctx.steps - done
+        traj += finetune(model, ctx, steps=steps, snapshot=lambda: plain_copy(model), step_offset=done)
+        done += steps
+    return MethodOutput(model.eval(), traj, {"ratio": ctx.aligned_ratio, "round_to": ctx.channel_multiple,
+                                             "iterative_steps": TP_ITERATIVE_STEPS, "phase_steps": phase})
 
 
 # Network slimming (Liu et al., "Learning Efficient Convolutional Networks through Network
@@ -242,6 +310,10 @@ def run_unstructured(ctx: MethodContext) -> MethodOutput:
 METHODS = (
     MethodSpec("dense", run_dense, "dense", "dense, same steps"),
     MethodSpec("tp_magnitude", run_tp_magnitude, "channel", "Torch-Pruning one-shot L2"),
+    MethodSpec("tp_aligned", run_tp_aligned, "channel", "Torch-Pruning one-shot L2, per layer, aligned"),
+    MethodSpec("tp_iterative", run_tp_iterative, "channel", "Torch-Pruning iterative L2, per layer, aligned"),
+    MethodSpec("tp_aligned_distill", run_tp_aligned_distill, "channel",
+               "Torch-Pruning one-shot L2, per layer, aligned, distilled"),
     MethodSpec("slimming", run_slimming, "channel", "network slimming"),
     MethodSpec("unstructured_l1", run_unstructured, "unstructured", "torch prune L1 unstructured", True),
 )

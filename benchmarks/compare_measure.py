@@ -67,13 +67,19 @@ def time_frames(rt: Any, frames: Sequence[np.ndarray], n: int, start: int = 0) -
     return out
 
 
-def quick_latency(frames: Sequence[np.ndarray], iters: int) -> Callable[[nn.Module], float]:
-    """A callable giving a model's p50 end-to-end latency (ms) on ONNX Runtime over ``iters`` frames."""
+def quick_latency(frames: Sequence[np.ndarray], iters: int, *, graph: bool = False) -> Callable[[nn.Module], float]:
+    """A callable giving a model's p50 latency (ms) on ONNX Runtime over ``iters`` frames: end to end
+    per frame, or with ``graph`` the core graph alone (what pruning changes; decode + NMS also scale
+    with how many boxes an untrained one-shot model scores over the threshold)."""
 
     def measure(model: nn.Module) -> float:
         with tempfile.TemporaryDirectory(prefix="compare-") as d:
             path = export_core(copy.deepcopy(model), Path(d) / "m.onnx")
             with open_ort(path) as rt:
+                if graph:
+                    from deploy.timing import measure_latency
+
+                    return float(measure_latency(rt, list(frames), warmup=2, iters=iters, end_to_end=False).p50_ms)
                 time_frames(rt, frames, 2)  # warm-up: first calls allocate
                 return float(np.median(time_frames(rt, frames, iters)))
 
@@ -137,8 +143,10 @@ def final_pass(
     base: Path,
     reference: int = 0,
     progress: bool = True,
+    graph: bool = False,
 ) -> list[dict[str, Any]]:
-    """Measure every final model side by side: accuracy, size, and paired end-to-end latency.
+    """Measure every final model side by side: accuracy, size, and paired end-to-end latency (with
+    ``graph``: the core graphs alone).
 
     All runtimes are opened first, then timed with :func:`deploy.timing.time_runtimes` (the one
     helper every comparison uses): ``rounds`` blocks of ``iters`` frames, the models alternating
@@ -162,7 +170,7 @@ def final_pass(
             acc.append(_accuracy(p, rt, val_set, max_images, cache))
             runtimes[f"{i}:{p.stem}"] = rt
         names = list(runtimes)
-        timing = time_runtimes(runtimes, frames, reference=names[reference], blocks=max(2, rounds),
+        timing = time_runtimes(runtimes, frames, end_to_end=not graph, reference=names[reference], blocks=max(2, rounds),
                                block_size=max(1, iters), warmup=1)
     out = []
     for name, s, a in zip(names, stats, acc, strict=True):

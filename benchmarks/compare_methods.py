@@ -63,6 +63,11 @@ class MethodContext:
     latency_table: Path | None = None  # pruning.LatencyTable JSON for predicted latency (setup)
     param_sparsity: float | None = None  # for unstructured_l1: the best channel method's sparsity
     workers: int = 0
+    channel_multiple: int = 16  # the aligned methods' channel groups (issue #12: ORT's NCHWc blocks)
+    aligned_ratio: float = 0.0  # Torch-Pruning per-layer ratio at channel_multiple measured at the target
+    aligned_ms: float = 0.0  # that ratio's measured latency (the setup bisection's)
+    aligned_config: dict[str, tuple[int, int]] | None = None  # its conv shapes: avprune's held-out model
+    damage: dict[str, list[list[float]]] | None = None  # per-unit loss increase at 25/50/75% (setup scan)
 
 
 @dataclass
