@@ -131,6 +131,23 @@ def _run(ctx: MethodContext, pruner: Any, model: nn.Module, extra: dict[str, Any
     return MethodOutput(small, traj, {**extra, "updates": history[-20:]})
 
 
+def paired_measure(ctx: MethodContext, dense: nn.Module, holder: dict[str, Any]) -> Any:
+    """A controller's ``measure() -> (ms, mAP)`` for the pruner in ``holder["pruner"]`` (set once built).
+
+    Timed inside the training process, ORT competes with the training thread pool still winding
+    down, which inflated absolute figures by ~1.5x and drove the controller to its ceiling. The
+    dense model timed right beside the candidate turns it into a paired ratio, scaled back to the
+    quiet setup measurement.
+    """
+
+    def measure() -> tuple[float, float]:
+        pruner = holder["pruner"]
+        pruned_ms, dense_ms = ctx.measure_ms(finalized_copy(pruner)), ctx.measure_ms(dense)
+        return ctx.dense_ms * pruned_ms / dense_ms, ctx.map_of(pruner.model)
+
+    return measure
+
+
 def run_budget(ctx: MethodContext, importance: str) -> MethodOutput:
     """avprune with the budget controller and ``importance``, channel granularity."""
     from pruning.controllers import build_controller
@@ -139,15 +156,7 @@ def run_budget(ctx: MethodContext, importance: str) -> MethodOutput:
     dense = load_base(ctx).eval()
     table = _table(ctx)
     holder: dict[str, Any] = {}
-
-    def measure() -> tuple[float, float]:
-        # Timed inside the training process, ORT competes with the training thread pool still
-        # winding down, which inflated absolute figures by ~1.5x and drove the controller to its
-        # ceiling. The dense model timed right beside the candidate turns it into a paired ratio,
-        # scaled back to the quiet setup measurement.
-        pruner = holder["pruner"]
-        pruned_ms, dense_ms = ctx.measure_ms(finalized_copy(pruner)), ctx.measure_ms(dense)
-        return ctx.dense_ms * pruned_ms / dense_ms, ctx.map_of(pruner.model)
+    measure = paired_measure(ctx, dense, holder)
 
     ramp = max(1, int(RAMP_END * ctx.steps))
     controller = build_controller(
@@ -288,37 +297,24 @@ MAX_CORRECTION = 0.1
 MAX_CUT_PER_UPDATE = 0.08  # the prune job's default: the most predicted latency one mask update may cut
 
 
-def macs_table(ctx: MethodContext) -> Any:
-    """Per-layer multiply-accumulates on counts aligned to ``ctx.channel_multiple``, scaled so the dense
-    model predicts its measured latency (the prune job's ``latency_costs: macs``)."""
-    from pruning.latency_model import LatencyTable, macs_measure_fn
-
-    table = LatencyTable.measure(load_base(ctx).eval(), ctx.example_inputs, macs_measure_fn(), runtime="macs",
-                                 device="analytic", fractions=(0.125, 0.25, 0.5, 0.75, 1.0),
-                                 multiple=ctx.channel_multiple)
-    table.scale, table.overhead_ms = ctx.dense_ms / table.layer_sum({}), 0.0
-    return table
-
-
 def run_latency(ctx: MethodContext) -> MethodOutput:
     """The latency-aware allocation controller with damage curves and distillation (module docstring)."""
     from perception.distill import DistilledDetector
     from pruning import Pruner
     from pruning.allocation_controller import AllocationController, saving_scale
+    from pruning.latency_model import macs_table
 
     if ctx.damage is None or ctx.aligned_config is None:
         raise ValueError("avprune_latency needs the setup's damage curves and aligned model (MethodContext)")
     model = load_base(ctx)
     dense = load_base(ctx).eval()
-    table = macs_table(ctx)
+    # the prune job's latency_costs: macs, on the comparison's channel multiple
+    table = macs_table(dense, ctx.example_inputs, dense_ms=ctx.dense_ms, multiple=ctx.channel_multiple)
     # the Torch-Pruning aligned model the setup measured at the target is the held-out model whose
     # measured saving over its predicted one calibrates the MAC table (pre/post-processing does not shrink)
     scale = saving_scale(float(table.predict({})), float(table.predict(ctx.aligned_config)), ctx.aligned_ms)
     holder: dict[str, Any] = {}
-
-    def measure() -> tuple[float, float]:  # paired with the dense model, as run_budget
-        pruned_ms, dense_ms = ctx.measure_ms(finalized_copy(holder["pruner"])), ctx.measure_ms(dense)
-        return ctx.dense_ms * pruned_ms / dense_ms, ctx.map_of(model)
+    measure = paired_measure(ctx, dense, holder)
 
     warmup = min(20, ctx.steps // 10)  # finetune's warm-up: nothing is cut while the rate rises
     # aim at what the Torch-Pruning aligned model measured at the setup (its rounded counts land under

@@ -432,3 +432,17 @@ def macs_measure_fn() -> MeasureFn:
         return float(out.numel() * per_output) / 1e6
 
     return measure
+
+
+def macs_table(model: nn.Module, example_input: Any, *, dense_ms: float, multiple: int = 8, runtime: str = "macs",
+               fractions: Sequence[float] = (0.125, 0.25, 0.5, 0.75, 1.0)) -> LatencyTable:
+    """A table of per-layer multiply-accumulates (:func:`macs_measure_fn`) on counts aligned to
+    ``multiple``, scaled so the dense model predicts ``dense_ms``: proportional, no fixed part (a
+    measured correction covers the rest)."""
+    if not dense_ms > 0:
+        raise ValueError(f"dense_ms must be > 0 (the dense model's measured latency); got {dense_ms!r}")
+    table = LatencyTable.measure(model, example_input, macs_measure_fn(), runtime=runtime, device="analytic",
+                                 fractions=fractions, multiple=multiple)
+    table.scale, table.overhead_ms = float(dense_ms) / table.layer_sum({}), 0.0
+    return table
+

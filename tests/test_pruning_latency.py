@@ -164,3 +164,19 @@ def test_a_macs_table_predicts_the_multiply_accumulates_of_a_physically_pruned_m
     assert table.predict(config) == pytest.approx(macs(small), rel=1e-6)
     with pytest.raises(TypeError, match="Conv2d and Linear"):
         macs_measure_fn()(nn.ReLU(), (1, 3))
+
+
+def test_macs_table_predicts_the_dense_latency_and_refuses_a_bad_one() -> None:
+    """``pruning.latency_model.macs_table`` (the job's ``latency_costs: macs`` and the compare benchmark's
+    row build it): the dense model predicts the latency it was given; halving a conv's outputs saves."""
+    import torch
+    from torch import nn
+
+    from pruning.latency_model import macs_table
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    table = macs_table(model, torch.zeros(1, 3, 16, 16), dense_ms=8.0, multiple=8)
+    assert table.predict({}) == pytest.approx(8.0) and table.overhead_ms == 0.0
+    assert table.predict({"0": 16}) < 8.0
+    with pytest.raises(ValueError, match="dense_ms"):
+        macs_table(model, torch.zeros(1, 3, 16, 16), dense_ms=0.0)

@@ -183,12 +183,10 @@ def macs_table(model: nn.Module, example_input: object, config: PruneJobConfig, 
     """``pruning.latency_costs: macs``: each layer's multiply-accumulates, scaled so the dense model
     predicts ``dense_ms`` (proportional, no fixed part: the controller's measured latency corrects the
     rest, pre/post-processing included with ``end_to_end``). Computed in well under a second: no cache."""
-    from pruning.latency_model import LatencyTable, macs_measure_fn
+    from pruning.latency_model import macs_table as build
 
-    table = LatencyTable.measure(model, example_input, macs_measure_fn(), runtime=f"macs ({config.budget.runtime})",
-                                 device="analytic", fractions=(0.125, 0.25, 0.5, 0.75, 1.0),
-                                 multiple=grid_multiple(config))
-    table.scale, table.overhead_ms = float(dense_ms) / table.layer_sum({}), 0.0
+    table = build(model, example_input, dense_ms=dense_ms, multiple=grid_multiple(config),
+                  runtime=f"macs ({config.budget.runtime})")
     table.meta.update({"costs": "macs", "dense_ms": float(dense_ms), "model": config.model.name})
     return table
 
