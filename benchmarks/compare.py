@@ -47,7 +47,7 @@ import torch
 
 from benchmarks import compare_measure as measure
 from benchmarks.compare_baselines import bisect_ratio, tp_channel_prune
-from benchmarks.compare_methods import MethodContext, TrajectoryPoint, plain_copy, timed
+from benchmarks.compare_methods import MethodContext, MethodOutput, TrajectoryPoint, plain_copy, timed
 from benchmarks.compare_registry import get_method, list_methods
 
 log = logging.getLogger("benchmarks.compare")
@@ -98,6 +98,8 @@ class CompareConfig:
             d.pop(k)
         return d
 
+
+CALIBRATION_FRAMES = 32  # INT8 rows: training frames the static quantization calibrates on
 
 QUICK = CompareConfig(
     image_size=128,
@@ -291,9 +293,15 @@ def _run_cell(
         dense = load_checkpoint_like_base(work / "base.pt", work / "base.pt")
         ctx_kw["param_sparsity"] = _sparsity_for(work, count_parameters(dense))
     ctx = MethodContext(seed=seed, probe=timed_probe, **ctx_kw)
-    out, wall = timed(spec, ctx)
-    t_book = time.perf_counter()
     name = cell_name(method, seed)
+    reused = _reused_cell(work, spec, seed)
+    if reused is not None:  # the same model deployed another way: no second fine-tune
+        out = MethodOutput(load_checkpoint_like_base(work / "models" / f"{reused['name']}.pt", work / "base.pt"), [],
+                           {"reuses": reused["name"]})
+        wall = reused["wall_s"]  # what the model cost to make; the run's total counts it once
+    else:
+        out, wall = timed(spec, ctx)
+    t_book = time.perf_counter()
     save_checkpoint(work / "models" / f"{name}.pt", out.model, name=cfg.detector)
     record = {
         "method": method,
@@ -305,9 +313,22 @@ def _run_cell(
         "bookkeeping_s": time.perf_counter() - t_book,
         "trajectory": [dataclasses.asdict(p) for p in out.trajectory],
         "extra": out.extra,
+        "deploy": spec.deploy,
+        "reused": reused is not None,
     }
     atomic_write_json(work / "cells" / f"{name}.json", record)  # written last: marks the cell done
     return record
+
+
+def _reused_cell(work: Path, spec: Any, seed: int) -> dict[str, Any] | None:
+    """The finished cell whose model ``spec`` deploys differently (``spec.reuses``), when it is there."""
+    if spec.reuses is None:
+        return None
+    name = cell_name(spec.reuses, seed)
+    record, model = work / "cells" / f"{name}.json", work / "models" / f"{name}.pt"
+    if not (record.is_file() and model.is_file()):
+        return None
+    return {"name": name, "wall_s": float(json.loads(record.read_text())["wall_s"])}
 
 
 # ----------------------------------------------------------------------------- main
@@ -378,12 +399,15 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
         # every row's speed-up is paired against the dense model's (the first cell when it is not run)
         reference=next((i for i, (m, _) in enumerate(cells) if m == "dense"), 0),
         graph=cfg.latency == "graph",
+        deploys=[get_method(m).deploy for m, _ in cells],
+        calibration=measure.calibration_frames(data.train, CALIBRATION_FRAMES),
     )
     for rec, fin in zip(records, finals, strict=True):
         rec["final"] = fin
     final_s = time.perf_counter() - t_final
     # Stage time summed over resumed invocations: what one uninterrupted run costs (data generation aside).
-    total_s = setup["setup_s"] + sum(r["wall_s"] + r["probe_s"] + r.get("bookkeeping_s", 0.0) for r in records) + final_s
+    total_s = setup["setup_s"] + final_s + sum(
+        (0.0 if r.get("reused") else r["wall_s"]) + r["probe_s"] + r.get("bookkeeping_s", 0.0) for r in records)
     data = {
         "config": dataclasses.asdict(cfg), "setup": setup, "cells": records,
         "run_s": time.perf_counter() - t_start, "total_s": total_s, "final_s": final_s,

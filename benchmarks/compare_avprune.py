@@ -361,4 +361,8 @@ METHODS = (
     MethodSpec("avprune_cubic", run_cubic, "channel", "avprune cubic ramp, magnitude"),
     MethodSpec("avprune_channel_block", run_channel_block, "channel", "avprune channel+block, budget, magnitude"),
     MethodSpec("avprune_latency", run_latency, "channel", "avprune latency-aware allocation, aligned, distilled"),
+    # Does INT8 stack with pruning? The avprune_latency model quantized like dense_int8 (FIELD_NOTES: a
+    # 50%-pruned model ran slower in U8S8 INT8 than in fp32 on ORT CPU).
+    MethodSpec("avprune_latency_int8", run_latency, "channel", "avprune latency-aware allocation, then INT8",
+               deploy="int8", reuses="avprune_latency"),
 )

@@ -309,6 +309,10 @@ def run_unstructured(ctx: MethodContext) -> MethodOutput:
 #: The baselines, in run order (benchmarks.compare_registry names them).
 METHODS = (
     MethodSpec("dense", run_dense, "dense", "dense, same steps"),
+    # Issue #12: what a user would try instead of pruning. FIELD_NOTES: U8S8 runs 1.06-1.28x fp32 on
+    # AVX-512 VNNI CPUs (S8S8, ORT's default, runs 2.5x slower there).
+    MethodSpec("dense_int8", run_dense, "dense", "dense INT8 (ORT static QDQ, uint8 activations)",
+               deploy="int8", reuses="dense"),
     MethodSpec("tp_magnitude", run_tp_magnitude, "channel", "Torch-Pruning one-shot L2"),
     MethodSpec("tp_aligned", run_tp_aligned, "channel", "Torch-Pruning one-shot L2, per layer, aligned"),
     MethodSpec("tp_iterative", run_tp_iterative, "channel", "Torch-Pruning iterative L2, per layer, aligned"),

@@ -37,6 +37,28 @@ def sample_frames(dataset: Any, n: int) -> list[np.ndarray]:
     return [dataset.load_image(i) for i in range(min(n, len(dataset)))]
 
 
+def calibration_frames(dataset: Any, n: int) -> list[np.ndarray]:
+    """``n`` frames spread evenly over a (training) split: what an INT8 row calibrates on."""
+    idx = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).round().astype(int)
+    return [dataset.load_image(int(i)) for i in idx]
+
+
+def int8_graph(onnx_path: Path, dest: Path, frames: Sequence[np.ndarray]) -> Path:
+    """``onnx_path`` quantized to INT8 static QDQ at ``dest`` (kept while it is newer than its source):
+    what ``avprune build-engine --backend onnxruntime --precision int8`` deploys (uint8 activations,
+    per-channel int8 weights, MinMax calibration)."""
+    from deploy.engine.quantize import quantize_qdq
+    from perception.io import atomic_path
+
+    if dest.is_file() and dest.stat().st_mtime >= onnx_path.stat().st_mtime:
+        return dest
+    if not frames:
+        raise ValueError("an INT8 row needs calibration frames; pass calibration= to final_pass")
+    with atomic_path(dest) as tmp:
+        quantize_qdq(onnx_path, tmp, list(frames), symmetric=False)
+    return dest
+
+
 def export_core(model: nn.Module, dest: Path) -> Path:
     """Export the NMS-free core graph (decoding + NMS run in the shared post-processing).
 
@@ -115,12 +137,14 @@ def model_stats(model: nn.Module) -> dict[str, float]:
     return {"params": int(params), "nonzero_params": nonzero, "gmacs": float(macs) / 1e9}
 
 
-def _accuracy(path: Path, rt: Any, val_set: Any, max_images: int | None, cache: Path) -> dict[str, Any]:
-    """mAP of the deployed model (through its runtime), cached per checkpoint content."""
+def _accuracy(
+    path: Path, rt: Any, val_set: Any, max_images: int | None, cache: Path, deploy: str = "fp32"
+) -> dict[str, Any]:
+    """mAP of the deployed model (through its runtime), cached per checkpoint content and deployment."""
     from perception.evaluate import evaluate
     from perception.io import atomic_write_json, sha256_file
 
-    key = f"{sha256_file(path)[:16]}-{max_images or 'all'}"
+    key = f"{sha256_file(path)[:16]}-{max_images or 'all'}" + ("" if deploy == "fp32" else f"-{deploy}")
     cached = cache / f"{path.stem}.json"
     if cached.is_file():
         d = json.loads(cached.read_text())
@@ -144,9 +168,14 @@ def final_pass(
     reference: int = 0,
     progress: bool = True,
     graph: bool = False,
+    deploys: Sequence[str] | None = None,
+    calibration: Sequence[np.ndarray] = (),
 ) -> list[dict[str, Any]]:
     """Measure every final model side by side: accuracy, size, and paired end-to-end latency (with
     ``graph``: the core graphs alone).
+
+    ``deploys`` (one per path, default all "fp32") says how each model runs: "int8" quantizes its
+    exported graph (:func:`int8_graph`, calibrated on ``calibration``) and times and scores that.
 
     All runtimes are opened first, then timed with :func:`deploy.timing.time_runtimes` (the one
     helper every comparison uses): ``rounds`` blocks of ``iters`` frames, the models alternating
@@ -157,27 +186,35 @@ def final_pass(
 
     from deploy.timing import time_runtimes
 
+    deploys = list(deploys) if deploys is not None else ["fp32"] * len(paths)
+    if len(deploys) != len(paths):
+        raise ValueError(f"final_pass: {len(deploys)} deploys for {len(paths)} models; give one per model")
     frames = sample_frames(val_set, 8)
     stats, acc, runtimes = [], [], {}
     with contextlib.ExitStack() as stack:
-        for i, p in enumerate(tqdm(paths, desc="final: export + accuracy", unit="model", disable=not progress)):
+        for i, (p, deploy) in enumerate(tqdm(list(zip(paths, deploys, strict=True)), desc="final: export + accuracy",
+                                             unit="model", disable=not progress)):
             model = load_checkpoint_like_base(p, base).eval()
             stats.append(model_stats(model))
             onnx_path = cache / f"{p.stem}.onnx"
             if not onnx_path.is_file() or onnx_path.stat().st_mtime < p.stat().st_mtime:
                 export_core(model, onnx_path)
+            if deploy == "int8":
+                onnx_path = int8_graph(onnx_path, cache / f"{p.stem}.int8.onnx", calibration)
+            elif deploy != "fp32":
+                raise ValueError(f"final_pass: deploy {deploy!r} for {p.name}; use 'fp32' or 'int8'")
             rt = stack.enter_context(open_ort(onnx_path))
-            acc.append(_accuracy(p, rt, val_set, max_images, cache))
+            acc.append(_accuracy(p, rt, val_set, max_images, cache, deploy))
             runtimes[f"{i}:{p.stem}"] = rt
         names = list(runtimes)
         timing = time_runtimes(runtimes, frames, end_to_end=not graph, reference=names[reference], blocks=max(2, rounds),
                                block_size=max(1, iters), warmup=1)
     out = []
-    for name, s, a in zip(names, stats, acc, strict=True):
+    for name, s, a, deploy in zip(names, stats, acc, deploys, strict=True):
         summary, ratio = timing.summaries[name], timing.ratios.get(name)
         out.append({**s, **{k: a[k] for k in ("map", "map50", "map_small", "num_images")},
                     "p50_ms": summary.p50_ms, "p99_ms": summary.p99_ms, "latency_samples": summary.n,
-                    "timing_reference": names[reference].split(":", 1)[1],
+                    "timing_reference": names[reference].split(":", 1)[1], "deploy": deploy,
                     "speedup": 1.0 if ratio is None else ratio.ratio,
                     "speedup_ci": None if ratio is None else [ratio.low, ratio.high]})
     return out

@@ -175,16 +175,32 @@ def plain_copy(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- method spec
 
 
+DEPLOYS = ("fp32", "int8")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method: ``kind`` is "channel" (hits the latency target by removing channels),
-    "unstructured" or "dense"; ``needs_sparsity`` methods run after the channel methods."""
+    "unstructured" or "dense"; ``needs_sparsity`` methods run after the channel methods.
+
+    ``deploy`` is how the final pass runs the method's model: "fp32" (the exported graph) or "int8"
+    (that graph quantized, ONNX Runtime static QDQ with uint8 activations, calibrated on training
+    frames). ``reuses`` names a method whose model of the same seed this one deploys differently
+    (dense INT8 is the dense row's model, quantized): the cell copies it instead of training again,
+    and runs ``run`` only when that cell is not in the work dir.
+    """
 
     name: str
     run: Callable[[MethodContext], MethodOutput]
     kind: str
     label: str
     needs_sparsity: bool = False
+    deploy: str = "fp32"
+    reuses: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.deploy not in DEPLOYS:
+            raise ValueError(f"method {self.name!r}: deploy {self.deploy!r} is not one of {DEPLOYS}")
 
 
 def timed(spec: MethodSpec, ctx: MethodContext) -> tuple[MethodOutput, float]:

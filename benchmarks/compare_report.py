@@ -23,6 +23,7 @@ REFERENCE = "tp_magnitude"
 # run has them, the verdict judges against the better of them; tp_magnitude (global, round_to=8) otherwise.
 FAIR_REFERENCES = ("tp_aligned", "tp_iterative", "tp_aligned_distill")
 LATENCY_AWARE = "avprune_latency"
+INT8 = "dense_int8"  # issue #12: what a user would try instead of pruning
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,15 @@ def verdict(rows: Sequence[Row]) -> list[str]:
                 f"{rel} the dense model trained for the same steps ({dense.map.mean:.1f} mAP at {dense.p50.mean:.2f} ms), "
                 f"{dense.p50.mean / top.p50.mean:.2f}× faster."
             )
+    if INT8 in by and dense:
+        out.append(_int8_sentence(by[INT8], dense, avp))
+    stacked = by.get(f"{LATENCY_AWARE}_int8")
+    if stacked and LATENCY_AWARE in by:
+        fp32 = by[LATENCY_AWARE]
+        out.append(
+            f"INT8 on top of pruning (`{stacked.method}`): {stacked.p50.mean:.2f} ms against {fp32.p50.mean:.2f} in fp32 "
+            f"({fp32.p50.mean / stacked.p50.mean:.2f}×) at {stacked.map.mean - fp32.map.mean:+.1f} mAP points."
+        )
     un = by.get("unstructured_l1")
     if un and dense:
         sparsity = 1 - un.nonzero_m.mean / max(un.params_m.mean, 1e-9)
@@ -195,8 +205,34 @@ def verdict(rows: Sequence[Row]) -> list[str]:
     return out
 
 
-def plot(cells: Sequence[dict[str, Any]], rows: Sequence[Row], setup: dict[str, Any], path: Path) -> Path:
-    """PNG of the mAP-latency plane: each method's mean trajectory and its final point with spreads."""
+def _int8_sentence(int8: Row, dense: Row, avp: Sequence[Row]) -> str:
+    """Dense INT8, what a user would try instead of pruning, judged at equal latency when it gets there."""
+    speed = int8.speedup.mean if int8.speedup is not None and int8.speedup.n else dense.p50.mean / int8.p50.mean
+    d_dense = int8.map.mean - dense.map.mean
+    head = (f"Dense INT8 (`{INT8}`, the same dense model quantized) runs {speed:.2f}× the dense speed at "
+            f"{int8.map.fmt()} mAP ({d_dense:+.1f} points against dense).")
+    if not avp:
+        return head
+    best = max(avp, key=lambda r: r.map.mean)
+    diff = best.map.mean - int8.map.mean
+    spread = math.hypot(best.map.sd, int8.map.sd)
+    if abs(best.p50.mean - int8.p50.mean) <= EQUAL_LATENCY * int8.p50.mean:
+        who = "noise" if abs(diff) <= spread else ("avprune ahead" if diff > 0 else "INT8 ahead")
+        return (f"{head} At equal measured latency ({best.p50.mean:.2f} vs {int8.p50.mean:.2f} ms), `{best.method}` "
+                f"is {diff:+.1f} points against it ({who}, spread ±{spread:.1f}).")
+    if int8.p50.mean > best.p50.mean:
+        return (f"{head} It does not reach `{best.method}`'s latency ({best.p50.mean:.2f} ms against "
+                f"{int8.p50.mean:.2f}), so the two are not compared at equal latency: at this budget quantization "
+                "alone is not an alternative to pruning.")
+    return (f"{head} It is faster than `{best.method}` ({int8.p50.mean:.2f} against {best.p50.mean:.2f} ms) "
+            f"at {-diff:+.1f} points of mAP against it.")
+
+
+def plot(
+    cells: Sequence[dict[str, Any]], rows: Sequence[Row], setup: dict[str, Any], path: Path, *, graph: bool = False
+) -> Path:
+    """PNG of the mAP-latency plane: each method's mean trajectory and its final point with spreads
+    (``graph``: latency is the core graph's, not the whole frame's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +253,8 @@ def plot(cells: Sequence[dict[str, Any]], rows: Sequence[Row], setup: dict[str, 
         ax.plot(xs, ys, "-o", color=c, ms=3, lw=1, alpha=0.6)
         ax.errorbar(r.p50.mean, r.map.mean, xerr=r.p50.sd, yerr=r.map.sd, fmt="*", ms=12, color=c, label=r.label)
     ax.axvline(setup["latency_target_ms"], ls="--", color="grey", lw=1, label="latency target")
-    ax.set_xlabel("end-to-end latency per frame, ONNX Runtime CPU 2 threads (ms)")
+    ax.set_xlabel(("core graph latency" if graph else "end-to-end latency per frame")
+                  + ", ONNX Runtime CPU 2 threads (ms)")
     ax.set_ylabel("mAP@[.5:.95] (points)")
     ax.set_title("Pruning methods in the mAP-latency plane (lines: probes during fine-tune; stars: final)")
     ax.grid(alpha=0.3)
@@ -281,13 +318,14 @@ def write(data: dict[str, Any], *, quick: bool, work: Path | None = None) -> Pat
     if quick:
         if work is None:
             raise ValueError("a quick run writes its report into the work dir; pass work")
-        plot(data["cells"], aggregate(data["cells"]), data["setup"], work / "compare.png")
+        plot(data["cells"], aggregate(data["cells"]), data["setup"], work / "compare.png",
+             graph=data["config"].get("latency") == "graph")
         md = "**SMOKE RUN (--quick): tiny model, data and steps; the numbers mean nothing.**\n\n"
         md += markdown(data, "compare.png")
         atomic_write_text(work / "compare.md", md)
         return work / "compare.md"
     rows = aggregate(data["cells"])
-    plot(data["cells"], rows, data["setup"], ASSETS / "compare.png")
+    plot(data["cells"], rows, data["setup"], ASSETS / "compare.png", graph=data["config"].get("latency") == "graph")
     write_json(data, rows, ASSETS / "compare.json")
     return write_section("compare", markdown(data, "results/compare.png"))
 

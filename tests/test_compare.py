@@ -76,6 +76,18 @@ def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, d
         assert cut, f"{m} pruned nothing"
         assert all(v % TINY.channel_multiple == 0 for v in cut.values()), (m, cut)
     assert data["setup"]["damage"] and 0 < data["setup"]["aligned_ratio"] <= compare_baselines.MAX_RATIO
+    # dense INT8 (issue #12): the dense row's model, not trained again, deployed as a static-QDQ graph
+    import onnx
+
+    int8 = next(c for c in data["cells"] if c["method"] == "dense_int8")
+    assert int8["reused"] and int8["extra"]["reuses"] == "dense-s0" and int8["final"]["deploy"] == "int8"
+    dense_sd = load_checkpoint_like_base(work / "models" / "dense-s0.pt", work / "base.pt").state_dict()
+    int8_sd = load_checkpoint_like_base(work / "models" / "dense_int8-s0.pt", work / "base.pt").state_dict()
+    assert all(torch.equal(dense_sd[k], int8_sd[k]) for k in dense_sd)
+    ops = {n.op_type for n in onnx.load(str(work / "evals" / "dense_int8-s0.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert "QuantizeLinear" not in {n.op_type for n in onnx.load(str(work / "evals" / "dense-s0.onnx")).graph.node}
+    assert next(c for c in data["cells"] if c["method"] == "avprune_latency_int8")["extra"]["reuses"] == "avprune_latency-s0"
     md = (work / "compare.md").read_text()
     assert "SMOKE RUN" in md and "| method |" in md and (work / "compare.png").stat().st_size > 1000
     assert "| 1.00× |" in md and "× [" in md  # dense, then paired ratios with their intervals
@@ -152,6 +164,24 @@ def test_verdict_judges_the_latency_aware_row_against_the_fair_baselines() -> No
     text = " ".join(compare_report.verdict(compare_report.aggregate(cells)))
     assert "`avprune_latency` reaches 32.5" in text and "(`tp_iterative`) 31.0" in text
     assert "+1.5 points" in text and "is met" in text
+
+
+@pytest.mark.parametrize(
+    ("int8_p50", "int8_map", "expect"),
+    [
+        (8.0, [0.39, 0.39], "does not reach `avprune_latency`'s latency"),  # INT8 1.25x, pruning 2x
+        (5.1, [0.35, 0.35], "+5.0 points against it (avprune ahead"),  # equal latency: judged
+        (5.0, [0.385, 0.405], "(noise"),  # -0.5 points against a ±1.4 spread
+        (3.0, [0.30, 0.30], "It is faster than `avprune_latency`"),
+    ],
+)
+def test_verdict_places_dense_int8(int8_p50: float, int8_map: list[float], expect: str) -> None:
+    """Issue #12: dense INT8 is what a user would try instead of pruning; the verdict compares it with
+    the latency-aware row at equal latency, and says so when it does not get there."""
+    cells = (_cells("dense", [0.40, 0.40], 10.0) + _cells("dense_int8", int8_map, int8_p50)
+             + _cells("tp_aligned", [0.38, 0.38], 5.0) + _cells("avprune_latency", [0.40, 0.40], 5.0))
+    text = " ".join(compare_report.verdict(compare_report.aggregate(cells)))
+    assert f"runs {10.0 / int8_p50:.2f}× the dense speed" in text and expect in text
 
 
 def test_graph_latency_and_data_flags(tmp_path: Path) -> None:
