@@ -229,24 +229,33 @@ def finetune(model: Any, train_set: Any, steps: int, seed: int, hooks: tuple = (
     return time.perf_counter() - t0
 
 
-def damage_curves(ckpt: Path, train_set: Any, images: int = 32) -> tuple[dict[str, list[list[float]]], float]:
-    """Per unit, the detection-loss increase with only that unit pruned to 25/50/75% (cached per checkpoint);
-    and the scan's wall seconds. The same scan the prune job's sensitivity stage runs (``metric: loss``)."""
-    import torch
+def unit_damage(model: Any, train_set: Any, images: int, multiple: int, example: Any) -> dict[str, list[list[float]]]:
+    """Per unit, the detection-loss increase with only that unit of ``model`` (left untouched) pruned to
+    25/50/75% of its channels in groups of ``multiple``, on ``images`` training images: the prune
+    job's sensitivity stage with ``metric: loss``, what the latency knapsack compares units by."""
+    import copy
 
     from perception.loss_probe import loss_metric
-    from perception.models import load_detector
     from pruning.sensitivity import metric_drops, sensitivity_scan
+
+    profile = sensitivity_scan(copy.deepcopy(model), loss_metric(train_set, images=images), (0.0, 0.25, 0.5, 0.75),
+                               importance="magnitude", granularity="channel", example_inputs=example,
+                               channel_multiple=multiple)
+    return {u: [[float(s), float(d)] for s, d in c if s > 0] for u, c in metric_drops(profile).items()}
+
+
+def damage_curves(ckpt: Path, train_set: Any, images: int = 32) -> tuple[dict[str, list[list[float]]], float]:
+    """:func:`unit_damage` of a checkpoint, cached per checkpoint content, and the scan's wall seconds."""
+    import torch
+
+    from perception.models import load_detector
 
     path = WORK / f"damage_{_cache_key(ckpt, images)}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         return saved["drops"], saved["wall_s"]
     t0 = time.perf_counter()
-    profile = sensitivity_scan(load_detector(ckpt), loss_metric(train_set, images=images), (0.0, 0.25, 0.5, 0.75),
-                               importance="magnitude", granularity="channel",
-                               example_inputs=torch.zeros(1, 3, 320, 320), channel_multiple=MULTIPLE)
-    drops = {u: [[s, d] for s, d in c if s > 0] for u, c in metric_drops(profile).items()}
+    drops = unit_damage(load_detector(ckpt), train_set, images, MULTIPLE, torch.zeros(1, 3, 320, 320))
     wall = round(time.perf_counter() - t0, 1)
     atomic_write_json(path, {"drops": drops, "wall_s": wall, "images": images})
     return drops, wall

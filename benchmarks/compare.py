@@ -33,7 +33,6 @@ Defaults are sized for about 25 minutes on 2 CPU cores (0.6 s per SSDlite320 ste
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
@@ -46,6 +45,7 @@ from typing import Any
 import torch
 
 from benchmarks import compare_measure as measure
+from benchmarks.allocation import unit_damage
 from benchmarks.compare_baselines import bisect_ratio, tp_channel_prune
 from benchmarks.compare_methods import MethodContext, MethodOutput, TrajectoryPoint, plain_copy, timed
 from benchmarks.compare_registry import get_method, list_methods
@@ -207,7 +207,7 @@ def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
         fractions=(0.25, 0.5, 1.0), model_latency_ms=dense_ms,
     )
     t_damage = time.perf_counter()
-    damage = damage_curves(model, data.feedback, cfg.damage_images, cfg.channel_multiple, example)
+    damage = unit_damage(model, data.feedback, cfg.damage_images, cfg.channel_multiple, example)
     log.info("damage scan: %d units in %.0f s", len(damage), time.perf_counter() - t_damage)
     atomic_write_json(work / "latency_table.json", table.to_dict())
     base_map = measure.probe_map(model, data.feedback)
@@ -228,20 +228,6 @@ def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
     }
     atomic_write_json(path, setup)
     return setup
-
-
-def damage_curves(model: torch.nn.Module, train_set: Any, images: int, multiple: int,
-                  example: torch.Tensor) -> dict[str, list[list[float]]]:
-    """Per unit, the detection-loss increase with only that unit pruned to 25/50/75% of its channels
-    (training images, no augmentation): the prune job's sensitivity stage with ``metric: loss``,
-    what ``avprune_latency``'s knapsack compares units by."""
-    from perception.loss_probe import loss_metric
-    from pruning.sensitivity import metric_drops, sensitivity_scan
-
-    profile = sensitivity_scan(copy.deepcopy(model), loss_metric(train_set, images=images), (0.0, 0.25, 0.5, 0.75),
-                               importance="magnitude", granularity="channel", example_inputs=example,
-                               channel_multiple=multiple)
-    return {u: [[float(s), float(d)] for s, d in c if s > 0] for u, c in metric_drops(profile).items()}
 
 
 # ----------------------------------------------------------------------------- cells

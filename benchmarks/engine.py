@@ -23,11 +23,12 @@ machine even where the milliseconds do not.
    like a detector: decode + NMS work on what passes the threshold): ``graph_speedup`` (ORT session
    alone) and ``frame_speedup`` (preprocess + graph + decode/NMS), each paired, with the frame
    speed-up the old post-processing would give beside it.
-5. **Graph path** (``host_ops="graph"``, :mod:`deploy.runtimes.fused_ends`): the normalisation,
-   scoring, decoding and NMS folded into the ONNX graph, the host resizing in uint8 only. Its host
-   cost joins the table of 1.; the graph alone and the whole frame against the host path (uint8
-   resize), paired, show what the folded ops cost the graph; dense vs the probe in graph mode; mAP
-   of both paths on the val images.
+5. **Graph path** (``host_ops="graph"``, :mod:`deploy.runtimes.fused_ends`): scoring, decoding and
+   NMS folded into the ONNX graph, which normalises the uint8-resized frame too (the default) or,
+   with ``resize="float32"``, takes the host's float32 canvas. Its host cost joins the table
+   of 1.; the graph alone and the whole frame of both against the host path, paired, show what the
+   folded ops cost the graph and the pre/post cost all in; dense vs the probe in graph mode; mAP of
+   each graph path against the host path with the same resize, on the val images.
 6. dense / pruned / pruned INT8 (static QDQ) latency and mAP (``--int8``), as before.
 """
 
@@ -208,8 +209,11 @@ def host_stages(rt: Any, frames: list[np.ndarray], args: argparse.Namespace, fus
         }
         if fused is not None:  # its graph's outputs depend on the threshold: one run per frame at this one
             fused.post.model.score_thresh = thr
-            fused_raws = [fused.run(fused.preprocess([f])) for f in frames]
-            calls["graph_ops"] = lambda i, fr=fused_raws: _after_call(fused, fr[i], "uint8")(frames[i])
+            for key, mode in (("graph_ops", "uint8"), ("graph_ops_float32", "float32")):
+                fused.resize = mode
+                fused_raws = [fused.run(fused.preprocess([f])) for f in frames]
+                calls[key] = lambda i, fr=fused_raws, m=mode: _after_call(fused, fr[i], m)(frames[i])
+            fused.resize = "uint8"
         timing = time_paired(calls, list(range(len(frames))), reference="before", **_alternate(args, len(frames)))
         survivors = _survivors(rt, raws, thr)
         out[str(thr)] = {**timing.to_dict(), "survivors_per_frame_p50": survivors}
@@ -357,20 +361,36 @@ def frame_vs_graph(dense: Any, pruned: Any, frames: list[np.ndarray], args: argp
             "frame_speedup_before": frame_old.ratios["pruned"].to_dict()}
 
 
-def graph_path(host: Any, fused: Any, fused_pruned: Any, val: Any, frames: list[np.ndarray],
+def graph_path(host: Any, fused: Any, fused_f32: Any, fused_pruned: Any, val: Any, frames: list[np.ndarray],
                args: argparse.Namespace) -> dict[str, Any]:
-    """The pre/post-processing folded into the graph (``host_ops="graph"``) against the host path with
-    the same uint8 resize, paired: graph alone (what the folded ops add to it), the whole frame, the
-    dense-vs-pruned frame speed-up in graph mode, and mAP on the val images at each threshold."""
-    from deploy.timing import time_runtimes
+    """The pre/post-processing folded into the graph (``host_ops="graph"``: the host resizes in uint8,
+    the graph normalises, decodes and runs NMS; ``fused_f32`` takes the host's float32 canvas instead)
+    against the host path (float32 resize), paired: graph alone (what the folded ops add to it), the
+    whole frame, the dense-vs-pruned frame speed-up in graph mode, and mAP on the val images at each
+    threshold, each graph path against the host path with its resize."""
+    from deploy.timing import time_paired, time_runtimes
     from perception.evaluate import evaluate
 
     before = host.resize
-    host.resize = "uint8"
+    if fused.resize != "uint8" or fused_f32.resize != "float32":
+        raise ValueError("graph_path: fused must resize in uint8 and fused_f32 in float32")
     try:
-        rts = {"host path": host, "graph path": fused}
+        rts = {"host path": host, "graph path": fused, "graph path, float32": fused_f32}
         graph = time_runtimes(rts, frames, end_to_end=False, reference="host path", **_alternate(args, len(frames)))
         frame = time_runtimes(rts, frames, reference="host path", **_alternate(args, len(frames)))
+        # Pre/post all in, from ONE paired run: the core graph alone (on the host's canvas, prepared
+        # beforehand) alternating with each path's whole frame, so that "frame - core graph" is not a
+        # difference of two runs (two runs of this table moved it 0.51 -> 0.97 ms; their ratios held).
+        canvases = [host.preprocess([f]) for f in frames]
+
+        def timed(fn: Any) -> Any:  # time_paired reads a returned mapping as per-stage times: return nothing
+            return lambda i: (fn(i), None)[1]
+
+        all_in = time_paired({"core graph": timed(lambda i: host.run(canvases[i])),
+                              "host path": timed(lambda i: host.infer([frames[i]])),
+                              "graph path": timed(lambda i: fused.infer([frames[i]])),
+                              "graph path, float32": timed(lambda i: fused_f32.infer([frames[i]]))},
+                             list(range(len(frames))), reference="core graph", **_alternate(args, len(frames)))
         pair = time_runtimes({"dense": fused, "pruned": fused_pruned}, frames, reference="dense",
                              **_alternate(args, len(frames)))
         pair_graph = time_runtimes({"dense": fused, "pruned": fused_pruned}, frames, end_to_end=False,
@@ -378,17 +398,25 @@ def graph_path(host: Any, fused: Any, fused_pruned: Any, val: Any, frames: list[
         n = min(args.max_images or len(val), len(val))
         maps = {}
         for thr in THRESHOLDS:
-            for rt in (host, fused):
+            for rt in (host, fused, fused_f32):
                 rt.post.model.score_thresh = thr
-            maps[str(thr)] = {"graph_path": evaluate(fused.infer, val, max_images=n).map,
-                              "host_path_uint8": evaluate(host.infer, val, max_images=n).map, "images": n}
+            host.resize = "uint8"
+            m = {"graph_path": evaluate(fused.infer, val, max_images=n).map,
+                 "host_path_uint8": evaluate(host.infer, val, max_images=n).map, "images": n}
+            host.resize = "float32"
+            m.update(graph_path_float32=evaluate(fused_f32.infer, val, max_images=n).map,
+                     host_path=evaluate(host.infer, val, max_images=n).map)
+            maps[str(thr)] = m
     finally:
         host.resize = before
-        for rt in (host, fused):
+        for rt in (host, fused, fused_f32):
             rt.post.model.score_thresh = 0.01
-    return {"graph": graph.to_dict(), "frame": frame.to_dict(), "dense_vs_pruned_frame": pair.to_dict(),
+    return {"graph": graph.to_dict(), "frame": frame.to_dict(), "all_in": all_in.to_dict(),
+            "dense_vs_pruned_frame": pair.to_dict(),
             "dense_vs_pruned_graph": pair_graph.to_dict(), "frame_speedup": frame.ratios["graph path"].to_dict(),
+            "frame_speedup_float32": frame.ratios["graph path, float32"].to_dict(),
             "graph_cost": graph.ratios["graph path"].to_dict(),
+            "graph_cost_float32": graph.ratios["graph path, float32"].to_dict(),
             "pruned_frame_speedup": pair.ratios["pruned"].to_dict(),
             "pruned_graph_speedup": pair_graph.ratios["pruned"].to_dict(), "map": maps}
 
@@ -487,12 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     with open_runtime(engines["dense"], threads=args.threads) as d, open_runtime(engines["pruned"], threads=args.threads) as q, \
             open_runtime(work / "dense.onnx", threads=args.threads) as dp, \
             open_runtime(work / "dense.onnx", threads=args.threads, host_ops="graph") as df, \
+            open_runtime(work / "dense.onnx", threads=args.threads, host_ops="graph") as dff, \
             open_runtime(work / "pruned.onnx", threads=args.threads, host_ops="graph") as qf:
+        dff.resize = "float32"
         host = host_stages(d, frames, args, fused=df)
         nms = nms_alternatives(d, frames, args)
         par = parity(d, val, args)
         fvg = frame_vs_graph(d, q, frames, args)
-        gp = graph_path(dp, df, qf, val, frames, args)
+        gp = graph_path(dp, df, dff, qf, val, frames, args)
     table = []
     if args.int8:
         for row in rows:
@@ -603,36 +633,52 @@ def _markdown(r: dict[str, Any], args: argparse.Namespace, val: Any, dense_ckpt:
 
 def _graph_path_lines(r: dict[str, Any], f: Any, ci: Any) -> list[str]:
     gp, hs = r["graph_path"], r["host_stages"]
-    lines = ["", "**Graph path** (`host_ops=\"graph\"`, `deploy.runtimes.fused_ends`): normalisation, softmax, "
-             "per-class top-k, box decoding and one `NonMaxSuppression` folded into the ONNX graph; the host resizes "
-             "in uint8 and keeps each image's best detections. Host cost per frame, p50 ms, paired with the rows above:",
-             "", "| score threshold | host path, uint8 resize | graph path | target |", "|---|---:|---:|---:|"]
+    lines = ["", "**Graph path** (`host_ops=\"graph\"`, `deploy.runtimes.fused_ends`): softmax, per-class top-k, box "
+             "decoding and one `NonMaxSuppression` folded into the ONNX graph; the host keeps each image's best "
+             "detections. By default (`resize=\"uint8\"`) the host only resizes in uint8 and the graph normalises; "
+             "with `resize=\"float32\"` the graph takes the host's normalised canvas (OpenCV's one-call float32 "
+             "resize, torchvision's pixels). Host cost per frame, p50 ms, paired with the rows above:",
+             "", "| score threshold | host path, float32 resize | host path, uint8 resize | graph path | "
+             "graph path, float32 | target |", "|---|---:|---:|---:|---:|---:|"]
     for thr, target in zip(THRESHOLDS, ("<= 0.8", "<= 1.2"), strict=True):
         s = hs[str(thr)]["summaries"]
-        if "graph_ops" in s:
-            lines.append(f"| {thr} | {f(s['after_uint8']['p50_ms'])} | **{f(s['graph_ops']['p50_ms'])}** | {target} |")
+        if "graph_ops_float32" in s:
+            lines.append(f"| {thr} | {f(s['after']['p50_ms'])} | {f(s['after_uint8']['p50_ms'])} | "
+                         f"**{f(s['graph_ops']['p50_ms'])}** | {f(s['graph_ops_float32']['p50_ms'])} | {target} |")
     g, fr = gp["graph"]["summaries"], gp["frame"]["summaries"]
-    lines += ["", "What the folded ops cost the graph, and the whole frame (dense, 0.01, paired):", "",
-              "| | host path p50 ms | graph path p50 ms | speed-up of the graph path [95% CI] |", "|---|---:|---:|---:|",
-              f"| graph (ORT session) | {f(g['host path']['p50_ms'])} | {f(g['graph path']['p50_ms'])} | "
-              f"{ci(gp['graph_cost'])} (below 1: what the folded ops add to the graph) |",
+    core = g["host path"]["p50_ms"]
+    lines += ["", "What the folded ops cost the graph, and the whole frame (dense, 0.01, paired; the host path "
+              "resizes in float32):", "",
+              "| | host path p50 ms | graph path p50 ms | graph path, float32 p50 ms |", "|---|---:|---:|---:|",
+              f"| graph (ORT session) | {f(core)} | {f(g['graph path']['p50_ms'])} | "
+              f"{f(g['graph path, float32']['p50_ms'])} |",
+              f"| its graph vs the core graph [95% CI] (below 1: what the folded ops add) | 1x | "
+              f"{ci(gp['graph_cost'])} | {ci(gp['graph_cost_float32'])} |",
               f"| frame (preprocess + graph + post) | {f(fr['host path']['p50_ms'])} | {f(fr['graph path']['p50_ms'])} | "
-              f"{ci(gp['frame_speedup'])} |",
-              f"| pre/post all in: frame - the core graph ({f(g['host path']['p50_ms'])} ms) | "
-              f"{f(fr['host path']['p50_ms'] - g['host path']['p50_ms'])} | "
-              f"**{f(fr['graph path']['p50_ms'] - g['host path']['p50_ms'])}** | target <= 0.8 at 0.01 |"]
+              f"{f(fr['graph path, float32']['p50_ms'])} |",
+              f"| frame speed-up over the host path [95% CI] | 1x | {ci(gp['frame_speedup'])} | "
+              f"{ci(gp['frame_speedup_float32'])} |",
+              f"| frame - the core graph of the rows above (two paired runs) | {f(fr['host path']['p50_ms'] - core)} | "
+              f"{f(fr['graph path']['p50_ms'] - core)} | {f(fr['graph path, float32']['p50_ms'] - core)} |"]
+    if "all_in" in gp:
+        a = gp["all_in"]["summaries"]
+        c = a["core graph"]["p50_ms"]
+        lines.append(f"| **pre/post all in**: frame - the core graph ({f(c)} ms) in one paired run; target <= 0.8 "
+                     f"at 0.01 | {f(a['host path']['p50_ms'] - c)} | **{f(a['graph path']['p50_ms'] - c)}** | "
+                     f"{f(a['graph path, float32']['p50_ms'] - c)} |")
     pf, pg = gp["dense_vs_pruned_frame"]["summaries"], gp["dense_vs_pruned_graph"]["summaries"]
     lines += ["", "Dense vs the same pruned probe, both in graph mode (paired): graph "
               f"{f(pg['dense']['p50_ms'])} -> {f(pg['pruned']['p50_ms'])} ms, speed-up {ci(gp['pruned_graph_speedup'])}; "
               f"frame {f(pf['dense']['p50_ms'])} -> {f(pf['pruned']['p50_ms'])} ms, speed-up "
               f"{ci(gp['pruned_frame_speedup'])}.", "",
-              "| score threshold | val images | mAP, graph path | mAP, host path (uint8 resize) | Δ |", "|---|---:|---:|---:|---:|"]
+              "| score threshold | val images | mAP, graph path | mAP, host path, uint8 | Δ | mAP, graph path, float32 | "
+              "mAP, host path, float32 | Δ |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for thr in THRESHOLDS:
         m = gp["map"][str(thr)]
         lines.append(f"| {thr} | {m['images']} | {m['graph_path']:.4f} | {m['host_path_uint8']:.4f} | "
-                     f"{m['graph_path'] - m['host_path_uint8']:+.4f} |")
+                     f"{m['graph_path'] - m['host_path_uint8']:+.4f} | {m['graph_path_float32']:.4f} | "
+                     f"{m['host_path']:.4f} | {m['graph_path_float32'] - m['host_path']:+.4f} |")
     return lines
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -118,16 +118,22 @@ def test_fused_graph_caps_and_topk_follow_the_knobs(exported):
     assert np.bincount(index[:, 1]).max() <= 40
 
 
-def test_runtime_graph_mode_matches_the_host_path(exported):
-    """``OrtRuntime(host_ops="graph")`` end to end against the host path with the same uint8 resize,
+@pytest.mark.parametrize(("resize", "hw", "dtype", "shape", "box_tol"), [
+    # the same canvas as the host path (OpenCV's float32 blob): only the graph's own float order differs
+    ("float32", (384, 640), "float32", (2, 3, 320, 320), 1e-4),
+    # the graph normalises in another float order than the host: canvases differ by ~1 ulp
+    ("uint8", (384, 640), "uint8", (2, 320, 320, 3), 2e-2),
+])
+def test_runtime_graph_mode_matches_the_host_path(exported, resize, hw, dtype, shape, box_tol):
+    """``OrtRuntime(host_ops="graph")`` end to end against the host path with the same resize,
     batch of 2 (per-image split), and the score threshold changed after opening."""
     model, path = exported["background_biased"]
-    frames = make_frames(2, seed=11, hw=(384, 640))
+    frames = make_frames(2, seed=11, hw=hw)
     with OrtRuntime(path, threads=1, host_ops="graph") as fused, OrtRuntime(path, threads=1) as host:
-        host.resize = "uint8"
-        assert fused.resize == "uint8" and fused.info.extra["host_ops"] == "graph"
+        assert fused.resize == "uint8" and fused.info.extra["host_ops"] == "graph"  # the faster one by default
+        fused.resize = host.resize = resize
         prepared = fused.preprocess(frames)
-        assert prepared.batch.dtype == np.uint8 and prepared.batch.shape == (2, 320, 320, 3)
+        assert str(prepared.batch.dtype).removeprefix("torch.") == dtype and tuple(prepared.batch.shape) == shape
         counts, thresh = [], 0.01
         for _ in range(2):  # 0.01, then the median score kept at 0.01: about half of those must go
             for rt in (fused, host):
@@ -136,14 +142,30 @@ def test_runtime_graph_mode_matches_the_host_path(exported):
             counts.append(sum(len(g) for g in got))
             for g, w in zip(got, want, strict=True):
                 assert (g.scores > thresh).all()
-                # the two normalise in different float orders: canvases differ by ~1 ulp
                 _match((g.boxes, g.scores, g.labels), {"boxes": torch.from_numpy(w.boxes),
                        "scores": torch.from_numpy(w.scores), "labels": torch.from_numpy(w.labels)},
-                       box_tol=2e-2, score_tol=1e-5)
+                       box_tol=box_tol, score_tol=1e-5)
             thresh = float(np.median(np.concatenate([g.scores for g in got])))
         assert counts[0] > counts[1] > 0  # the threshold set after opening reaches the graph
-        with pytest.raises(ValueError, match="uint8"):
-            fused.resize = "float32"
+        with pytest.raises(ValueError, match="resize must be one of"):
+            fused.resize = "float16"
+
+
+def test_graph_mode_switches_graphs_with_the_resize_mode(exported):
+    """One runtime serves both resize modes, each with its own fused graph; switching back gives the
+    first answer again."""
+    _, path = exported["background_biased"]
+    frames = make_frames(1, seed=3, hw=(384, 640))
+    with OrtRuntime(path, threads=1, host_ops="graph") as fused:
+        inputs = {fused.resize: [i.name for i in fused.session.get_inputs()][0]}
+        first = fused.infer(frames)[0]
+        fused.resize = "float32"
+        inputs[fused.resize] = [i.name for i in fused.session.get_inputs()][0]
+        fused.infer(frames)
+        fused.resize = "uint8"
+        again = fused.infer(frames)[0]
+    assert inputs == {"float32": "images", "uint8": "frames_u8"}
+    assert np.array_equal(first.boxes, again.boxes) and np.array_equal(first.scores, again.scores)
 
 
 def test_graph_mode_refuses_what_it_cannot_fold(tmp_path, exported):

@@ -58,8 +58,8 @@ def register(sub) -> None:
     p.add_argument("--host-ops", choices=("host", "graph"), default="host",
                    help="where an SSD model's pre/post-processing runs on ONNX Runtime: host (numpy/OpenCV, "
                         "default) or graph (normalisation, decoding and NMS folded into the ONNX graph; the host "
-                        "only resizes in uint8: 0.4 ms of host work per frame instead of 1.2 on 2 cores, the graph 0.6 ms "
-                        "longer, the frame ~5%% faster; see benchmarks/RESULTS.md engine)")
+                        "only resizes in uint8: 0.3-0.45 ms of host work per frame instead of 0.7-1.4 on 2 cores, the "
+                        "graph 0.3-0.4 ms longer, the frame 4-7%% faster; see benchmarks/RESULTS.md engine)")
     p.add_argument("--max-frames", type=int, metavar="N", help="read at most N frames per stream (warm-up included)")
     p.add_argument("--fps", type=float, metavar="F", help="frame rate of plain image folders (no timestamps.txt)")
     p.add_argument("--paired-frames", type=int, default=16, metavar="N",

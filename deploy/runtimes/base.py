@@ -101,11 +101,12 @@ class DetectorRuntime:
 
         if mode not in RESIZE_DTYPES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_DTYPES)}; got {mode!r}")
-        self._check_resize(mode)
+        self._switch_resize(mode)
         self._resize = mode
 
-    def _check_resize(self, mode: str) -> None:
-        """A backend that cannot take ``mode`` raises ValueError here (the default takes both)."""
+    def _switch_resize(self, mode: str) -> None:
+        """A backend that cannot take ``mode`` raises ValueError here; one whose graph depends on it
+        (``host_ops="graph"``) switches graphs. The default takes both as they are."""
 
     @contextlib.contextmanager
     def _host_threads(self) -> Iterator[None]:

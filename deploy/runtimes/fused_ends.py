@@ -6,8 +6,12 @@ do not shrink when pruning shrinks the graph. Deployments on TensorRT fold the s
 engine (the normalisation into the first layer's input, NMS as ``INMSLayer``/EfficientNMS); this
 module does the equivalent with standard ONNX ops, so ONNX Runtime runs it in its own kernels:
 
-* input ``frames_u8`` [N, H, W, 3] uint8 (the frame resized on the host in uint8, nothing else):
-  ``Cast -> Transpose -> Mul -> Add`` gives the normalised canvas ``(x / 255 - mean) / std``;
+* input either ``frames_u8`` [N, H, W, 3] uint8 (the frame resized on the host in uint8, nothing
+  else; the runtime's default), which ``Transpose -> Cast -> 1x1 depthwise Conv`` normalises to
+  ``(x / 255 - mean) / std``, or with ``normalise=False`` the host's normalised canvas ``images``
+  [N, 3, H, W] float32 (``resize="float32"``: OpenCV's one-call resize + normalise, torchvision's
+  pixels exactly). Paired on 2 cores (RESULTS.md, ``engine``) the uint8 form's whole frame is the
+  faster of the two: the float blob costs the host more than the three nodes cost the graph;
 * ``Softmax`` over the classes, torchvision's per-class top-k as a ``TopK`` whose k-th value masks
   the rest, ``BoxCoder.decode_single`` + ``clip_boxes_to_image`` on every anchor (float32, the same
   arithmetic as :mod:`deploy.runtimes.postprocess`), and one ``NonMaxSuppression`` over
@@ -22,7 +26,7 @@ the image's quota outranks anything further down that class.
 
 Differences from torchvision's ``postprocess_detections`` (checked by ``tests/test_fused_ends.py``):
 candidates tied exactly at a class's k-th score are all kept (torchvision keeps an arbitrary k of
-them); the canvas comes from the uint8 resize (``resize="uint8"`` on the host path).
+them); with ``frames_u8`` the canvas comes from the uint8 resize (``resize="uint8"`` on the host path).
 """
 
 from __future__ import annotations
@@ -39,11 +43,14 @@ FUSED_OUTPUTS = ("det_index", "det_score", "det_box")
 
 def fuse_ssd_ends(proto: Any, *, mean: tuple[float, ...], std: tuple[float, ...], anchors: np.ndarray,
                   canvas: tuple[int, int], weights: tuple[float, float, float, float], bbox_xform_clip: float,
-                  input_name: str = "images") -> Any:
+                  input_name: str = "images", normalise: bool = True) -> Any:
     """A copy of the SSD core graph ``proto`` with the pre- and post-processing inside (module doc).
 
     ``anchors`` (A, 4) float32 canvas x1, y1, x2, y2 (``Postprocessor.anchors(1)[0]``); ``canvas``
-    (height, width) the boxes are clipped to.
+    (height, width) the boxes are clipped to. ``normalise=False`` keeps the graph's own input (the
+    normalised float canvas, as the host path prepares it) and folds only the post-processing.
+    The resize stays on the host: ONNX Runtime's uint8 ``Resize`` took 0.8 ms per 640x384 frame on 2
+    threads here, ``cv2.resize`` 0.16 ms on one.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -133,15 +140,21 @@ def fuse_ssd_ends(proto: Any, *, mean: tuple[float, ...], std: tuple[float, ...]
                          ["_d_img_anchor_idx"], axis=1),
         helper.make_node("GatherND", ["_b_boxes", "_d_img_anchor_idx"], ["det_box"]),
     ]
+    if not normalise:
+        nodes = []
+        for name in ("_f_scale", "_f_shift"):  # the normalisation's constants: nothing reads them
+            g.initializer.remove(next(t for t in g.initializer if t.name == name))
     old_nodes = list(g.node)
     del g.node[:]
     g.node.extend(nodes + old_nodes + post)
     H, W = (int(d.dim_value) for d in g.input[0].type.tensor_type.shape.dim[2:4])
     batch = g.input[0].type.tensor_type.shape.dim[0]
     batch_dim = batch.dim_param or batch.dim_value or "batch"
+    image_input = (helper.make_tensor_value_info(FRAMES_INPUT, TensorProto.UINT8, [batch_dim, H, W, 3]) if normalise
+                   else helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch_dim, 3, H, W]))
     del g.input[:]
     g.input.extend([
-        helper.make_tensor_value_info(FRAMES_INPUT, TensorProto.UINT8, [batch_dim, H, W, 3]),
+        image_input,
         helper.make_tensor_value_info("score_thresh", TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info("iou_thresh", TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info("topk", TensorProto.INT64, [1]),

@@ -40,7 +40,12 @@ class OrtRuntime(DetectorRuntime):
         if host_ops == "graph":
             anchors = self.post.anchors(1)[0]
             self._anchor_count = int(anchors.shape[0])  # clamps the top-k fed per call
-            self.session = make_session(self._fused_bytes(path, anchors.numpy()), device=device, threads=threads)
+            # one fused graph per resize mode, built when first used: "uint8" (the default) takes the
+            # frame resized in uint8 and normalises it inside; "float32" takes the host's normalised
+            # canvas (torchvision's pixels). RESULTS.md engine measures both: uint8's frame is the faster.
+            self._fused: dict[str, Any] = {}
+            self._fused_from = (path, anchors.numpy(), device, threads)
+            self.session = self._fused_session("uint8")
             self._resize = "uint8"
         else:
             self.session = make_session(path, device=device, threads=threads)
@@ -68,8 +73,17 @@ class OrtRuntime(DetectorRuntime):
                    "host_ops": host_ops},
         )
 
-    def _fused_bytes(self, path: Path, anchors: np.ndarray) -> bytes:
-        """The core graph with normalisation, decoding and NMS inside (:mod:`deploy.runtimes.fused_ends`)."""
+    def _fused_session(self, mode: str) -> Any:
+        """The session of the fused graph for resize ``mode`` (built once)."""
+        if mode not in self._fused:
+            path, anchors, device, threads = self._fused_from
+            self._fused[mode] = make_session(self._fused_bytes(path, anchors, normalise=mode == "uint8"),
+                                             device=device, threads=threads)
+        return self._fused[mode]
+
+    def _fused_bytes(self, path: Path, anchors: np.ndarray, *, normalise: bool = True) -> bytes:
+        """The core graph with decoding and NMS inside (:mod:`deploy.runtimes.fused_ends`), and with
+        ``normalise`` the normalisation of a uint8 frame too."""
         import onnx
 
         from deploy.runtimes.fused_ends import fuse_ssd_ends
@@ -84,16 +98,16 @@ class OrtRuntime(DetectorRuntime):
             onnx.load(str(path)), mean=tuple(self.meta.mean), std=tuple(self.meta.std),
             anchors=anchors, canvas=tuple(self.meta.image_size),
             weights=tuple(float(w) for w in m.box_coder.weights), bbox_xform_clip=float(m.box_coder.bbox_xform_clip),
+            normalise=normalise,
         )
         return fused.SerializeToString()
 
-    def _check_resize(self, mode: str) -> None:
-        if self.host_ops == "graph" and mode != "uint8":
-            raise ValueError("host_ops='graph' takes uint8 frames (the normalisation is in the graph): "
-                             f"resize must be 'uint8', got {mode!r}")
+    def _switch_resize(self, mode: str) -> None:
+        if self.host_ops == "graph":
+            self.session = self._fused_session(mode)
 
     def preprocess(self, frames: Sequence[np.ndarray]) -> Prepared:
-        if self.host_ops == "host":
+        if self.host_ops == "host" or self._resize == "float32":
             return super().preprocess(frames)
         from deploy.runtimes.preprocess import resize_uint8
 
@@ -122,7 +136,10 @@ class OrtRuntime(DetectorRuntime):
             m = self.post.model
             feeds = knob_feeds(float(m.score_thresh), float(m.nms_thresh), int(m.topk_candidates),
                                int(m.detections_per_img), self._anchor_count)
-            feeds["frames_u8"] = prepared.batch
+            if self._resize == "uint8":
+                feeds["frames_u8"] = prepared.batch
+            else:
+                feeds["images"] = np.ascontiguousarray(prepared.batch.numpy(), dtype=np.float32)
             return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         x = np.ascontiguousarray(prepared.batch.numpy(), dtype=np.float32)
         if self.form == "full":  # batch-1 graph: one call per image
@@ -144,4 +161,5 @@ class OrtRuntime(DetectorRuntime):
 
     def close(self) -> None:
         self.session = None
+        self._fused = {}
         self.stage2_session = None
