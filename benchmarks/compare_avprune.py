@@ -31,6 +31,7 @@ every other method gets.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Any
 
@@ -297,8 +298,31 @@ MAX_CORRECTION = 0.1
 MAX_CUT_PER_UPDATE = 0.08  # the prune job's default: the most predicted latency one mask update may cut
 
 
-def run_latency(ctx: MethodContext) -> MethodOutput:
-    """The latency-aware allocation controller with damage curves and distillation (module docstring)."""
+FOLD_IMAGES = 64  # avprune_latency_fold: training images the gates' mean scales come from (the job's fold_gates)
+
+
+def _fold(ctx: MethodContext, model: nn.Module, dense: nn.Module) -> tuple[list[str], float]:
+    """Fold ``model``'s squeeze-excitation gates (the prune job's ``gate_fold`` stage); the folded
+    model's latency in the comparison's dense-scaled ms (median of 3 pairs beside ``dense``)."""
+    import torch
+
+    from perception.models import drop_blocks
+    from pruning.filters import detector_core_forward
+    from pruning.gate_fold import fold_gates
+
+    n = min(FOLD_IMAGES, len(ctx.train_set))
+    with torch.no_grad():
+        batches = [model.transform([ctx.train_set[i][0] for i in range(s, min(s + 16, n))])[0].tensors
+                   for s in range(0, n, 16)]
+    gates = [f.gate for f in fold_gates(model, batches, forward_fn=detector_core_forward)]
+    drop_blocks(model, gates)  # recorded in the checkpoint's architecture, as the job's folded start model
+    ratios = sorted(ctx.measure_ms(model) / ctx.measure_ms(dense) for _ in range(3))
+    return gates, ctx.dense_ms * ratios[1]
+
+
+def run_latency(ctx: MethodContext, *, fold: bool = False) -> MethodOutput:
+    """The latency-aware allocation controller with damage curves and distillation (module docstring);
+    with ``fold`` the squeeze-excitation gates are folded first, as the prune job's ``fold_gates``."""
     from perception.distill import DistilledDetector
     from pruning import Pruner
     from pruning.allocation_controller import AllocationController, saving_scale
@@ -307,12 +331,19 @@ def run_latency(ctx: MethodContext) -> MethodOutput:
     if ctx.damage is None or ctx.aligned_config is None:
         raise ValueError("avprune_latency needs the setup's damage curves and aligned model (MethodContext)")
     model = load_base(ctx)
-    dense = load_base(ctx).eval()
+    dense = load_base(ctx).eval()  # the teacher and the timing reference stay unfolded (the job's dense side)
     # the prune job's latency_costs: macs, on the comparison's channel multiple
     table = macs_table(dense, ctx.example_inputs, dense_ms=ctx.dense_ms, multiple=ctx.channel_multiple)
     # the Torch-Pruning aligned model the setup measured at the target is the held-out model whose
     # measured saving over its predicted one calibrates the MAC table (pre/post-processing does not shrink)
     scale = saving_scale(float(table.predict({})), float(table.predict(ctx.aligned_config)), ctx.aligned_ms)
+    extra: dict[str, Any] = {}
+    if fold:
+        gates, folded_ms = _fold(ctx, model, dense)
+        # the table of the folded start model, anchored to its measured latency (the job's latency
+        # table after gate_fold); the saving scale is a ratio of savings and carries over
+        table = macs_table(model, ctx.example_inputs, dense_ms=folded_ms, multiple=ctx.channel_multiple)
+        extra = {"folded_gates": gates, "folded_ms": folded_ms}
     holder: dict[str, Any] = {}
     measure = paired_measure(ctx, dense, holder)
 
@@ -341,7 +372,8 @@ def run_latency(ctx: MethodContext) -> MethodOutput:
     last = controller.last
     small = pruner.finalize().eval()
     return MethodOutput(small, traj, {
-        "allocation": "latency", "distill": True, "saving_scale": scale, "aimed_ms": target, "channel_multiple": ctx.channel_multiple,
+        **extra, "allocation": "latency", "distill": True, "saving_scale": scale, "aimed_ms": target,
+        "channel_multiple": ctx.channel_multiple,
         "predicted_ms": None if last is None else float(last.predicted_ms),
         "target_ms": None if last is None else float(last.target_ms),
     })
@@ -361,6 +393,8 @@ METHODS = (
     MethodSpec("avprune_cubic", run_cubic, "channel", "avprune cubic ramp, magnitude"),
     MethodSpec("avprune_channel_block", run_channel_block, "channel", "avprune channel+block, budget, magnitude"),
     MethodSpec("avprune_latency", run_latency, "channel", "avprune latency-aware allocation, aligned, distilled"),
+    MethodSpec("avprune_latency_fold", functools.partial(run_latency, fold=True), "channel",
+               "avprune latency-aware allocation, SE gates folded first"),
     # Does INT8 stack with pruning? The avprune_latency model quantized like dense_int8 (FIELD_NOTES: a
     # 50%-pruned model ran slower in U8S8 INT8 than in fp32 on ORT CPU).
     MethodSpec("avprune_latency_int8", run_latency, "channel", "avprune latency-aware allocation, then INT8",

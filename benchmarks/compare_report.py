@@ -23,6 +23,7 @@ REFERENCE = "tp_magnitude"
 # run has them, the verdict judges against the better of them; tp_magnitude (global, round_to=8) otherwise.
 FAIR_REFERENCES = ("tp_aligned", "tp_iterative", "tp_aligned_distill")
 LATENCY_AWARE = "avprune_latency"
+LATENCY_AWARE_ROWS = (LATENCY_AWARE, f"{LATENCY_AWARE}_fold")
 INT8 = "dense_int8"  # issue #12: what a user would try instead of pruning
 
 
@@ -126,8 +127,10 @@ def verdict(rows: Sequence[Row]) -> list[str]:
     out: list[str] = []
     fair = [by[m] for m in FAIR_REFERENCES if m in by]
     ref = max(fair, key=lambda r: r.map.mean) if fair else by.get(REFERENCE)
-    # the latency-aware row is what issue #12 judges; older runs judge avprune's best row
-    avp = [by[LATENCY_AWARE]] if LATENCY_AWARE in by else [r for r in rows if r.method.startswith("avprune_")]
+    # the latency-aware rows are what issue #12 judges (with and without the job's gate fold, the best
+    # at equal latency); older runs judge avprune's best row
+    aware = [by[m] for m in LATENCY_AWARE_ROWS if m in by]
+    avp = aware or [r for r in rows if r.method.startswith("avprune_") and get_method(r.method).deploy == "fp32"]
     if ref is None or not avp:
         return ["The target (avprune vs Torch-Pruning) is not judged: this run did not include both."]
     close = [r for r in avp if abs(r.p50.mean - ref.p50.mean) <= EQUAL_LATENCY * ref.p50.mean]

@@ -69,13 +69,20 @@ def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, d
 
     base = load_checkpoint_like_base(work / "base.pt", work / "base.pt")
     dense_out = {n: m.out_channels for n, m in base.named_modules() if isinstance(m, nn.Conv2d)}
-    for m in ("tp_aligned", "tp_iterative", "tp_aligned_distill", "avprune_latency"):
+    for m in ("tp_aligned", "tp_iterative", "tp_aligned_distill", "avprune_latency", "avprune_latency_fold"):
         model = load_checkpoint_like_base(work / "models" / f"{m}-s0.pt", work / "base.pt")
         cut = {n: c.out_channels for n, c in model.named_modules()
                if isinstance(c, nn.Conv2d) and c.groups == 1 and c.out_channels < dense_out[n]}
         assert cut, f"{m} pruned nothing"
         assert all(v % TINY.channel_multiple == 0 for v in cut.values()), (m, cut)
     assert data["setup"]["damage"] and 0 < data["setup"]["aligned_ratio"] <= compare_baselines.MAX_RATIO
+    # the fold row starts from the model with every squeeze-excitation gate folded (the job's fold_gates):
+    # its checkpoint rebuilds without them, and the teacher / timing reference stay the dense model
+    fold = next(c for c in data["cells"] if c["method"] == "avprune_latency_fold")
+    folded = load_checkpoint_like_base(work / "models" / "avprune_latency_fold-s0.pt", work / "base.pt")
+    assert len(fold["extra"]["folded_gates"]) == 8 and fold["extra"]["folded_ms"] > 0
+    assert all(isinstance(folded.get_submodule(g), nn.Identity) for g in fold["extra"]["folded_gates"])
+    assert all(not isinstance(base.get_submodule(g), nn.Identity) for g in fold["extra"]["folded_gates"])
     # dense INT8 (issue #12): the dense row's model, not trained again, deployed as a static-QDQ graph
     import onnx
 
