@@ -44,6 +44,7 @@ from benchmarks.compare_methods import (
     MethodSpec,
     TrajectoryPoint,
     finetune,
+    fold_start_model,
     load_base,
     start_point,
 )
@@ -298,28 +299,6 @@ MAX_CORRECTION = 0.1
 MAX_CUT_PER_UPDATE = 0.08  # the prune job's default: the most predicted latency one mask update may cut
 
 
-FOLD_IMAGES = 64  # avprune_latency_fold: training images the gates' mean scales come from (the job's fold_gates)
-
-
-def _fold(ctx: MethodContext, model: nn.Module, dense: nn.Module) -> tuple[list[str], float]:
-    """Fold ``model``'s squeeze-excitation gates (the prune job's ``gate_fold`` stage); the folded
-    model's latency in the comparison's dense-scaled ms (median of 3 pairs beside ``dense``)."""
-    import torch
-
-    from perception.models import drop_blocks
-    from pruning.filters import detector_core_forward
-    from pruning.gate_fold import fold_gates
-
-    n = min(FOLD_IMAGES, len(ctx.train_set))
-    with torch.no_grad():
-        batches = [model.transform([ctx.train_set[i][0] for i in range(s, min(s + 16, n))])[0].tensors
-                   for s in range(0, n, 16)]
-    gates = [f.gate for f in fold_gates(model, batches, forward_fn=detector_core_forward)]
-    drop_blocks(model, gates)  # recorded in the checkpoint's architecture, as the job's folded start model
-    ratios = sorted(ctx.measure_ms(model) / ctx.measure_ms(dense) for _ in range(3))
-    return gates, ctx.dense_ms * ratios[1]
-
-
 def run_latency(ctx: MethodContext, *, fold: bool = False) -> MethodOutput:
     """The latency-aware allocation controller with damage curves and distillation (module docstring);
     with ``fold`` the squeeze-excitation gates are folded first, as the prune job's ``fold_gates``."""
@@ -339,7 +318,7 @@ def run_latency(ctx: MethodContext, *, fold: bool = False) -> MethodOutput:
     scale = saving_scale(float(table.predict({})), float(table.predict(ctx.aligned_config)), ctx.aligned_ms)
     extra: dict[str, Any] = {}
     if fold:
-        gates, folded_ms = _fold(ctx, model, dense)
+        gates, folded_ms = fold_start_model(ctx, model, dense)
         # the table of the folded start model, anchored to its measured latency (the job's latency
         # table after gate_fold); the saving scale is a ratio of savings and carries over
         table = macs_table(model, ctx.example_inputs, dense_ms=folded_ms, multiple=ctx.channel_multiple)

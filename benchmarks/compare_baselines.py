@@ -21,6 +21,8 @@ Every method prunes the same layers: all convs but the detector head's class/box
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,7 @@ from benchmarks.compare_methods import (
     MethodOutput,
     MethodSpec,
     finetune,
+    fold_start_model,
     load_base,
     plain_copy,
     start_point,
@@ -163,12 +166,29 @@ def run_tp_magnitude(ctx: MethodContext) -> MethodOutput:
     return MethodOutput(model.eval(), traj, {"ratio": ctx.channel_ratio})
 
 
-def run_tp_aligned(ctx: MethodContext, *, distill: bool = False) -> MethodOutput:
+def run_tp_aligned(ctx: MethodContext, *, distill: bool = False, fold: bool = False) -> MethodOutput:
     """Torch-Pruning one-shot L2, one ratio per layer, counts multiples of ``ctx.channel_multiple``, to
     the latency target (the setup's bisection), then the same fine-tune as every method; with
-    ``distill``, the dense checkpoint teaches it as it teaches ``avprune_latency`` (the lever isolated)."""
+    ``distill``, the dense checkpoint teaches it as it teaches ``avprune_latency`` (the lever isolated).
+    With ``fold``, avprune's gate fold comes first and the ratio is bisected again on the folded model
+    to the same measured latency (``avprune_latency_fold``'s other lever isolated)."""
     model = load_base(ctx)
-    tp_channel_prune(model, ctx.aligned_ratio, ctx.example_inputs, global_pruning=False, round_to=ctx.channel_multiple)
+    ratio, extra = ctx.aligned_ratio, {}
+    if fold:
+        dense = load_base(ctx).eval()
+        gates, folded_ms = fold_start_model(ctx, model, dense)
+
+        def paired_ms(m: nn.Module) -> float:  # dense-scaled, as every row's target
+            return ctx.dense_ms * ctx.measure_ms(m) / ctx.measure_ms(dense)
+
+        def pruned_copy(r: float) -> nn.Module:
+            m = copy.deepcopy(model)
+            tp_channel_prune(m, r, ctx.example_inputs, global_pruning=False, round_to=ctx.channel_multiple)
+            return m
+
+        ratio, ms = bisect_ratio(pruned_copy, paired_ms, ctx.aligned_ms, iters=ctx.bisect_iters)
+        extra = {"folded_gates": gates, "folded_ms": folded_ms, "bisected_ms": ms}
+    tp_channel_prune(model, ratio, ctx.example_inputs, global_pruning=False, round_to=ctx.channel_multiple)
     traj = start_point(ctx, lambda: plain_copy(model))
     trained: nn.Module = model
     if distill:
@@ -176,7 +196,7 @@ def run_tp_aligned(ctx: MethodContext, *, distill: bool = False) -> MethodOutput
 
         trained = DistilledDetector(model, load_base(ctx).eval())
     traj += finetune(trained, ctx, steps=ctx.steps, snapshot=lambda: plain_copy(model))
-    return MethodOutput(model.eval(), traj, {"ratio": ctx.aligned_ratio, "round_to": ctx.channel_multiple,
+    return MethodOutput(model.eval(), traj, {**extra, "ratio": ratio, "round_to": ctx.channel_multiple,
                                              "distill": distill})
 
 
@@ -318,6 +338,10 @@ METHODS = (
     MethodSpec("tp_iterative", run_tp_iterative, "channel", "Torch-Pruning iterative L2, per layer, aligned"),
     MethodSpec("tp_aligned_distill", run_tp_aligned_distill, "channel",
                "Torch-Pruning one-shot L2, per layer, aligned, distilled"),
+    # not one of the fair references: Torch-Pruning has no gate fold; this row isolates what the fold
+    # gives avprune_latency_fold
+    MethodSpec("tp_aligned_distill_fold", functools.partial(run_tp_aligned, distill=True, fold=True), "channel",
+               "Torch-Pruning one-shot L2, per layer, aligned, distilled, after avprune's gate fold"),
     MethodSpec("slimming", run_slimming, "channel", "network slimming"),
     MethodSpec("unstructured_l1", run_unstructured, "unstructured", "torch prune L1 unstructured", True),
 )

@@ -169,6 +169,14 @@ def verdict(rows: Sequence[Row]) -> list[str]:
                 f"`{best.method}` costs more time: {best.wall_s.mean:.0f} s of method wall time against "
                 f"{ref.wall_s.mean:.0f} s for one-shot pruning plus the same fine-tune."
             )
+    for ours, theirs, what in ((f"{LATENCY_AWARE}_fold", "tp_aligned_distill_fold", "the gate fold"),
+                               (LATENCY_AWARE, "tp_aligned_distill", "distillation")):
+        if ours in by and theirs in by:  # the allocation's own share: the same levers on both sides
+            a, b = by[ours], by[theirs]
+            d, sp = a.map.mean - b.map.mean, math.hypot(a.map.sd, b.map.sd)
+            out.append(f"With {what} on both sides, `{ours}` is {d:+.1f} points against `{theirs}` "
+                       f"({a.p50.mean:.2f} vs {b.p50.mean:.2f} ms, spread ±{sp:.1f}"
+                       f"{': noise' if abs(d) <= sp else ''}): what the latency-aware allocation itself adds.")
     dense = by.get("dense")
     if dense:
         pruned = [r for r in rows if get_method(r.method).kind == "channel"]

@@ -69,7 +69,8 @@ def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, d
 
     base = load_checkpoint_like_base(work / "base.pt", work / "base.pt")
     dense_out = {n: m.out_channels for n, m in base.named_modules() if isinstance(m, nn.Conv2d)}
-    for m in ("tp_aligned", "tp_iterative", "tp_aligned_distill", "avprune_latency", "avprune_latency_fold"):
+    for m in ("tp_aligned", "tp_iterative", "tp_aligned_distill", "tp_aligned_distill_fold", "avprune_latency",
+              "avprune_latency_fold"):
         model = load_checkpoint_like_base(work / "models" / f"{m}-s0.pt", work / "base.pt")
         cut = {n: c.out_channels for n, c in model.named_modules()
                if isinstance(c, nn.Conv2d) and c.groups == 1 and c.out_channels < dense_out[n]}
@@ -78,11 +79,12 @@ def test_every_method_produces_a_row_with_finite_numbers(tiny_run: tuple[Path, d
     assert data["setup"]["damage"] and 0 < data["setup"]["aligned_ratio"] <= compare_baselines.MAX_RATIO
     # the fold row starts from the model with every squeeze-excitation gate folded (the job's fold_gates):
     # its checkpoint rebuilds without them, and the teacher / timing reference stay the dense model
-    fold = next(c for c in data["cells"] if c["method"] == "avprune_latency_fold")
-    folded = load_checkpoint_like_base(work / "models" / "avprune_latency_fold-s0.pt", work / "base.pt")
-    assert len(fold["extra"]["folded_gates"]) == 8 and fold["extra"]["folded_ms"] > 0
-    assert all(isinstance(folded.get_submodule(g), nn.Identity) for g in fold["extra"]["folded_gates"])
-    assert all(not isinstance(base.get_submodule(g), nn.Identity) for g in fold["extra"]["folded_gates"])
+    for m in ("avprune_latency_fold", "tp_aligned_distill_fold"):
+        fold = next(c for c in data["cells"] if c["method"] == m)
+        folded = load_checkpoint_like_base(work / "models" / f"{m}-s0.pt", work / "base.pt")
+        assert len(fold["extra"]["folded_gates"]) == 8 and fold["extra"]["folded_ms"] > 0, m
+        assert all(isinstance(folded.get_submodule(g), nn.Identity) for g in fold["extra"]["folded_gates"]), m
+        assert all(not isinstance(base.get_submodule(g), nn.Identity) for g in fold["extra"]["folded_gates"]), m
     # dense INT8 (issue #12): the dense row's model, not trained again, deployed as a static-QDQ graph
     import onnx
 
@@ -171,6 +173,17 @@ def test_verdict_judges_the_latency_aware_row_against_the_fair_baselines() -> No
     text = " ".join(compare_report.verdict(compare_report.aggregate(cells)))
     assert "`avprune_latency` reaches 32.5" in text and "(`tp_iterative`) 31.0" in text
     assert "+1.5 points" in text and "is met" in text
+
+
+def test_verdict_isolates_the_allocation_with_the_same_levers_on_both_sides() -> None:
+    """The fold row against Torch-Pruning given the same fold (and the plain row against the distilled
+    one): what the allocation adds once the other levers are shared, called noise within the spread."""
+    cells = (_cells("tp_aligned_distill", [0.58, 0.58], 4.0) + _cells("avprune_latency", [0.59, 0.59], 4.1)
+             + _cells("tp_aligned_distill_fold", [0.595, 0.605], 4.0) + _cells("avprune_latency_fold", [0.60, 0.60], 4.1))
+    text = " ".join(compare_report.verdict(compare_report.aggregate(cells)))
+    assert "With the gate fold on both sides, `avprune_latency_fold` is +0.0 points" in text and ": noise)" in text
+    assert "With distillation on both sides, `avprune_latency` is +1.0 points" in text
+    assert "`avprune_latency_fold` reaches 60.0" in text  # the fold row is judged: the better at equal latency
 
 
 @pytest.mark.parametrize(
