@@ -49,6 +49,7 @@ from benchmarks.allocation import unit_damage
 from benchmarks.compare_baselines import bisect_ratio, tp_channel_prune
 from benchmarks.compare_methods import MethodContext, MethodOutput, TrajectoryPoint, plain_copy, timed
 from benchmarks.compare_registry import get_method, list_methods
+from deploy.engine.quantize import calibration_frames
 
 log = logging.getLogger("benchmarks.compare")
 
@@ -130,6 +131,7 @@ class Data:
     feedback: Any
     probe: Any
     val: Any
+    root: Path  # the COCO folder they come from
 
 
 def _data(cfg: CompareConfig, work: Path) -> Data:
@@ -147,7 +149,7 @@ def _data(cfg: CompareConfig, work: Path) -> Data:
         coco = root / "coco"
     val = load_split(coco, "val")
     feedback = subset(load_split(coco, "train", train=False), cfg.probe_images, seed=1)
-    return Data(load_split(coco, "train"), feedback, subset(val, cfg.probe_images, seed=0), val)
+    return Data(load_split(coco, "train"), feedback, subset(val, cfg.probe_images, seed=0), val, coco)
 
 
 def _setup(cfg: CompareConfig, work: Path, data: Data) -> dict[str, Any]:
@@ -374,6 +376,7 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
     bar.close()
     records = [json.loads((work / "cells" / f"{cell_name(m, s)}.json").read_text()) for m, s in cells]
     t_final = time.perf_counter()
+    deploys = [get_method(m).deploy for m, _ in cells]
     finals = measure.final_pass(
         [work / "models" / f"{cell_name(m, s)}.pt" for m, s in cells],
         data.val,
@@ -385,8 +388,9 @@ def run(cfg: CompareConfig, work: Path, *, resume: bool = True, write: bool = Tr
         # every row's speed-up is paired against the dense model's (the first cell when it is not run)
         reference=next((i for i, (m, _) in enumerate(cells) if m == "dense"), 0),
         graph=cfg.latency == "graph",
-        deploys=[get_method(m).deploy for m, _ in cells],
-        calibration=measure.calibration_frames(data.train, CALIBRATION_FRAMES),
+        deploys=deploys,
+        # the frames build-engine --calib DATA would take: training images spread over the split
+        calibration=calibration_frames(data.root, CALIBRATION_FRAMES) if "int8" in deploys else (),
     )
     for rec, fin in zip(records, finals, strict=True):
         rec["final"] = fin

@@ -43,6 +43,7 @@ from benchmarks.compare_methods import (
     MethodOutput,
     MethodSpec,
     TrajectoryPoint,
+    dense_scaled_ms,
     finetune,
     fold_start_model,
     load_base,
@@ -144,8 +145,7 @@ def paired_measure(ctx: MethodContext, dense: nn.Module, holder: dict[str, Any])
 
     def measure() -> tuple[float, float]:
         pruner = holder["pruner"]
-        pruned_ms, dense_ms = ctx.measure_ms(finalized_copy(pruner)), ctx.measure_ms(dense)
-        return ctx.dense_ms * pruned_ms / dense_ms, ctx.map_of(pruner.model)
+        return dense_scaled_ms(ctx, finalized_copy(pruner), dense), ctx.map_of(pruner.model)
 
     return measure
 
@@ -259,10 +259,10 @@ def run_channel_block(ctx: MethodContext) -> MethodOutput:
 
     def measure() -> tuple[float, float]:
         # paired with the dense model, as run_budget; the gated-off blocks are gone from the copy
-        pruned_ms, dense_ms = ctx.measure_ms(small_now()), ctx.measure_ms(dense)
+        ms = dense_scaled_ms(ctx, small_now(), dense)
         m = ctx.map_of(holder["pruner"].model)
         holder["step"].observe(m, ctx.map_floor)  # a block costing mAP below the floor ramps back
-        return ctx.dense_ms * pruned_ms / dense_ms, m
+        return ms, m
 
     def predict(config: dict[str, int]) -> float:
         return table.predict(config) - holder["step"].removed_ms

@@ -34,6 +34,7 @@ from benchmarks.compare_methods import (
     MethodContext,
     MethodOutput,
     MethodSpec,
+    dense_scaled_ms,
     finetune,
     fold_start_model,
     load_base,
@@ -178,15 +179,13 @@ def run_tp_aligned(ctx: MethodContext, *, distill: bool = False, fold: bool = Fa
         dense = load_base(ctx).eval()
         gates, folded_ms = fold_start_model(ctx, model, dense)
 
-        def paired_ms(m: nn.Module) -> float:  # dense-scaled, as every row's target
-            return ctx.dense_ms * ctx.measure_ms(m) / ctx.measure_ms(dense)
-
         def pruned_copy(r: float) -> nn.Module:
             m = copy.deepcopy(model)
             tp_channel_prune(m, r, ctx.example_inputs, global_pruning=False, round_to=ctx.channel_multiple)
             return m
 
-        ratio, ms = bisect_ratio(pruned_copy, paired_ms, ctx.aligned_ms, iters=ctx.bisect_iters)
+        ratio, ms = bisect_ratio(pruned_copy, lambda m: dense_scaled_ms(ctx, m, dense), ctx.aligned_ms,
+                                 iters=ctx.bisect_iters)
         extra = {"folded_gates": gates, "folded_ms": folded_ms, "bisected_ms": ms}
     tp_channel_prune(model, ratio, ctx.example_inputs, global_pruning=False, round_to=ctx.channel_multiple)
     traj = start_point(ctx, lambda: plain_copy(model))

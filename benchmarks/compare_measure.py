@@ -37,12 +37,6 @@ def sample_frames(dataset: Any, n: int) -> list[np.ndarray]:
     return [dataset.load_image(i) for i in range(min(n, len(dataset)))]
 
 
-def calibration_frames(dataset: Any, n: int) -> list[np.ndarray]:
-    """``n`` frames spread evenly over a (training) split: what an INT8 row calibrates on."""
-    idx = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).round().astype(int)
-    return [dataset.load_image(int(i)) for i in idx]
-
-
 def int8_graph(onnx_path: Path, dest: Path, frames: Sequence[np.ndarray]) -> Path:
     """``onnx_path`` quantized to INT8 static QDQ at ``dest`` (kept while it is newer than its source):
     what ``avprune build-engine --backend onnxruntime --precision int8`` deploys (uint8 activations,

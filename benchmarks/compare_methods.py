@@ -165,23 +165,24 @@ def finetune(
 FOLD_IMAGES = 64  # avprune_latency_fold: training images the gates' mean scales come from (the job's fold_gates)
 
 
+def dense_scaled_ms(ctx: MethodContext, model: nn.Module, dense: nn.Module) -> float:
+    """``model``'s latency timed right beside ``dense``, as a ratio scaled to the quiet setup's dense
+    figure: timed inside the training process, absolute figures read ~1.5x high (the training
+    thread pool winding down), their ratio does not."""
+    return ctx.dense_ms * ctx.measure_ms(model) / ctx.measure_ms(dense)
+
+
 def fold_start_model(ctx: MethodContext, model: nn.Module, dense: nn.Module) -> tuple[list[str], float]:
     """Fold ``model``'s squeeze-excitation gates (the prune job's ``gate_fold`` stage); the folded
     model's latency in the comparison's dense-scaled ms (median of 3 pairs beside ``dense``)."""
-    import torch
-
-    from perception.models import drop_blocks
+    from perception.models import core_input_batches, drop_blocks
     from pruning.filters import detector_core_forward
     from pruning.gate_fold import fold_gates
 
-    n = min(FOLD_IMAGES, len(ctx.train_set))
-    with torch.no_grad():
-        batches = [model.transform([ctx.train_set[i][0] for i in range(s, min(s + 16, n))])[0].tensors
-                   for s in range(0, n, 16)]
+    batches = core_input_batches(model, ctx.train_set, FOLD_IMAGES)
     gates = [f.gate for f in fold_gates(model, batches, forward_fn=detector_core_forward)]
     drop_blocks(model, gates)  # recorded in the checkpoint's architecture, as the job's folded start model
-    ratios = sorted(ctx.measure_ms(model) / ctx.measure_ms(dense) for _ in range(3))
-    return gates, ctx.dense_ms * ratios[1]
+    return gates, sorted(dense_scaled_ms(ctx, model, dense) for _ in range(3))[1]
 
 
 def start_point(ctx: MethodContext, snapshot: Callable[[], nn.Module], step: int = 0) -> list[TrajectoryPoint]:

@@ -236,6 +236,18 @@ def checkpoint_architecture(meta: dict[str, Any], path: str | Path, **overrides:
     return model
 
 
+def core_input_batches(model: nn.Module, dataset: Any, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
+    """The first ``images`` images of ``dataset`` as ``model``'s normalised core inputs ([B, 3, H, W]
+    batches of ``batch``, through the detector's own transform): what gate folding and layer
+    reconstruction calibrate on."""
+    n = min(int(images), len(dataset))
+    if n < 1:
+        raise ValueError(f"calibration images {images!r}: give at least 1 (the split has {len(dataset)})")
+    with torch.no_grad():
+        return [model.transform([dataset[i][0] for i in range(s, min(s + batch, n))])[0].tensors
+                for s in range(0, n, batch)]
+
+
 def drop_blocks(model: nn.Module, names: list[str]) -> None:
     """Replace the named residual blocks by ``nn.Identity`` (a depth-pruned checkpoint's architecture,
     as ``pruning.blocks.remove_blocks`` left it) and record them in ``avprune_meta``."""

@@ -218,18 +218,22 @@ def test_graph_latency_and_data_flags(tmp_path: Path) -> None:
 
 
 def test_graph_latency_times_the_core_graph_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deploy.timing
     from benchmarks import compare_measure
     from perception.models import build_detector
 
     model = build_detector("ssdlite320_mobilenet_v3_large", num_classes=3, image_size=(128, 128)).eval()
     frames = [torch.randint(0, 255, (96, 160, 3), dtype=torch.uint8).numpy()]
-    frame = compare_measure.quick_latency(frames, 5)(model)
 
     def whole_frames(*a: object, **k: object) -> None:
         raise AssertionError("graph mode timed whole frames (pre-processing + graph + decode/NMS)")
 
+    # no timing comparison (a loaded machine can invert two 5-frame medians): what graph mode asks
+    # the timing helper for is the assertion
+    calls, real = [], deploy.timing.measure_latency
+    monkeypatch.setattr(deploy.timing, "measure_latency", lambda *a, **k: calls.append(k) or real(*a, **k))
     monkeypatch.setattr(compare_measure, "time_frames", whole_frames)
     graph = compare_measure.quick_latency(frames, 5, graph=True)(model)
-    assert 0 < graph < frame  # the frame adds pre-processing, decoding and NMS to the same graph
+    assert graph > 0 and [c["end_to_end"] for c in calls] == [False]  # the core graph alone
     with pytest.raises(AssertionError, match="whole frames"):
         compare_measure.quick_latency(frames, 5)(model)

@@ -136,14 +136,9 @@ class JobEnv:
     def calibration_batches(self, model: nn.Module, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
         """The first ``images`` training images as ``model``'s normalised core inputs ([B, 3, H, W]
         batches of ``batch``): what :func:`pruning.reconstruct.reconstruct` fits layers on."""
-        import torch
+        from perception.models import core_input_batches
 
-        n = min(int(images), len(self.train_set))
-        if n < 1:
-            raise ValueError(f"calibration images {images!r}: give at least 1 (the train split has {len(self.train_set)})")
-        with torch.no_grad():
-            return [model.transform([self.train_set[i][0] for i in range(s, min(s + batch, n))])[0].tensors
-                    for s in range(0, n, batch)]
+        return core_input_batches(model, self.train_set, images, batch)
 
     @cached_property
     def timing_frames(self) -> list[np.ndarray]:
