@@ -98,7 +98,7 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, out
         "budget.speedup": args.speedup, "budget.latency_ms": None, "budget.end_to_end": False,
         # deployed at 0.01: decoding + NMS 2.0 -> 0.7 ms per frame for 0.03 mAP points on this (converged) model
         "budget.score_thresh": 0.01,
-        "pruning.granularity": granularity, "pruning.ramps": [args.ramp], "search.candidates": args.candidates,
+        "pruning.granularity": granularity, "pruning.ramps": list(args.ramp), "search.candidates": args.candidates,
         "finetune.steps": args.steps, "finetune.measure_every": MEASURE_EVERY,
         **({"finetune.lr": args.lr} if args.lr is not None else {}),
         "output_dir": str(out), "cache_dir": str(cache), "seed": args.seed,
@@ -116,6 +116,12 @@ def _job(args: argparse.Namespace, ckpt: Path, coco: Path, granularity: str, out
         overrides["pruning.reconstruct_images"] = args.reconstruct
     if args.fold_gates is not None:
         overrides["pruning.fold_gates"] = args.fold_gates
+    if args.importances:
+        overrides["pruning.importances"] = args.importances
+    if args.floor_allowance is not None:
+        overrides["pruning.floor_allowance"] = args.floor_allowance
+    if args.one_shot_recovery is not None:
+        overrides["pruning.one_shot_recovery"] = args.one_shot_recovery
     if args.latency_margin is not None:
         overrides["budget.latency_margin"] = args.latency_margin
     if args.allocation == "latency":  # the knapsack reads every unit's damage curve (resolved defaults)
@@ -371,6 +377,17 @@ def _sensitivity_scaling(cfg: Any, layer_counts: tuple[int, ...]) -> list[dict[s
 # ----------------------------------------------------------------------------- main
 
 
+def _ramps(value: str) -> tuple[float, ...]:
+    """``--ramp 0,0.5`` -> (0.0, 0.5)."""
+    try:
+        out = tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ramp takes comma-separated shares in [0, 1]; got {value!r}") from None
+    if not out or any(not 0 <= r <= 1 for r in out):
+        raise argparse.ArgumentTypeError(f"--ramp takes comma-separated shares in [0, 1] (0 = one-shot); got {value!r}")
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny fine-tune, 2 sensitivity layers")
@@ -395,9 +412,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--allocation", choices=("uniform", "latency"), help="default: the example job's")
     ap.add_argument("--latency-costs", choices=("measured", "macs"),
                     help="the latency table's per-layer costs (default: the example job's, measured)")
-    ap.add_argument("--ramp", type=float, default=RAMP,
+    ap.add_argument("--ramp", type=_ramps, default=(RAMP,), metavar="R[,R...]",
                     help=f"share of the fine-tune (after the warm-up) by which the latency target reaches the budget; "
-                         f"the rest recovers (default {RAMP})")
+                         f"the rest recovers; 0 = one-shot (pruning.ramps: candidates cycle importances x ramps; "
+                         f"default {RAMP})")
+    ap.add_argument("--importances", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
+                    metavar="I[,I...]", help="pruning.importances (default: the example job's, magnitude,bn_scale)")
+    ap.add_argument("--floor-allowance", type=float, default=None, metavar="MAP",
+                    help="pruning.floor_allowance (default: the example job's)")
+    ap.add_argument("--one-shot-recovery", type=float, default=None, metavar="SHARE",
+                    help="pruning.one_shot_recovery: share of the fine-tune a one-shot candidate's floor is not judged "
+                         "(default: the example job's)")
     ap.add_argument("--reconstruct", type=int, default=0, metavar="IMAGES",
                     help="pruning.reconstruct_images: each candidate's cut re-solved against the dense model on this "
                          "many training images once it reaches the budget (default 0: off)")
@@ -488,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     fronts = {g: pareto_front(p) for g, p in points.items()}
     record = {
         "quick": args.quick, "seed": args.seed, "steps": args.steps, "candidates_per_granularity": args.candidates,
-        "budget_speedup": args.speedup, "max_drop_points": MAX_DROP_POINTS, "ramp": args.ramp,
+        "budget_speedup": args.speedup, "max_drop_points": MAX_DROP_POINTS, "ramps": list(args.ramp),
         "measure_every": first.finetune.measure_every, "checkpoint": str(ckpt), "data": str(coco),
         "dense_long_map_job_val": dl_map, "map_floor": floor, "dense_long_s": dense_long_s,
         "dense_long_source": args.dense_long, "dense_long_checkpoint": str(dense_long),

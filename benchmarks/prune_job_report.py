@@ -31,7 +31,7 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
         f"lower graph latency** on ONNX Runtime (CPU, {cfg['budget']['threads']} threads) at <= "
         f"{record['max_drop_points']} mAP-point drop; {record['candidates_per_granularity']} candidates each "
         f"(importances {', '.join(p['importances'])}), **{record['steps']} fine-tune steps** (the benchmark's choice: "
-        f"#12's minimum; the budget is reached by {record['ramp']:.0%} of the steps, the rest recovers), "
+        f"#12's minimum; {_ramps_text(record)}), "
         + (f"peak rate {ft['lr']:g}, " if "lr" in ft else "")
         + f"batch {ft['batch_size']}, controller `{p['controller']}`"
         + (f" (allocation `{p.get('allocation')}`" + (", MAC costs" if p.get("latency_costs") == "macs" else "")
@@ -134,3 +134,12 @@ def markdown(record: dict[str, Any], png: str, tag: str = "prune_job") -> str:
     lines += ["", f"Raw numbers: `benchmarks/results/{tag}.json` (per candidate `graph_speedup`, `frame_speedup`, "
                   "`map_drop_points`, `channel_multiple`, `feasible`; `pareto` per granularity; `comparison`; `targets`)."]
     return "\n".join(lines)
+
+
+def _ramps_text(record: dict) -> str:
+    """How the candidates reach the budget: ramps (older records hold one ``ramp``); 0 is one-shot."""
+    ramps = record.get("ramps", [record.get("ramp", 0.5)])
+    parts = ["one-shot (the whole cut at the end of the warm-up, its floor not judged while it recovers)" if r == 0
+             else f"a ramp reaching the budget by {r:.0%} of the steps" for r in ramps]
+    return "candidates cycle importances x " + "; ".join(parts) + ", the rest recovers"
+

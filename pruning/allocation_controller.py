@@ -33,6 +33,10 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   to recover, and judged at the full floor it held the target at ~1.2x (prune_job benchmark,
   converged checkpoint: the floor bound at 0.3 of the channels; a one-shot 1.65x model sat 4.0
   points under dense after 300 steps and 1.9 after 900).
+- **Recovery window.** ``recovery_steps`` after the ramp ends, the floor is not judged at all
+  (latency feedback still runs): a one-shot cut starts 10-17 points under dense and takes a few
+  hundred steps to come back (RESULTS.md oneshot_recovery_foldse); judged at once, it would
+  regrow most of its cut at the first measurement.
 - **Step back, then bisect.** With ``step_back > 0`` a measurement under the (allowed) floor
   raises the target ``step_back`` of the way back to the last target that met it, so the weakest
   pruned groups regrow (masks keep their weights); the next target after a recovery is the
@@ -46,7 +50,13 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   retry released straight to the schedule cut a whole ``max_cut_per_update`` at once and lost
   8.6, 11.3 and 10.2 points at its three retries (prune_job_recovery, BN-scale candidate).
 - **Capped cuts.** ``max_cut_per_update`` bounds one allocation's predicted saving (share of the
-  dense prediction), so a PI correction or a released hold moves over several updates.
+  dense prediction), so a PI correction or a released hold moves over several updates. A one-shot
+  candidate (``ramp_fraction = 0``) makes its scheduled cut whole at the end of the warm-up (Li et
+  al., "Pruning Filters for Efficient ConvNets", ICLR 2017: prune once, then retrain); the cap
+  applies to every move after it. Why one-shot at all: with the gates folded and distillation on,
+  one uniform aligned cut at step 0 ended 1.9 mAP points above the gradual latency-aware ramp at
+  the same measured latency (2.0x graph, 400 steps; RESULTS.md compare, tp_aligned_distill_fold),
+  because the whole fine-tune recovers from one cut.
 - **Measured damage.** ``set_damage`` hands the knapsack each unit's sensitivity curve, so it
   compares units by what pruning them costs the model rather than by importance normalised within
   each unit (see :mod:`pruning.allocation`).
@@ -124,6 +134,7 @@ class AllocationController(Controller):
         floor_allowance: float = 0.0,
         step_back: float = 0.0,
         max_cut_per_update: float | None = None,
+        recovery_steps: int = 0,
     ) -> None:
         super().__init__()
         if allocation not in ALLOCATIONS:
@@ -149,6 +160,9 @@ class AllocationController(Controller):
         if max_cut_per_update is not None and not 0.0 < max_cut_per_update <= 1.0:
             raise ValueError(f"max_cut_per_update is a share of the dense prediction in (0, 1] or None; "
                              f"got {max_cut_per_update!r}")
+        if not isinstance(recovery_steps, int) or recovery_steps < 0:
+            raise ValueError(f"recovery_steps must be an int >= 0 (steps after the ramp before the floor is judged); "
+                             f"got {recovery_steps!r}")
         latency_target(0, dense_ms=1.0, budget_ms=1.0, end_step=1, kind=schedule)  # validates the name now
         self.table, self.budget, self.allocation_kind = table, float(latency_budget_ms), allocation
         self.total_steps, self.ramp_fraction, self.schedule = total_steps, float(ramp_fraction), schedule
@@ -158,6 +172,8 @@ class AllocationController(Controller):
         self.saving_scale = float(saving_scale)
         self.warmup_steps, self.floor_allowance, self.step_back = warmup_steps, float(floor_allowance), float(step_back)
         self.max_cut_per_update = max_cut_per_update
+        self.recovery_steps = recovery_steps
+        self.one_shot_done = False  # ramp_fraction 0: the scheduled cut has been made (the cap applies from then)
         self.dense_ms = float(table.predict({}))
         self.channel_multiple = 1
         self.unit_specs: tuple[Unit, ...] = ()
@@ -210,12 +226,22 @@ class AllocationController(Controller):
 
     def allowance(self, step: int | None = None) -> float:
         """mAP the model may sit under the floor at ``step``: all of ``floor_allowance`` until the
-        ramp ends, then shrinking linearly to 0 at the last step."""
+        ramp and the recovery window end, then shrinking linearly to 0 at the last step."""
         step = self.last_step if step is None else step
-        end = self.warmup_steps + self.ramp_end() + self.held_steps
+        end = self.judged_from()
         if step <= end:
             return self.floor_allowance
         return self.floor_allowance * max(0.0, self.total_steps - step) / max(1, self.total_steps - end)
+
+    def judged_from(self) -> int:
+        """The step the recovery window ends: after the warm-up, the ramp, the steps held and
+        ``recovery_steps``."""
+        return self.warmup_steps + self.ramp_end() + self.held_steps + self.recovery_steps
+
+    def in_recovery(self, step: int | None = None) -> bool:
+        """Whether ``step`` falls in the recovery window after the ramp (the floor is not judged there)."""
+        step = self.last_step if step is None else step
+        return self.judged_from() - self.recovery_steps <= step < self.judged_from()
 
     def schedule_clock(self) -> int:
         """The step the schedule is at: training steps less those held under the mAP floor."""
@@ -247,10 +273,14 @@ class AllocationController(Controller):
             t = max(t, self.hold_ms)
         elif self.retry_ms is not None and self.good_ms is not None:
             t = max(t, self.good_ms - self.retry_ms)
-        if self.max_cut_per_update is not None:
+        if self.max_cut_per_update is not None and not self._one_shot_pending():
             prev = self.last.predicted_ms if self.last is not None else self.dense_ms
             t = max(t, prev - self.max_cut_per_update * self.dense_ms)
         return t
+
+    def _one_shot_pending(self) -> bool:
+        """A one-shot candidate whose warm-up has ended and whose cut has not been made yet."""
+        return self.ramp_fraction == 0.0 and not self.one_shot_done and self.schedule_clock() >= self.warmup_steps
 
     def _step_back(self, met: bool) -> None:
         """Update the bisection between the last target that met the floor and the last that did not."""
@@ -295,7 +325,11 @@ class AllocationController(Controller):
             c = self.correction + self.kp * (error - prev) + self.ki * error
             self.correction = max(-self.max_correction, min(self.max_correction, c))  # clip = anti-windup
         self.prev_error = error
-        floor = None if self.map_floor is None else self.map_floor - self.allowance()
+        # inside the recovery window the floor is not judged: a model cut moments ago has had no
+        # steps to recover (a one-shot 1.35x cut with the gates folded: 16.6 points under dense at
+        # step 0, 1.8 after 250 steps; RESULTS.md oneshot_recovery_foldse)
+        judged = self.map_floor is not None and not self.in_recovery()
+        floor = self.map_floor - self.allowance() if judged else None
         if floor is not None and self.step_back > 0.0:
             self._step_back(map_value >= floor)
         if floor is not None and map_value < floor:
@@ -326,7 +360,9 @@ class AllocationController(Controller):
             kw["weights"] = self.weights
             if self.damage:
                 kw["damage"] = self.damage
+        pending = self._one_shot_pending()
         self.last = fn(self.unit_specs, scores, self.table, self.target_ms(), **kw)
+        self.one_shot_done = self.one_shot_done or pending
         self.kept = dict(self.last.kept)
         self.points.append(AllocationPoint(self.last_step, self.last.target_ms, self.last.predicted_ms))
         if len(self.points) > 10_000:
@@ -344,7 +380,7 @@ class AllocationController(Controller):
         return {
             **super().state_dict(),
             "correction": self.correction, "prev_error": self.prev_error, "under_floor": self.under_floor,
-            "held_steps": self.held_steps, "saving_scale": self.saving_scale,
+            "held_steps": self.held_steps, "saving_scale": self.saving_scale, "one_shot_done": self.one_shot_done,
             "good_ms": self.good_ms, "bad_ms": self.bad_ms, "hold_ms": self.hold_ms, "retry_ms": self.retry_ms,
             "weights": dict(self.weights), "damage": {u: list(c) for u, c in self.damage.items()},
             "kept": dict(self.kept), "kept_at_measure": dict(self.kept_at_measure),
@@ -357,6 +393,7 @@ class AllocationController(Controller):
         self.correction, self.prev_error = float(state["correction"]), state["prev_error"]
         self.under_floor = bool(state["under_floor"])
         self.held_steps = int(state.get("held_steps", 0))
+        self.one_shot_done = bool(state.get("one_shot_done", False))
         self.good_ms, self.bad_ms, self.hold_ms = (None if state.get(k) is None else float(state[k])
                                                    for k in ("good_ms", "bad_ms", "hold_ms"))
         self.retry_ms = None if state.get("retry_ms") is None else float(state["retry_ms"])

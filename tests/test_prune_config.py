@@ -113,7 +113,7 @@ def test_budget_helpers_and_fingerprint(tmp_path, ckpt):
         ({"budget.runtime": "tflite"}, "budget.runtime", "must be one of"),
         ({"budget.input_size": [16, 16]}, "budget.input_size", ">= 32"),
         ({"pruning.importances": ["magnitude", "random"]}, "pruning.importances.1", "must be one of"),
-        ({"pruning.ramps": [0.0]}, "pruning.ramps", "(0, 1]"),
+        ({"pruning.ramps": [-0.1]}, "pruning.ramps", "[0, 1]"),
         ({"sensitivity.sparsities": [1.0]}, "sensitivity.sparsities", "(0, 1)"),
         ({"finetune.batch_size": 1}, "finetune.batch_size", "greater than or equal to 2"),
         ({"finetune.measure_every": 50}, "(top level)", "measure_every"),

@@ -182,7 +182,7 @@ def test_choose_infeasible_reports_best_tradeoff_and_nearest_budget():
 
 def test_asha_compares_candidates_only_after_their_ramps(tmp_path):
     from avprune.prune_job.records import Candidate
-    from avprune.prune_job.search import asha_grace
+    from avprune.prune_job.search import asha_grace, recovery_steps
 
     def cands(*ramps: float) -> list[Candidate]:
         return [Candidate(candidate_id=f"c{i}", index=i, importance="magnitude", controller="allocation", ramp=r, seed=i)
@@ -195,7 +195,11 @@ def test_asha_compares_candidates_only_after_their_ramps(tmp_path):
     assert asha_grace(cfg, cands(0.5, 0.5)) == 6
     assert asha_grace(cfg, cands(0.25, 1.0)) == 9  # a full-length ramp: compared at the last report only
     three = cfg.model_copy(update={"search": cfg.search.model_copy(update={"grace_period": 3})})
-    assert asha_grace(three, cands(0.0, 0.0)) == 3  # one-shot: the configured grace still holds
+    # one-shot: cut at step 40, its floor not judged for half the steps after the warm-up (to 220)
+    assert asha_grace(three, cands(0.0, 0.0)) == 6
+    assert recovery_steps(three, cands(0.0)[0]) == 180 and recovery_steps(three, cands(0.5)[0]) == 0
+    no_window = three.model_copy(update={"pruning": three.pruning.model_copy(update={"one_shot_recovery": 0.0})})
+    assert asha_grace(no_window, cands(0.0, 0.0)) == 3  # no window: the configured grace holds
 
 
 def test_shadow_takes_the_slots_its_candidates_will_share(tmp_path):

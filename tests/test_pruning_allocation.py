@@ -422,12 +422,51 @@ def test_after_the_bisection_converges_a_retry_cuts_to_the_untried_midpoint_then
     assert again.retry_ms == ctrl.retry_ms and again.target_ms() == pytest.approx(ctrl.target_ms())
 
 
-def test_max_cut_per_update_spreads_a_one_shot_target_over_updates() -> None:
+def test_max_cut_per_update_spreads_a_steep_ramp_over_updates() -> None:
     pruner, ctrl = _measured_pruner(1.0, 0.9, max_cut_per_update=0.1)
-    ctrl.ramp_fraction = 0.0  # one-shot: the whole budget at the first update
+    ctrl.ramp_fraction = 0.01  # a ramp that reaches the budget at the first update
     for _ in range(5):
         pruner.step()
     assert ctrl.last.target_ms == pytest.approx(0.9 * ctrl.dense_ms)  # one capped cut, not the budget
     for _ in range(35):
         pruner.step()
     assert ctrl.last.predicted_ms <= ctrl.budget  # reached over several updates
+
+
+def test_a_one_shot_cut_is_whole_at_the_end_of_the_warm_up_and_capped_after() -> None:
+    # ramp 0: the scheduled cut is the point of the candidate, so max_cut_per_update does not split
+    # it; a PI correction after it is capped as ever
+    pruner, ctrl = _measured_pruner(1.0, 0.9, max_cut_per_update=0.05, warmup_steps=5)
+    ctrl.ramp_fraction = 0.0
+    for _ in range(4):  # inside the warm-up: nothing cut
+        pruner.step()
+    assert ctrl.last is None and not ctrl.one_shot_done
+    pruner.step()
+    assert ctrl.one_shot_done and ctrl.last.target_ms == pytest.approx(ctrl.budget)  # the whole cut in one update
+    ctrl.correction = 0.9  # as if measured far over the table: the next target may cut 5% of dense at most
+    assert ctrl.target_ms() == pytest.approx(ctrl.last.predicted_ms - 0.05 * ctrl.dense_ms)
+    again = _controller(ctrl.table, ctrl.budget, total_steps=40)
+    again.load_state_dict(ctrl.state_dict())
+    assert again.one_shot_done
+
+
+def test_the_floor_is_not_judged_inside_the_recovery_window() -> None:
+    # every measurement 30 points under the floor: with a 20-step window after a one-shot cut the
+    # model keeps its cut through the measurements at steps 5-15, then steps back at 20; without a
+    # window it steps back at once
+    def run(window: int, steps: int) -> AllocationController:
+        pruner, ctrl = _measured_pruner(1.0, 0.2, map_floor=0.5, step_back=0.5, recovery_steps=window)
+        ctrl.ramp_fraction = 0.0
+        for _ in range(steps):
+            pruner.step()
+        return ctrl
+    kept = run(20, 19)
+    assert kept.in_recovery(19) and not kept.in_recovery(20)
+    assert not kept.under_floor and kept.last.target_ms == pytest.approx(kept.budget)
+    assert kept.allowance(20) == kept.floor_allowance  # the allowance's shrink starts after the window
+    judged = run(20, 20)  # the measurement at step 20 is the first judged
+    assert judged.under_floor and judged.last.target_ms > judged.budget
+    at_once = run(0, 10)
+    assert at_once.under_floor and at_once.last.target_ms > at_once.budget
+    with pytest.raises(ValueError, match="recovery_steps"):
+        _controller(kept.table, 1.0, recovery_steps=-1)

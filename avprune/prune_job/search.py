@@ -97,10 +97,10 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
         # not pruning damage; issue #12) and the ramp covers the steps after it
         ctrl = AllocationController(
             table, budget, total_steps=steps, allocation=p.allocation,
-            ramp_fraction=min(1.0, ramp_steps / steps), measure=measure,
+            ramp_fraction=0.0 if cand.ramp == 0 else min(1.0, ramp_steps / steps), measure=measure,
             measure_every=cfg.finetune.measure_every, map_floor=spec.map_floor, max_unit_sparsity=p.max_sparsity,
             saving_scale=scale, warmup_steps=begin, floor_allowance=p.floor_allowance, step_back=p.step_back,
-            max_cut_per_update=p.max_cut_per_update,
+            max_cut_per_update=p.max_cut_per_update, recovery_steps=recovery_steps(cfg, cand),
         )
         log.info("%s: saving scale %.3f (held-out model %s ms predicted/measured)", cand.candidate_id, scale,
                  spec.holdout_ms)
@@ -121,6 +121,13 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
     return build_controller("layer_adaptive", profile=spec.sensitivity,
                             max_drop=max(0.0, spec.dense_map - spec.map_floor),
                             begin_step=begin, end_step=begin + ramp_steps, max_sparsity=p.max_sparsity)
+
+
+def recovery_steps(cfg: PruneJobConfig, cand: Candidate) -> int:
+    """Steps after a one-shot candidate's cut during which its floor is not judged (0 for a ramp)."""
+    if cand.ramp > 0:
+        return 0
+    return int(round(cfg.pruning.one_shot_recovery * (cfg.finetune.steps - cfg.finetune.warmup())))
 
 
 def finalized_copy(pruner: Pruner, fresh_model: nn.Module) -> nn.Module:
@@ -469,7 +476,8 @@ def asha_grace(cfg: PruneJobConfig, candidates: Sequence[Candidate]) -> int:
     ft = cfg.finetune
     reports = ft.steps // ft.measure_every + 1
     begin = ft.warmup()
-    ramp_end = max((begin + round(c.ramp * (ft.steps - begin)) for c in candidates), default=0)
+    ramp_end = max((begin + round(c.ramp * (ft.steps - begin)) + recovery_steps(cfg, c) for c in candidates),
+                   default=0)
     return min(max(cfg.search.grace_period, -(-ramp_end // ft.measure_every) + 1), reports)
 
 
