@@ -251,7 +251,9 @@ class AllocationController(Controller):
         """The target before feedback at schedule step ``step`` (default: :meth:`schedule_clock`):
         dense prediction shrinking to the budget, then held."""
         step = self.schedule_clock() if step is None else step
-        step = max(0, step - self.warmup_steps)  # the warm-up keeps the dense target: a fresh optimizer's dip is not damage
+        if step < self.warmup_steps:  # the warm-up keeps the dense target: a fresh optimizer's dip is not damage
+            return self.dense_ms
+        step -= self.warmup_steps
         return latency_target(step, dense_ms=self.dense_ms, budget_ms=self.budget, end_step=self.ramp_end(),
                               kind=self.schedule)
 

@@ -653,6 +653,8 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     assert [dumped["pruning"].pop(k) for k in ("floor_allowance", "step_back", "max_cut_per_update")] == [0.02, 0.5, 0.08]
     assert dumped["pruning"].pop("reconstruct_images") == 0  # reconstruction off: what every older job did
     assert dumped["pruning"].pop("fold_gates") == 0  # gates kept: what every older job did
+    # no older job could have a one-shot candidate (ramps were in (0, 1]), so the window changes nothing
+    assert dumped["pruning"].pop("one_shot_recovery") == 0.5
     assert dumped["budget"].pop("latency_margin") == 0.0  # aimed at the budget: what every older job did
     assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={

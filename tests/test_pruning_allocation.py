@@ -438,6 +438,7 @@ def test_a_one_shot_cut_is_whole_at_the_end_of_the_warm_up_and_capped_after() ->
     # it; a PI correction after it is capped as ever
     pruner, ctrl = _measured_pruner(1.0, 0.9, max_cut_per_update=0.05, warmup_steps=5)
     ctrl.ramp_fraction = 0.0
+    assert ctrl.scheduled_ms(4) == ctrl.dense_ms and ctrl.scheduled_ms(5) == pytest.approx(ctrl.budget)
     for _ in range(4):  # inside the warm-up: nothing cut
         pruner.step()
     assert ctrl.last is None and not ctrl.one_shot_done

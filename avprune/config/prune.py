@@ -468,6 +468,8 @@ class PruneJobConfig(StrictModel):
         for key in ("reconstruct_images", "fold_gates"):  # off: what every job before the field did
             if not p.get(key):
                 p.pop(key, None)
+        if 0 not in p.get("ramps", []):  # read by one-shot candidates only, which no job before the field had
+            p.pop("one_shot_recovery", None)
         if not data["budget"].get("latency_margin"):
             data["budget"].pop("latency_margin", None)
         if data["search"].get("shadow_dense") is None:
