@@ -105,6 +105,8 @@ class AllocationPoint:
     predicted_ms: float
     latency_ms: float | None = None
     map: float | None = None
+    correction: float | None = None  # the PI's correction after this measurement
+    floor: float | None = None  # the floor this measurement was judged against (None: not judged)
 
 
 @CONTROLLERS.register("allocation")
@@ -349,7 +351,7 @@ class AllocationController(Controller):
         self.kept_at_measure = dict(self.kept)
         self.points.append(AllocationPoint(self.last_step, self.target_ms(),
                                            self.last.predicted_ms if self.last else self.dense_ms,
-                                           float(latency_ms), float(map_value)))
+                                           float(latency_ms), float(map_value), self.correction, floor))
 
     def allocate(self, scores: Mapping[str, torch.Tensor]) -> Allocation:
         """Kept channels per unit for the current target, from the pruner's per-unit importance."""

@@ -499,6 +499,8 @@ def test_allocation_controller_with_blocks_tiny_job(assets, ray_local, tmp_path)
     trial = out / "search" / "trials" / "c0"
     rec = json.loads((trial / "pruning.json").read_text())
     assert rec["channel_multiple"] == 16 and rec["allocation"] == "uniform"
+    points = rec["controller_points"]  # every measurement: what the controller aimed at and corrected
+    assert points and all(pt["latency_ms"] > 0 and pt["correction"] is not None for pt in points)
     for name, ch in rec["channels"].items():
         assert ch["kept"] == ch["dense"] or ch["kept"] % 16 == 0, (name, ch)
     # at max_sparsity 0.05 the channels (groups of 16) reach almost nothing: blocks cover the budget

@@ -212,6 +212,8 @@ def test_pi_corrects_the_tables_error_on_the_measured_model() -> None:
     for _ in range(40):
         pruner.step()
     assert ctrl.correction == pytest.approx(0.2, abs=0.03)  # it settles where (1 - c) * 1.25 = 1
+    measured = [pt for pt in ctrl.points if pt.latency_ms is not None]
+    assert measured[-1].correction == ctrl.correction and measured[-1].floor is None  # recorded per measurement
     assert ctrl.target_ms() == pytest.approx((1 - ctrl.correction) * ctrl.budget)
 
 

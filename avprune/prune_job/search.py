@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -257,6 +257,9 @@ class _Trial:
             "channels": {n: {"dense": dense_channels[n], "kept": k} for n, k in channels.items()},
             "channel_multiple": pruner.channel_multiple,
             "allocation": getattr(ctrl, "allocation_kind", None),
+            # the allocation controller's measured points: target, prediction, latency, mAP, correction, floor
+            "controller_points": [asdict(pt) for pt in getattr(ctrl, "points", [])
+                                  if pt.latency_ms is not None],
             "removed_blocks": removed,
             "reconstruction": self.reconstruct.summary if self.reconstruct is not None else None,
             **({"block_events": []} if self.blocks is None else self.blocks.report()),
