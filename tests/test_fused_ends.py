@@ -184,4 +184,3 @@ def test_graph_mode_refuses_what_it_cannot_fold(tmp_path, exported):
     with pytest.raises(ValueError, match="expected an SSD core graph"):
         fuse_ssd_ends(onnx.load(str(frcnn)), mean=(0.5,) * 3, std=(0.5,) * 3, anchors=np.zeros((4, 4), np.float32),
                       canvas=(320, 320), weights=(10.0, 10.0, 5.0, 5.0), bbox_xform_clip=4.0)
-
