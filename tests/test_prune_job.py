@@ -657,6 +657,8 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     assert dumped["pruning"].pop("fold_gates") == 0  # gates kept: what every older job did
     # no older job could have a one-shot candidate (ramps were in (0, 1]), so the window changes nothing
     assert dumped["pruning"].pop("one_shot_recovery") == 0.5
+    # the old job's latency-table record stands on resume: the saving fit's default does not re-run it
+    assert dumped["pruning"].pop("saving_fit") is None
     assert dumped["budget"].pop("latency_margin") == 0.0  # aimed at the budget: what every older job did
     assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={

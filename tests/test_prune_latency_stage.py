@@ -123,7 +123,7 @@ def test_latency_stage_calibrates_in_graph_caches_it_and_checks_feasibility_on_i
     assert LatencyTable.load(again.path).layer_scale == pytest.approx(table.layer_scale)
 
     # The check would say something else on the isolated table: the calibration is what it reads.
-    job["data"]["pruning"]["in_graph_calibration"] = False
+    job["data"]["pruning"].update(in_graph_calibration=False, saving_fit=False)  # the isolated table as anchored
     off = _run(job, latency_ms=0.9 * dense)
     assert not off.in_graph and off.in_graph_reason == "pruning.in_graph_calibration: false"
     assert not LatencyTable.load(off.path).layer_scale
@@ -261,3 +261,57 @@ def test_the_jobs_architecture_is_the_checkpoints_anchors_included(job, tmp_path
     torch.testing.assert_close(got["boxes"], want["boxes"])
     n = min(len(off["boxes"]), len(want["boxes"]))
     assert not torch.allclose(off["boxes"][:n], want["boxes"][:n])  # what the old architecture decoded
+
+
+def test_latency_stage_fits_the_saving_when_the_in_graph_calibration_is_off_and_caches_it(job):
+    """Uniform allocation (no in-graph calibration): the stage times the start model whole, dense and
+    cut uniformly, and fits the table's slope, so the additive anchor's over-promised savings are gone."""
+    job["data"]["pruning"]["allocation"] = "uniform"
+    dense = job["dense_ms"]
+    rec = _run(job, latency_ms=0.9 * dense)
+    assert not rec.in_graph and rec.in_graph_reason.startswith("off by default")
+    assert rec.saving_fit and rec.saving_fit_source == "measured" and "by default" in rec.saving_fit_reason
+    assert job["calls"] == [1 + len(rec.saving_fit_points)] and len(rec.saving_fit_points) == 3
+    assert "saving fit" in rec.note
+    table = LatencyTable.load(rec.path)
+    assert table.predict({}) == pytest.approx(dense, rel=1e-6)  # anchored to the baseline's dense latency
+    assert table.meta["saving_fit"]["points"]
+    for (s, pred, meas), before in zip(rec.saving_fit_points, rec.saving_fit_before, strict=True):
+        # the fake graph pays MACs only, the isolated layers MACs plus conversions: the constant anchor
+        # promised too much saving, the fit predicts the graph
+        assert pred == pytest.approx(meas, rel=0.1), s
+        assert abs(pred - meas) < abs(before - meas), s
+    assert LatencyTableRecord.from_dict(rec.to_dict()) == rec
+    old = {k: v for k, v in rec.to_dict().items() if not k.startswith("saving_fit")}
+    assert LatencyTableRecord.from_dict(old).saving_fit is False  # records before the fit read as "off"
+
+    again = _run(job, latency_ms=0.9 * dense)
+    assert again.saving_fit_source == "cache" and job["calls"] == [4]  # read from the cache, nothing timed
+    assert [v for p in again.saving_fit_points for v in p] == pytest.approx([v for p in rec.saving_fit_points for v in p])
+
+    job["data"]["pruning"]["saving_fit"] = False
+    off = _run(job, latency_ms=0.9 * dense)
+    assert not off.saving_fit and off.saving_fit_reason == "pruning.saving_fit: false" and job["calls"] == [4]
+    assert off.widest_reach_ms < rec.widest_reach_ms  # the unfitted table promised a deeper reach
+
+
+def test_saving_fit_is_refused_where_it_cannot_run_and_keeps_older_fingerprints(job):
+    data = job["data"]
+
+    def cfg(**pruning):
+        return PruneJobConfig.model_validate({**data, "pruning": {**data["pruning"], **pruning}})
+
+    with pytest.raises(ValueError, match="saving_fit: its timings thin channel groups"):
+        cfg(granularity="block", controller="budget", saving_fit=True)
+    with pytest.raises(ValueError, match="both fit the table"):
+        cfg(allocation="latency", saving_fit=True)
+    with pytest.raises(ValueError, match="saving_fit: the whole-graph timings run on onnxruntime"):
+        PruneJobConfig.model_validate({**data, "budget": {**data["budget"], "runtime": "tensorrt", "device": "cuda"},
+                                       "pruning": {**data["pruning"], "allocation": "uniform", "saving_fit": True}})
+    assert cfg(allocation="uniform").pruning.fits_saving() and not cfg(allocation="latency").pruning.fits_saving()
+    assert not cfg(allocation="uniform", latency_costs="macs").pruning.fits_saving()
+    assert cfg(allocation="uniform", latency_costs="macs", saving_fit=True).pruning.fits_saving()
+    assert not cfg(granularity="block", controller="budget").pruning.fits_saving()
+    # the default leaves the fingerprint as it was before the field; an explicit choice changes it
+    assert cfg(saving_fit=None).fingerprint() == PruneJobConfig.model_validate(data).fingerprint()
+    assert cfg(allocation="uniform", saving_fit=False).fingerprint() != cfg(allocation="uniform").fingerprint()

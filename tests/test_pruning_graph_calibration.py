@@ -145,3 +145,49 @@ def test_proportional_prior_ignores_the_tables_earlier_calibration() -> None:
     assert job.predict({"a": 16}) == pytest.approx(by_hand.predict({"a": 16}))
     with pytest.raises(ValueError, match="prior"):
         calibrate_in_graph(job, model, X16, measure_many, prior="global")
+
+
+def test_saving_fit_keeps_the_dense_point_and_fits_the_measured_savings() -> None:
+    """The isolated table anchored by a constant over-predicts every saving (its layers carry
+    conversion costs the graph does not pay); the fit keeps the dense prediction exact and brings the
+    uniform cuts' predictions to what the graph measures."""
+    from pruning.graph_calibration import fit_saving
+
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    table = LatencyTable.measure(model, X16, isolated_ms, runtime="synthetic", device="test",
+                                 fractions=(0.25, 0.5, 0.75, 1.0), multiple=8)
+    dense = graph_ms(model)
+    table.calibrate(dense)  # the job's additive anchor: the overhead absorbs the isolated excess (< 0 here)
+    assert table.overhead_ms < 0
+    seen: list[int] = []
+
+    def measure_many(models):
+        seen.append(len(models))
+        return [graph_ms(m) for m in models]
+
+    fit = fit_saving(table, model, X16, measure_many, sparsities=(0.25, 0.5, 0.75), channel_multiple=8)
+    assert seen == [4]  # dense + three uniform cuts, in ONE interleaved call
+    assert fit.dense_ms == pytest.approx(dense) and table.predict({}) == pytest.approx(dense, rel=1e-9)
+    assert 0 < fit.scale_factor < 1  # the constant anchor over-predicted the savings
+    for (s, fitted, measured), before in zip(fit.points, fit.before, strict=True):
+        assert abs(fitted - measured) < 0.25 * abs(before - measured), s  # the fit closes most of the error
+        assert before < measured  # before: the table promised more saving than the graph gave
+    assert fit.residual_rms_ms < 0.05 * dense
+
+
+def test_saving_fit_refuses_what_it_cannot_fit() -> None:
+    from pruning.graph_calibration import fit_saving
+
+    model = TwoBranch().eval()
+    table = LatencyTable.measure(model, X16, isolated_ms, runtime="synthetic", device="test",
+                                 fractions=(0.5, 1.0), multiple=8)
+    with pytest.raises(ValueError, match="at least one uniform sparsity"):
+        fit_saving(table, model, X16, lambda ms: [1.0] * len(ms), sparsities=())
+    with pytest.raises(ValueError, match="sparsities"):
+        fit_saving(table, model, X16, lambda ms: [1.0] * len(ms), sparsities=(1.5,))
+    # a thinner model that measured slower: the machine was noisy, not the table wrong
+    with pytest.raises(ValueError, match="no faster than the dense graph"):
+        fit_saving(table, model, X16, lambda ms: [1.0] + [2.0] * (len(ms) - 1), sparsities=(0.5,), channel_multiple=8)
+    with pytest.raises(ValueError, match="returned 1 latencies for 2 models"):
+        fit_saving(table, model, X16, lambda ms: [1.0], sparsities=(0.5,), channel_multiple=8)

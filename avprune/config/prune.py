@@ -231,6 +231,15 @@ class PruningSpec(StrictModel):
         "with allocation 'latency', whose knapsack an isolated-layer table misleads on ONNX Runtime CPU",
     )
 
+    saving_fit: bool | None = Field(
+        None,
+        description="fit the latency table's overall scale to the start model timed whole, dense and thinned "
+        "uniformly to 25/50/75% (4 timings on the budget's runtime; cached with the table). None: on whenever "
+        "the in-graph calibration is off and the costs are measured. Why: layers timed alone sum to ~2.4x the "
+        "graph on ONNX Runtime CPU, and the table anchored by a constant predicted 1.84 ms for a 4.8 ms model "
+        "(benchmarks/RESULTS.md prune_job_oneshot2)",
+    )
+
     @field_validator("channel_multiple", mode="before")
     @classmethod
     def _multiple(cls, v: object) -> object:
@@ -271,6 +280,13 @@ class PruningSpec(StrictModel):
         if self.reconstruct_images and not self.prunes_channels:
             raise ValueError(f"pruning.reconstruct_images re-solves layers that read pruned channels, and granularity "
                              f"{self.granularity!r} prunes none; set it to 0 or use granularity 'channel'")
+        if self.saving_fit and not self.prunes_channels:
+            raise ValueError(f"pruning.saving_fit: its timings thin channel groups, and granularity "
+                             f"{self.granularity!r} prunes none; set it to false or use granularity 'channel'")
+        if self.saving_fit and self.in_graph():
+            raise ValueError("pruning.saving_fit and the in-graph calibration both fit the table to whole-graph "
+                             "timings; the in-graph one also fits each layer's share. Set saving_fit: false or "
+                             "in_graph_calibration: false")
         if self.in_graph_calibration and not self.prunes_channels:
             raise ValueError(f"pruning.in_graph_calibration: its probes thin channel groups, and granularity "
                              f"{self.granularity!r} prunes none; set it to false or use granularity 'channel'")
@@ -281,6 +297,13 @@ class PruningSpec(StrictModel):
         if self.in_graph_calibration is not None:
             return self.in_graph_calibration
         return self.controller == "allocation" and self.allocation == "latency" and self.latency_costs == "measured"
+
+    def fits_saving(self) -> bool:
+        """Whether the latency-table stage fits the table's scale to whole-graph uniform cuts
+        (``saving_fit``, resolved; the budget's runtime may still rule it out, see the stage)."""
+        if self.saving_fit is not None:
+            return self.saving_fit
+        return not self.in_graph() and self.latency_costs == "measured" and self.prunes_channels
 
     @property
     def prunes_channels(self) -> bool:
@@ -407,6 +430,9 @@ class PruneJobConfig(StrictModel):
             raise ValueError("search.shadow_dense: the dense shadow judges a relative floor (budget.max_map_drop); "
                              "budget.map_floor is absolute and stays so. Set budget.max_map_drop, or drop "
                              "search.shadow_dense")
+        if self.pruning.saving_fit and self.budget.runtime == "tensorrt":
+            raise ValueError("pruning.saving_fit: the whole-graph timings run on onnxruntime or pytorch, not "
+                             "tensorrt; set it to false")
         if self.pruning.in_graph_calibration and self.budget.runtime == "tensorrt":
             raise ValueError("pruning.in_graph_calibration: the whole-graph probes run on onnxruntime or pytorch, "
                              "not tensorrt; set it to false")
@@ -461,8 +487,9 @@ class PruneJobConfig(StrictModel):
                 p.pop(key, None)
         if ft.get("distill") is None:
             ft.pop("distill", None)
-        if p.get("in_graph_calibration") is None:
-            p.pop("in_graph_calibration", None)
+        for key in ("in_graph_calibration", "saving_fit"):  # None: the resolved default (older folders resume)
+            if p.get(key) is None:
+                p.pop(key, None)
         if p.get("latency_costs") == "measured":  # every table before the field was measured
             p.pop("latency_costs", None)
         for key in ("reconstruct_images", "fold_gates"):  # off: what every job before the field did

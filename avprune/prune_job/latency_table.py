@@ -220,6 +220,19 @@ def run(ctx: StageContext) -> LatencyTableRecord:
         log.info("in-graph calibration (%s): %d probes, residual RMS %.3f ms, holdout %s pred / %s meas, %.1f s",
                  in_graph.source, in_graph.probes, in_graph.residual_rms_ms, in_graph.holdout_predicted_ms,
                  in_graph.holdout_measured_ms, in_graph.wall_s)
+    saving = None
+    if cfg.pruning.fits_saving():
+        if b.runtime == "tensorrt":  # explicit true is refused at config load
+            log.info("saving fit skipped: the whole-graph timings run on onnxruntime or pytorch, not tensorrt")
+        else:
+            from avprune.prune_job import saving_fit
+
+            ctx.progress.stage_start("latency_table", note="saving fit (dense + uniform cuts timed whole)")
+            # a MAC table has no cache file: its fit is kept beside the job's own copy
+            home = Path(cached) if cached else ctx.out_dir / "work" / "latency_table.json"
+            saving = saving_fit.fit(table, ctx.env, table_cache=home, table_key=str(table.meta.get("cache_key", source)),
+                                    channel_multiple=multiple, dense_p50_ms=start_ms)
+            overhead = table.overhead_ms
     path = ctx.out_dir / "work" / "latency_table.json"
     atomic_write_json(path, table.to_dict())
     blocks = preflight.model_blocks(ctx.env) if cfg.pruning.prunes_blocks else []
@@ -237,7 +250,24 @@ def run(ctx: StageContext) -> LatencyTableRecord:
     return LatencyTableRecord(path=str(path), cache=str(cached), source=source, entries=len(table.entries),
                               overhead_ms=overhead, channel_multiple=multiple, channel_multiple_reason=reason,
                               widest_reach_ms=reach, blocks=tuple(blocks), block_ms=block_ms,
-                              **_in_graph_fields(cfg, in_graph))
+                              **_in_graph_fields(cfg, in_graph), **_saving_fields(cfg, saving))
+
+
+def _saving_fields(cfg: PruneJobConfig, res: object | None) -> dict[str, object]:
+    """The record's ``saving_fit_*`` fields: what the fit did, or why it was off."""
+    p = cfg.pruning
+    if res is None:
+        why = ("pruning.saving_fit: false" if p.saving_fit is False else
+               "the in-graph calibration fitted the table" if p.in_graph() else
+               "pruning.latency_costs: macs" if p.latency_costs == "macs" else
+               f"budget.runtime {cfg.budget.runtime!r}: no whole-graph timing here" if p.prunes_channels else
+               f"granularity {p.granularity!r} prunes no channels")
+        return {"saving_fit": False, "saving_fit_reason": why}
+    return {"saving_fit": True, "saving_fit_reason": "pruning.saving_fit: true" if p.saving_fit else
+            "on by default without the in-graph calibration", "saving_fit_source": res.source,
+            "saving_fit_scale": res.scale_factor, "saving_fit_points": res.points,
+            "saving_fit_before": res.before, "saving_fit_residual_rms_ms": res.residual_rms_ms,
+            "saving_fit_s": round(res.wall_s, 2)}
 
 
 def _in_graph_fields(cfg: PruneJobConfig, res: object | None) -> dict[str, object]:

@@ -239,19 +239,33 @@ class LatencyTableRecord:
     in_graph_holdout_measured_ms: float | None = None
     in_graph_s: float | None = None  # the calibration's wall time in this stage
     in_graph_timing: dict[str, float] = field(default_factory=dict)  # probes / export / timing seconds
+    # Saving fit (avprune.prune_job.saving_fit; off, with no fields, in records before it): the table's
+    # slope fitted to the start model timed whole, dense and thinned uniformly.
+    saving_fit: bool = False
+    saving_fit_reason: str = ""
+    saving_fit_source: str = ""  # "cache" or "measured"
+    saving_fit_scale: float | None = None  # fitted slope over the slope before (< 1: the table over-predicted savings)
+    saving_fit_points: tuple[tuple[float, float, float], ...] = ()  # (uniform sparsity, predicted, measured) ms
+    saving_fit_before: tuple[float, ...] = ()  # each point's prediction before the fit
+    saving_fit_residual_rms_ms: float | None = None
+    saving_fit_s: float | None = None
 
     @property
     def note(self) -> str:
         mult = f", channel multiple {self.channel_multiple}" if self.channel_multiple else ""
         ig = f", in-graph ({self.in_graph_probes} probes, {self.in_graph_source})" if self.in_graph else ""
-        return f"{self.entries} entries ({self.source}), overhead {self.overhead_ms:.2f} ms{mult}{ig}"
+        sf = (f", saving fit x{self.saving_fit_scale:.2f} ({self.saving_fit_source})"
+              if self.saving_fit and self.saving_fit_scale is not None else "")
+        return f"{self.entries} entries ({self.source}), overhead {self.overhead_ms:.2f} ms{mult}{ig}{sf}"
 
     def to_dict(self) -> JSONDict:
         return {**asdict(self), "note": self.note}
 
     @classmethod
     def from_dict(cls, d: JSONDict) -> LatencyTableRecord:
-        return _flat(cls, {**d, "blocks": tuple(d.get("blocks", ()))})
+        return _flat(cls, {**d, "blocks": tuple(d.get("blocks", ())),
+                           "saving_fit_points": tuple(tuple(float(v) for v in p) for p in d.get("saving_fit_points", ())),
+                           "saving_fit_before": tuple(float(v) for v in d.get("saving_fit_before", ()))})
 
 
 @dataclass(frozen=True)
