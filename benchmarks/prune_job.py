@@ -264,7 +264,11 @@ def _run_job(cfg: Any, job_dir: Path, quick: bool) -> dict[str, Any]:
             "latency_budget_ms": _stage(job_dir, "baseline").get("latency_budget_ms"),
             # pruning.fold_gates: what folding the gates alone gave before any pruning (empty when off)
             "gate_fold": {k: _stage(job_dir, "gate_fold").get(k) for k in ("images", "map", "p50_ms", "seconds")}
-            | {"gates": len(_stage(job_dir, "gate_fold").get("gates") or [])}}
+            | {"gates": len(_stage(job_dir, "gate_fold").get("gates") or [])},
+            # how the latency table was fitted to the graph (the controllers aim by it)
+            "latency_table": {k: _stage(job_dir, "latency_table").get(k) for k in (
+                "note", "overhead_ms", "in_graph", "in_graph_holdout_predicted_ms", "in_graph_holdout_measured_ms",
+                "saving_fit", "saving_fit_scale", "saving_fit_points", "saving_fit_before")}}
 
 
 def _reuse_shadow(src_job: Path, dst_job: Path, cfg: Any) -> None:
