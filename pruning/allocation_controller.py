@@ -21,7 +21,10 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   exact at the dense end, where a constant factor would cut at step one. Why: an in-graph
   calibrated table predicted a uniform-50% model at 1.69 ms that measured 4.48 (dense 7.72: 54% of
   the predicted saving delivered; prune_job benchmark), and the PI, learning that from 50-step
-  measurements during the ramp, had closed little of it when the mAP floor took over.
+  measurements during the ramp, had closed little of it when the mAP floor took over. Tables that
+  are not calibrated in-graph get their slope fitted to whole-graph uniform cuts before any trial
+  (:func:`pruning.graph_calibration.fit_saving`): anchored by a constant instead, a table predicted
+  1.84 ms for a 4.8 ms model and the PI, clipped at ``max_correction``, never closed the gap.
 - **mAP feedback per layer.** Under ``map_floor`` the target holds (a fresh cut dips, fine-tuning
   recovers it) and the layers cut since the previous measurement get their importance scaled up in
   proportion to their cut, so their groups are the first to regrow; ``set_sensitivity`` does the
@@ -43,6 +46,12 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   midpoint between the last good and the last bad one, until they are within 1% of the dense
   prediction. ``step_back = 0`` is the plain hold. Why: holding alone kept a model cut 3.4 points
   under its floor there for the rest of the fine-tune, and it shipped 2.8 points under.
+- **Recovering on course is held.** A measurement under the floor whose mAP rose since the previous
+  one fast enough to reach the floor by the last step (a straight line) holds the target instead
+  of stepping back, and a step back regrows at most ``max_cut_per_update`` of the dense prediction.
+  Why: the floor rises with the dense shadow and the allowance shrinks to nothing, so a one-shot
+  2.1x model recovering 0.5 points per measurement read as failing at step 700 of 800; stepping
+  half-way back to dense regrew it to 1.3x and it lost 2.9 points in 50 steps (prune_job_savingfit).
 - **Gentle retries.** Once the bisection converges, the schedule may pull the target at most half
   the unresolved gap (to the untried midpoint of the last good and last bad targets) below the last
   good target, and that distance doubles with every measurement that meets the floor (slow start,
@@ -183,6 +192,7 @@ class AllocationController(Controller):
         self.damage: dict[str, list[tuple[float, float]]] = {}
         self.correction = 0.0
         self.prev_error: float | None = None
+        self.prev_map: float | None = None  # the previous measurement's mAP (judged or not)
         self.under_floor = False
         self.held_steps = 0  # steps the schedule's clock stood still under the mAP floor
         # step back / bisect (step_back > 0): the loosest target known to fail the floor is `bad_ms`,
@@ -307,6 +317,21 @@ class AllocationController(Controller):
             self.good_ms = self.dense_ms  # the last good target failed too (the floor moved): back towards dense
         self.bad_ms = tried
         self.hold_ms = tried + self.step_back * (self.good_ms - tried)
+        if self.max_cut_per_update is not None:
+            # a regrowth is capped as a cut is: half-way back to dense at step 700 of 800 regrew a 2.1x
+            # model to 1.3x and lost 2.9 points in 50 steps (prune_job_savingfit)
+            self.hold_ms = min(self.hold_ms, tried + self.max_cut_per_update * self.dense_ms)
+
+    def recovering(self, map_value: float, floor: float) -> bool:
+        """Under ``floor`` but rising since the previous measurement fast enough to reach it by the last
+        step (a straight line through the two). Such a model is held (no cut, no regrowth): the floor
+        rises with the dense shadow and the allowance shrinks, so a model recovering on course reads
+        as failing, and regrowing it late undoes the recovery."""
+        if self.prev_map is None:
+            return False
+        rate = map_value - self.prev_map  # per measurement
+        left = max(0, self.total_steps - self.last_step) / self.measure_every
+        return rate > 0 and rate * left >= floor - map_value
 
     def step(self) -> None:
         super().step()
@@ -334,7 +359,13 @@ class AllocationController(Controller):
         # step 0, 1.8 after 250 steps; RESULTS.md oneshot_recovery_foldse)
         judged = self.map_floor is not None and not self.in_recovery()
         floor = self.map_floor - self.allowance() if judged else None
-        if floor is not None and self.step_back > 0.0:
+        held = floor is not None and map_value < floor and self.recovering(map_value, floor)
+        self.prev_map = float(map_value)
+        if held:
+            log.info("mAP %.4f under floor %.4f but recovering on course: target held", map_value, floor)
+            if self.step_back > 0.0:
+                self.hold_ms = self.last.target_ms if self.last is not None else self.dense_ms
+        elif floor is not None and self.step_back > 0.0:
             self._step_back(map_value >= floor)
         if floor is not None and map_value < floor:
             self.under_floor = True
@@ -384,6 +415,7 @@ class AllocationController(Controller):
         return {
             **super().state_dict(),
             "correction": self.correction, "prev_error": self.prev_error, "under_floor": self.under_floor,
+            "prev_map": self.prev_map,
             "held_steps": self.held_steps, "saving_scale": self.saving_scale, "one_shot_done": self.one_shot_done,
             "good_ms": self.good_ms, "bad_ms": self.bad_ms, "hold_ms": self.hold_ms, "retry_ms": self.retry_ms,
             "weights": dict(self.weights), "damage": {u: list(c) for u, c in self.damage.items()},
@@ -396,6 +428,7 @@ class AllocationController(Controller):
         super().load_state_dict(state)
         self.correction, self.prev_error = float(state["correction"]), state["prev_error"]
         self.under_floor = bool(state["under_floor"])
+        self.prev_map = None if state.get("prev_map") is None else float(state["prev_map"])
         self.held_steps = int(state.get("held_steps", 0))
         self.one_shot_done = bool(state.get("one_shot_done", False))
         self.good_ms, self.bad_ms, self.hold_ms = (None if state.get(k) is None else float(state[k])

@@ -182,7 +182,7 @@ def test_choose_infeasible_reports_best_tradeoff_and_nearest_budget():
 
 def test_asha_compares_candidates_only_after_their_ramps(tmp_path):
     from avprune.prune_job.records import Candidate
-    from avprune.prune_job.search import asha_grace, recovery_steps
+    from avprune.prune_job.search import asha_grace, ramp_end_step, recovery_steps
 
     def cands(*ramps: float) -> list[Candidate]:
         return [Candidate(candidate_id=f"c{i}", index=i, importance="magnitude", controller="allocation", ramp=r, seed=i)
@@ -200,6 +200,31 @@ def test_asha_compares_candidates_only_after_their_ramps(tmp_path):
     assert recovery_steps(three, cands(0.0)[0]) == 180 and recovery_steps(three, cands(0.5)[0]) == 0
     no_window = three.model_copy(update={"pruning": three.pruning.model_copy(update={"one_shot_recovery": 0.0})})
     assert asha_grace(no_window, cands(0.0, 0.0)) == 3  # no window: the configured grace holds
+    # one helper says where every ramp ends (controller, reconstruction, blocks, ASHA)
+    assert ramp_end_step(cfg, cands(0.5)[0]) == 220 and ramp_end_step(cfg, cands(0.0)[0]) == 41
+
+
+def test_block_ramp_back_waits_out_a_one_shot_candidates_recovery_window(tmp_path):
+    """Inside a one-shot candidate's window no floor is judged, the blocks' included: the controller's
+    window when it keeps one (it moves with the steps held), else the configured one after the cut."""
+    from avprune.prune_job.records import Candidate
+    from avprune.prune_job.search import in_recovery
+    from pruning.allocation_controller import AllocationController
+    from pruning.controllers import FixedController
+    from pruning.latency_model import LatencyTable
+
+    cfg = _cfg(tmp_path)
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"steps": 400, "measure_every": 50,
+                                                                           "warmup_steps": 40})})
+    one_shot, ramp = (Candidate(candidate_id="c0", index=0, importance="magnitude", controller="allocation", ramp=r,
+                                seed=0) for r in (0.0, 0.5))
+    fixed = FixedController(0.0)  # no window of its own: the configured one, steps 41-220
+    assert [in_recovery(cfg, one_shot, fixed, s) for s in (40, 41, 220, 221)] == [False, True, True, False]
+    assert not any(in_recovery(cfg, ramp, fixed, s) for s in (40, 100, 220, 221, 300))
+    table = LatencyTable(runtime="test", device="cpu", overhead_ms=5.0)
+    ctrl = AllocationController(table, 2.0, total_steps=400, ramp_fraction=0.0, warmup_steps=40, recovery_steps=180)
+    ctrl.held_steps = 30  # held under the floor: the window ends 30 steps later
+    assert in_recovery(cfg, one_shot, ctrl, 230) and not in_recovery(cfg, one_shot, ctrl, 250)
 
 
 def test_shadow_takes_the_slots_its_candidates_will_share(tmp_path):

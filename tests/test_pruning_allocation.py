@@ -369,7 +369,7 @@ def test_a_dip_inside_the_allowance_does_not_hold_the_ramp() -> None:
     assert held.under_floor and held.last.predicted_ms > 1.05 * held.budget
 
 
-def _scripted_step_back(maps: list[float], *, total_steps: int, ramp: float):
+def _scripted_step_back(maps: list[float], *, total_steps: int, ramp: float, **kw):
     """A step-back controller (floor 0.5, budget half of dense) whose measurements return the
     allocation's prediction as latency and ``maps`` in turn as mAP, with its pruner."""
     scripted = iter(maps)
@@ -377,7 +377,7 @@ def _scripted_step_back(maps: list[float], *, total_steps: int, ramp: float):
     table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
     ctrl = _controller(table, 0.5 * table.predict({}), total_steps=total_steps, ramp=ramp, measure_every=5,
                        measure=lambda: (ctrl.last.predicted_ms if ctrl.last else ctrl.dense_ms, next(scripted)),
-                       map_floor=0.5, step_back=0.5)
+                       map_floor=0.5, step_back=0.5, **kw)
     return Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=8, update_every=5), ctrl, table
 
 
@@ -473,3 +473,49 @@ def test_the_floor_is_not_judged_inside_the_recovery_window() -> None:
     assert at_once.under_floor and at_once.last.target_ms > at_once.budget
     with pytest.raises(ValueError, match="recovery_steps"):
         _controller(kept.table, 1.0, recovery_steps=-1)
+
+
+@pytest.mark.parametrize("then", [0.47, 0.43])
+def test_a_model_recovering_on_course_under_the_floor_is_held_not_regrown(then: float) -> None:
+    # meets the floor through the ramp, dips under it at step 25 (falling: a step back), then at 30
+    # either rises on course to the floor (0.47: +0.03 a measurement, 6 measurements left, 0.03 to go)
+    # and is held where it is, or keeps falling (0.43) and steps back further
+    pruner, ctrl, _ = _scripted_step_back([0.9, 0.9, 0.9, 0.9, 0.44, then] + [0.9] * 10, total_steps=60, ramp=0.25)
+    for _ in range(25):
+        pruner.step()
+    first_back = ctrl.hold_ms
+    assert ctrl.under_floor and first_back > ctrl.budget and ctrl.prev_map == 0.44
+    for _ in range(5):
+        pruner.step()
+    assert ctrl.under_floor  # under the floor either way
+    if then > 0.44:
+        assert ctrl.hold_ms == pytest.approx(ctrl.last.target_ms) == pytest.approx(first_back)  # held there
+    else:
+        assert ctrl.hold_ms > first_back  # regrown further
+    again = _controller(ctrl.table, ctrl.budget, total_steps=60, step_back=0.5)
+    again.load_state_dict(ctrl.state_dict())
+    assert again.prev_map == then
+
+
+def test_recovering_needs_a_rise_that_reaches_the_floor_by_the_last_step() -> None:
+    _, ctrl, _ = _scripted_step_back([], total_steps=100, ramp=0.25)
+    ctrl.last_step = 50  # 10 measurements left
+    assert not ctrl.recovering(0.45, 0.5)  # no previous measurement: no trend
+    ctrl.prev_map = 0.44
+    assert ctrl.recovering(0.45, 0.5)  # +0.01 x 10 >= 0.05
+    assert not ctrl.recovering(0.42, 0.5)  # falling
+    ctrl.prev_map = 0.449
+    assert not ctrl.recovering(0.45, 0.5)  # +0.001 x 10 < 0.05: rising too slowly to make it
+
+
+def test_a_step_back_regrows_at_most_max_cut_per_update() -> None:
+    # the floor moved under a target that met it: the plain rule goes half-way back to dense at once
+    def first_back(cap: float | None) -> tuple[float, float]:
+        pruner, ctrl, _ = _scripted_step_back([0.9, 0.9, 0.9, 0.9, 0.1] + [0.9] * 10, total_steps=60, ramp=0.25,
+                                              max_cut_per_update=cap)
+        for _ in range(25):
+            pruner.step()
+        return ctrl.hold_ms - ctrl.bad_ms, ctrl.dense_ms
+    plain, dense = first_back(None)
+    capped, _ = first_back(0.05)
+    assert plain > 0.1 * dense and capped == pytest.approx(0.05 * dense)

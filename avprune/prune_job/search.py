@@ -83,8 +83,7 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
     p, steps, cand = cfg.pruning, cfg.finetune.steps, spec.candidate
     budget = spec.latency_budget_ms if budget_ms is None else budget_ms
     # nothing is pruned during the learning-rate warm-up; the ramp covers the steps after it
-    begin = cfg.finetune.warmup()
-    ramp_steps = max(1, int(round(cand.ramp * (steps - begin))))
+    begin, ramp = cfg.finetune.warmup(), ramp_steps(cfg, cand)
     if p.granularity == "block":  # depth only: channels stay whole
         return build_controller("fixed", sparsity=0.0)
     if cand.controller == "allocation":
@@ -97,7 +96,7 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
         # not pruning damage; issue #12) and the ramp covers the steps after it
         ctrl = AllocationController(
             table, budget, total_steps=steps, allocation=p.allocation,
-            ramp_fraction=0.0 if cand.ramp == 0 else min(1.0, ramp_steps / steps), measure=measure,
+            ramp_fraction=0.0 if cand.ramp == 0 else min(1.0, ramp / steps), measure=measure,
             measure_every=cfg.finetune.measure_every, map_floor=spec.map_floor, max_unit_sparsity=p.max_sparsity,
             saving_scale=scale, warmup_steps=begin, floor_allowance=p.floor_allowance, step_back=p.step_back,
             max_cut_per_update=p.max_cut_per_update, recovery_steps=recovery_steps(cfg, cand),
@@ -112,15 +111,37 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
         return build_controller(
             "budget", latency_budget_ms=budget, map_floor=spec.map_floor,
             predict_latency=predict_latency, measure=measure, measure_every=cfg.finetune.measure_every,
-            max_sparsity=p.max_sparsity, max_rate=min(1.0, p.max_sparsity / ramp_steps), warmup_steps=begin,
+            max_sparsity=p.max_sparsity, max_rate=min(1.0, p.max_sparsity / ramp), warmup_steps=begin,
         )
     if cand.controller == "cubic":
-        return build_controller("cubic", final_sparsity=p.max_sparsity, begin_step=begin, end_step=begin + ramp_steps)
+        return build_controller("cubic", final_sparsity=p.max_sparsity, begin_step=begin, end_step=begin + ramp)
     if cand.controller == "fixed":
         return build_controller("fixed", sparsity=p.max_sparsity)
     return build_controller("layer_adaptive", profile=spec.sensitivity,
                             max_drop=max(0.0, spec.dense_map - spec.map_floor),
-                            begin_step=begin, end_step=begin + ramp_steps, max_sparsity=p.max_sparsity)
+                            begin_step=begin, end_step=begin + ramp, max_sparsity=p.max_sparsity)
+
+
+def ramp_steps(cfg: PruneJobConfig, cand: Candidate) -> int:
+    """Steps the candidate's ramp takes after the learning-rate warm-up (1 for a one-shot cut)."""
+    ft = cfg.finetune
+    return max(1, int(round(cand.ramp * (ft.steps - ft.warmup()))))
+
+
+def ramp_end_step(cfg: PruneJobConfig, cand: Candidate) -> int:
+    """The training step the candidate's ramp ends: the warm-up plus :func:`ramp_steps`."""
+    return cfg.finetune.warmup() + ramp_steps(cfg, cand)
+
+
+def in_recovery(cfg: PruneJobConfig, cand: Candidate, controller: Controller, step: int) -> bool:
+    """Whether ``step`` falls in a one-shot candidate's recovery window, where no floor is judged:
+    the controller's own window when it keeps one (the allocation controller's moves with the steps
+    held under the floor), else the configured one right after the ramp."""
+    window = getattr(controller, "in_recovery", None)
+    if callable(window):
+        return bool(window(step))
+    start = ramp_end_step(cfg, cand)
+    return start <= step < start + recovery_steps(cfg, cand)
 
 
 def recovery_steps(cfg: PruneJobConfig, cand: Candidate) -> int:
@@ -210,7 +231,10 @@ class _Trial:
             # right after this call returns
             pruner.controller.map_floor = floor
         self.last = _Measured(step=pruner.step_count, latency=lat, score=score, map_floor=floor)
-        if self.blocks is not None:  # a block whose removal keeps mAP under the floor ramps back (#14)
+        # a block whose removal keeps mAP under the floor ramps back (#14), but not inside a one-shot
+        # candidate's recovery window, where the channels' floor is not judged either
+        if self.blocks is not None and not in_recovery(self.env.config, self.spec.candidate, pruner.controller,
+                                                        pruner.step_count):
             self.blocks.observe(score.map, floor)
         if lat.p50_ms <= self.spec.latency_budget_ms and score.map >= max(floor, self.best):
             # Keep the best point that met both targets (NetAdapt keeps its best too): the controller
@@ -378,9 +402,7 @@ def _reconstruct_step(cfg: PruneJobConfig, spec: TrialSpec, env: JobEnv, model: 
     from avprune.prune_job.reconstruct_step import ReconstructStep
     from pruning.filters import detector_core_forward
 
-    ft = cfg.finetune
-    begin = ft.warmup()
-    ramp_end = begin + max(1, int(round(spec.candidate.ramp * (ft.steps - begin))))
+    ramp_end = ramp_end_step(cfg, spec.candidate)
 
     def caught_up() -> bool:  # the allocation controller may lag its target (max_cut_per_update)
         last = getattr(controller, "last", None)
@@ -415,8 +437,7 @@ def _block_step(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, model
     if not names:
         raise ValueError(f"pruning.granularity {cfg.pruning.granularity!r}: the latency-table record lists no "
                          f"removable block for {cfg.model.name!r}")
-    begin = cfg.finetune.warmup()
-    ramp = max(1, int(round(spec.candidate.ramp * (cfg.finetune.steps - begin))))
+    begin, ramp = cfg.finetune.warmup(), ramp_steps(cfg, spec.candidate)
     gates = BlockGates(model, names, ramp_steps=ramp)
     return BlockStep(gates, spec.block_ms, budget_ms=spec.latency_budget_ms, reach_ms=lambda: float(table.predict({})),
                      decide_step=begin, ramp_steps=ramp, freeze_after=freeze_after(cfg))
@@ -478,9 +499,7 @@ def asha_grace(cfg: PruneJobConfig, candidates: Sequence[Candidate]) -> int:
     """
     ft = cfg.finetune
     reports = ft.steps // ft.measure_every + 1
-    begin = ft.warmup()
-    ramp_end = max((begin + round(c.ramp * (ft.steps - begin)) + recovery_steps(cfg, c) for c in candidates),
-                   default=0)
+    ramp_end = max((ramp_end_step(cfg, c) + recovery_steps(cfg, c) for c in candidates), default=0)
     return min(max(cfg.search.grace_period, -(-ramp_end // ft.measure_every) + 1), reports)
 
 
