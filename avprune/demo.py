@@ -14,7 +14,8 @@ seen in that training. Training from scratch within a demo's minutes gives no de
 2-core machine (3 minutes were 100 steps there, mAP 0.001).
 
 Every stage goes through the ``avprune`` CLI (the same commands the README shows), and every
-stage is skipped when its output already exists, so a demo interrupted half-way resumes.
+stage is skipped when its output already exists and is newer than its input, so a demo interrupted
+half-way resumes and a stage re-run (or an input replaced) rebuilds what follows it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ def _stage(title: str, done: bool, fn: Callable[[], int], *, ok_codes: tuple[int
     if code not in ok_codes:
         raise SystemExit(f"demo: stage '{title}' failed with exit code {code}")
     return time.perf_counter() - t0
+
+
+def _fresh(outputs: list[Path], inputs: list[Path]) -> bool:
+    """Whether a stage is done: every output exists and none is older than any input that exists
+    (as make decides). Why: a re-run prune job left the engines built from its previous model in
+    place, and the demo validated those."""
+    if not all(o.exists() for o in outputs):
+        return False
+    newest_input = max((i.stat().st_mtime for i in inputs if i.exists()), default=0.0)
+    return min(o.stat().st_mtime for o in outputs) >= newest_input
 
 
 def _write_yaml(path: Path, doc: dict) -> Path:
@@ -198,11 +209,11 @@ def run_demo(out: Path, *, train_minutes: float, images: int, drive_seconds: flo
     walls: dict[str, float] = {}
     walls["data"] = _stage(
         "1/5 synthesise the drive data set",
-        (data / "manifest.json").exists(),
+        _fresh([data / "manifest.json"], []),
         lambda: avprune_main(["data", "synth", "--out", str(data), "--images", str(images), "--drives", "1",
                               "--drive-seconds", str(drive_seconds), "--seed", str(DATA_SEED)]),
     )
-    trained = (train_dir / "model.pt").exists()
+    trained = _fresh([train_dir / "model.pt"], [data / "manifest.json"])
     if train_minutes > 0:
         walls["train"] = _stage(
             f"2/5 train SSDlite320 from scratch (~{train_minutes:g} min)", trained,
@@ -214,7 +225,7 @@ def run_demo(out: Path, *, train_minutes: float, images: int, drive_seconds: flo
     prune_cfg = _prune_config(out)
     walls["prune"] = _stage(
         "3/5 prune job (Ray): >= 1.5x lower graph latency at <= 1 mAP point drop (vs the dense checkpoint)",
-        (prune_dir / "report.json").exists(),
+        _fresh([prune_dir / "report.json"], [train_dir / "model.pt"]),
         lambda: avprune_main(["prune", str(prune_cfg), "--out", str(prune_dir), "--resume"]),
         ok_codes=(0, 1),  # 1: budget infeasible (not met); the best trade-off is still written and shown below
     )
@@ -227,7 +238,7 @@ def run_demo(out: Path, *, train_minutes: float, images: int, drive_seconds: flo
     thresh = ["--score-thresh", str(job_thresh)] if job_thresh is not None else []
     walls["build-engine"] = _stage(
         "4/5 build the engines (verified export; TensorRT where present, else ONNX Runtime)",
-        (engine_dir / "pruned.onnx.json").exists() and (engine_dir / "dense.onnx.json").exists(),
+        _fresh([engine_dir / "pruned.onnx.json", engine_dir / "dense.onnx.json"], [pruned_ckpt, train_dir / "model.pt"]),
         lambda: max(
             avprune_main(["build-engine", str(ckpt), "--out", str(engine_dir / f"{name}.onnx"), "--val",
                           str(data / "coco"), "--verify-images", str(VAL_IMAGES), "--precision", "fp32",
@@ -238,7 +249,7 @@ def run_demo(out: Path, *, train_minutes: float, images: int, drive_seconds: flo
     drive = data / "drives" / "drive_000"
     walls["validate"] = _stage(
         "5/5 real-time validation on the recorded drive (MP4, MCAP, KITTI) at a 30 fps frame budget",
-        (validate_dir / "report.json").exists(),
+        _fresh([validate_dir / "report.json"], [engine_dir / "pruned.onnx", engine_dir / "dense.onnx"]),
         lambda: avprune_main([
             "validate", str(engine_dir / "pruned.onnx"), str(engine_dir / "dense.onnx"),
             "--stream", str(drive / "drive.mp4"), "--stream", f"{drive / 'drive.mcap'}:{MCAP_TOPIC}",

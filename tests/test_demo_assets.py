@@ -24,3 +24,22 @@ def test_the_shipped_checkpoint_is_the_default_detector_and_detects() -> None:
 def test_the_demo_scores_the_checkpoint_on_images_it_did_not_train_on() -> None:
     # the checkpoint trained on seed 0's synthetic images; the demo's seed must be another
     assert demo.DATA_SEED != 0
+
+
+def test_a_demo_stage_is_done_only_when_its_outputs_are_newer_than_its_inputs(tmp_path):
+    """A re-run prune job must rebuild the engines after it (they were validated stale before)."""
+    import os
+
+    from avprune.demo import _fresh
+
+    ckpt, engine, report = tmp_path / "pruned.pt", tmp_path / "pruned.onnx.json", tmp_path / "report.json"
+    assert not _fresh([engine], [ckpt])  # nothing built yet
+    ckpt.write_text("model v1")
+    engine.write_text("built from v1")
+    os.utime(ckpt, (1000, 1000))
+    os.utime(engine, (2000, 2000))
+    assert _fresh([engine], [ckpt]) and _fresh([engine], [ckpt, tmp_path / "absent.pt"])
+    os.utime(ckpt, (3000, 3000))  # the prune job ran again: its model is newer than the engine
+    assert not _fresh([engine], [ckpt])
+    assert not _fresh([engine, report], [])  # one output missing
+    assert _fresh([engine], [])  # no inputs: existing is enough
