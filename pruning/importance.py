@@ -21,7 +21,7 @@ A criterion returns None for roles it has nothing to say about.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,9 @@ class Criterion:
 
     name = "base"
     needs_bn = False  # whether attach() needs the conv -> following-BatchNorm map
+    # whether it scores only after seeing training steps or batches (gradients, activations): a
+    # pruner that cuts before any (a sensitivity scan, a latency probe) cannot rank by it
+    needs_data = False
 
     def attach(self, layers: Mapping[str, nn.Module], bn_after: Mapping[str, tuple[str, nn.Module]]) -> None:
         """Called once with the scored layers and, per layer, the ``(name, BatchNorm)`` right after it."""
@@ -106,6 +109,7 @@ class Taylor(Criterion):
     """EMA over steps of |w · ∂L/∂w| (first-order Taylor estimate of the loss change on removal)."""
 
     name = "taylor"
+    needs_data = True
 
     def __init__(self, beta: float = 0.9) -> None:
         if not 0.0 <= beta < 1.0:
@@ -176,6 +180,7 @@ class Activation(Criterion):
     """
 
     name = "activation"
+    needs_data = True
     needs_bn = True
 
     def __init__(self, mode: str = "mean", momentum: float = 0.1, during_training: bool = True) -> None:
@@ -304,3 +309,14 @@ def importance_summary(scores: Iterable[float] | torch.Tensor) -> dict[str, floa
     if t.numel() == 0:
         return {"min": 0.0, "median": 0.0, "max": 0.0}
     return {"min": float(t.min()), "median": float(t.median()), "max": float(t.max())}
+
+
+def offline_importance(names: Sequence[str]) -> str:
+    """The first of ``names`` that scores without data (weights only), else ``"magnitude"``: what a
+    pruner that cuts before any training step or batch (a sensitivity scan, a latency probe) ranks by.
+    Which channels such a probe removes does not change its latency, and a scan's damage is measured
+    on the channels a data-free criterion would cut."""
+    for name in names:
+        if not getattr(CRITERIA.get(name), "needs_data", False):
+            return name
+    return "magnitude"

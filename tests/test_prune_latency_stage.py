@@ -315,3 +315,16 @@ def test_saving_fit_is_refused_where_it_cannot_run_and_keeps_older_fingerprints(
     # the default leaves the fingerprint as it was before the field; an explicit choice changes it
     assert cfg(saving_fit=None).fingerprint() == PruneJobConfig.model_validate(data).fingerprint()
     assert cfg(allocation="uniform", saving_fit=False).fingerprint() != cfg(allocation="uniform").fingerprint()
+
+
+def test_a_taylor_first_job_fits_its_table_with_a_data_free_criterion(job):
+    """Taylor scores only after training steps: the stage's uniform cuts (and the sensitivity scan,
+    the in-graph probes) rank by the first data-free criterion instead of failing on 'no score'."""
+    from pruning.importance import offline_importance
+
+    assert offline_importance(["taylor", "bn_scale"]) == "bn_scale"
+    assert offline_importance(["taylor", "activation"]) == "magnitude"
+    assert offline_importance(["magnitude", "taylor"]) == "magnitude"
+    job["data"]["pruning"].update(allocation="uniform", importances=["taylor"])
+    rec = _run(job, latency_ms=0.9 * job["dense_ms"])
+    assert rec.saving_fit and len(rec.saving_fit_points) == 3

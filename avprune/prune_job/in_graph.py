@@ -180,7 +180,8 @@ def calibrate(table: LatencyTable, env: JobEnv, *, table_cache: Path, table_key:
         source, fit = "cache", cached["fit"]
     else:
         model = env.load_start().eval()  # the folded model when pruning.fold_gates is on: the one pruned
-        imp = cfg.pruning.importances[0]
+        from pruning.importance import offline_importance  # torch: imported when needed
+        imp = offline_importance(cfg.pruning.importances)
         measure = measure_many or measure_many_for(cfg, timing)
         t1 = time.perf_counter()
         cal = calibrate_in_graph(

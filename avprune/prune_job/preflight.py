@@ -94,8 +94,8 @@ def probe_pruner(env: JobEnv, model: nn.Module, channel_multiple: int) -> Pruner
     """A zero-sparsity channel pruner on ``model``: its coupled groups and ``config_at``."""
     from pruning import Pruner
     from pruning.controllers import build_controller
-
-    imp = env.config.pruning.importances[0]
+    from pruning.importance import offline_importance
+    imp = offline_importance(env.config.pruning.importances)
     return Pruner(model, importance=imp, granularity="channel", controller=build_controller("fixed", sparsity=0.0),
                   example_inputs=env.example_input(), channel_multiple=channel_multiple,
                   layer_filter=env.layer_filter(model, imp))

@@ -102,7 +102,8 @@ def fit(table: LatencyTable, env: JobEnv, *, table_cache: Path, table_key: str, 
         source, doc = "cache", cached["fit"]
     else:
         model = env.load_start().eval()  # the folded model when pruning.fold_gates is on: the one pruned
-        imp = cfg.pruning.importances[0]
+        from pruning.importance import offline_importance  # torch: imported when needed
+        imp = offline_importance(cfg.pruning.importances)
         res = fit_saving(table, model, env.example_input(cfg.budget.batch),
                          measure_many or in_graph.measure_many_for(cfg, {}), sparsities=spars,
                          channel_multiple=channel_multiple,

@@ -57,7 +57,8 @@ def largest_units(cfg: PruneJobConfig, max_layers: int | None, channel_multiple:
 
     env = JobEnv.from_config(cfg)
     model = env.build_start_architecture()
-    pruner = _pruner(env, model, cfg.pruning.importances[0], build_controller("fixed", sparsity=0.0), channel_multiple)
+    from pruning.importance import offline_importance  # torch: imported when needed
+    pruner = _pruner(env, model, offline_importance(cfg.pruning.importances), build_controller("fixed", sparsity=0.0), channel_multiple)
     modules = dict(model.named_modules())
     size = {u: sum(p.numel() for p in modules[u].parameters()) for u in pruner.units}
     return sorted(pruner.units, key=lambda u: (-size[u], u))[:max_layers]
@@ -110,8 +111,9 @@ def scan(cfg: PruneJobConfig, layers: Sequence[str], dense_value: float, *, chan
     from avprune.prune_job.ray_exec import map_tasks
 
     job = cfg.model_dump(mode="json")
+    from pruning.importance import offline_importance  # torch: imported when needed
     tasks = [{"task": ScanTask(job=job, layer=layer, sparsities=tuple(cfg.sensitivity_sparsities()),
-                               importance=cfg.pruning.importances[0], dense_value=dense_value,
+                               importance=offline_importance(cfg.pruning.importances), dense_value=dense_value,
                                channel_multiple=channel_multiple)} for layer in layers]
     # A worker process costs ~3 s to start here (Ray, torch, the model), a layer's scan ~1.5 s: each
     # worker takes an equal share of the layers in one process (measured on 2 cores, 4 layers: 17.4 s
