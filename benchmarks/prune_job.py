@@ -303,6 +303,9 @@ def _shadow_from(src_job: Path, dst_job: Path, cfg: Any) -> None:
 
     from avprune.prune_job.shadow import read_curve, work_dir
 
+    if not (src_job / "job.json").is_file():
+        raise ValueError(f"--shadow-from {src_job}: not a prune job folder (no job.json); pass the job-<granularity>-... "
+                         "folder of an earlier run under benchmarks/_work/<tag>/")
     stored = json.loads((src_job / "job.json").read_text())["config"]
     mine = cfg.model_dump(mode="json")
 

@@ -71,13 +71,28 @@ def settings(channel_multiple: int) -> dict[str, Any]:
             "holdout": HOLDOUT, "channel_multiple": int(channel_multiple), "prior": "proportional", "version": 1}
 
 
-def _entries_digest(table: LatencyTable) -> str:
+def entries_digest(table: LatencyTable) -> str:
     return hashlib.sha256(json.dumps(table.entries, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_cache(path: Path, digest: str, what: str) -> dict[str, Any] | None:
+    """A fit cached at ``path`` when it reads and was made for ``digest``; None (with a log line) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s cache %s does not read (%s); re-measuring", what, path, e)
+        return None
+    if cached.get("fingerprint") != digest:
+        log.warning("%s cache %s was fitted for another table or settings; re-measuring", what, path)
+        return None
+    return cached
 
 
 def cache_file(table_cache: Path, table_key: str, table: LatencyTable, channel_multiple: int) -> tuple[Path, str]:
     """(file, key) of the calibration cached beside the table file ``table_cache`` keyed ``table_key``."""
-    key = "|".join((table_key, json.dumps(settings(channel_multiple), sort_keys=True), f"entries={_entries_digest(table)}"))
+    key = "|".join((table_key, json.dumps(settings(channel_multiple), sort_keys=True), f"entries={entries_digest(table)}"))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return table_cache.with_name(f"{table_cache.stem}.in_graph-{digest}.json"), key
 
@@ -166,15 +181,7 @@ def calibrate(table: LatencyTable, env: JobEnv, *, table_cache: Path, table_key:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
-    cached = None
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            log.warning("in-graph calibration cache %s does not read (%s); re-measuring", path, e)
-        if cached is not None and cached.get("fingerprint") != digest:
-            log.warning("in-graph calibration cache %s was fitted for another table or settings; re-measuring", path)
-            cached = None
+    cached = read_cache(path, digest, "in-graph calibration")
     if cached is not None:
         _apply(table, cached)
         source, fit = "cache", cached["fit"]

@@ -63,24 +63,9 @@ def settings(channel_multiple: int, max_sparsity: float) -> dict[str, Any]:
 
 def cache_file(table_cache: Path, table_key: str, table: LatencyTable, cfg: dict[str, Any]) -> tuple[Path, str]:
     """(file, key) of the fit cached beside the table file ``table_cache`` keyed ``table_key``."""
-    entries = hashlib.sha256(json.dumps(table.entries, sort_keys=True).encode()).hexdigest()[:16]
-    key = "|".join((table_key, json.dumps(cfg, sort_keys=True), f"entries={entries}"))
+    key = "|".join((table_key, json.dumps(cfg, sort_keys=True), f"entries={in_graph.entries_digest(table)}"))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return table_cache.with_name(f"{table_cache.stem}.saving_fit-{digest}.json"), key
-
-
-def _read_cache(path: Path, digest: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        log.warning("saving-fit cache %s does not read (%s); re-measuring", path, e)
-        return None
-    if cached.get("fingerprint") != digest:
-        log.warning("saving-fit cache %s was fitted for another table or settings; re-measuring", path)
-        return None
-    return cached
 
 
 def fit(table: LatencyTable, env: JobEnv, *, table_cache: Path, table_key: str, channel_multiple: int,
@@ -96,7 +81,7 @@ def fit(table: LatencyTable, env: JobEnv, *, table_cache: Path, table_key: str, 
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     t0 = time.perf_counter()
     prior_scale = table.scale
-    cached = _read_cache(path, digest)
+    cached = in_graph.read_cache(path, digest, "saving-fit")
     if cached is not None:
         table.scale, table.overhead_ms = float(cached["scale"]), float(cached["overhead_ms"])
         source, doc = "cache", cached["fit"]
