@@ -8,6 +8,7 @@ graph, say so in its record, cache the fit, and judge feasibility on the fitted 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -82,10 +83,10 @@ def job(tmp_path, monkeypatch):
     return {"data": data, "dense_ms": graph_ms(det), "calls": calls, "out": tmp_path / "out"}
 
 
-def _run(job: dict, **budget) -> LatencyTableRecord:
+def _run(job: dict, *, baseline_ms: float | None = None, **budget) -> LatencyTableRecord:
     data = {**job["data"], "budget": {**job["data"]["budget"], **budget}}
     cfg = PruneJobConfig.model_validate(data)
-    ms = job["dense_ms"]
+    ms = baseline_ms or job["dense_ms"]  # the baseline stage's dense p50 (another timing than the probes')
     base = BaselineRecord(dense=ModelSummary(map=0.5, map50=0.7, p50_ms=ms, p99_ms=ms, params=1, gmacs=1.0),
                           latency=LatencySummary(ms, ms, ms, ms, 5), latency_budget_ms=cfg.budget.latency_target(ms),
                           map_floor=0.4, val_images=6)
@@ -288,6 +289,13 @@ def test_latency_stage_fits_the_saving_when_the_in_graph_calibration_is_off_and_
     again = _run(job, latency_ms=0.9 * dense)
     assert again.saving_fit_source == "cache" and job["calls"] == [4]  # read from the cache, nothing timed
     assert [v for p in again.saving_fit_points for v in p] == pytest.approx([v for p in rec.saving_fit_points for v in p])
+    # The reported slope is the fit's own, in the probes' unit: a baseline that timed the dense model
+    # 30% slower (Ray starting beside it) rescales the table, not the factor the note reports.
+    cached_fit = json.loads(Path(rec.saving_fit_cache).read_text())["fit"]
+    assert 0 < rec.saving_fit_scale < 1 and rec.saving_fit_scale == cached_fit["scale_factor"]
+    drift = _run(job, baseline_ms=1.3 * dense, latency_ms=0.9 * dense)
+    assert drift.saving_fit_source == "cache" and drift.saving_fit_scale == rec.saving_fit_scale
+    assert LatencyTable.load(drift.path).predict({}) == pytest.approx(1.3 * dense, rel=1e-6)
 
     job["data"]["pruning"]["saving_fit"] = False
     off = _run(job, latency_ms=0.9 * dense)

@@ -265,6 +265,7 @@ def _saving_fields(cfg: PruneJobConfig, res: object | None) -> dict[str, object]
         return {"saving_fit": False, "saving_fit_reason": why}
     return {"saving_fit": True, "saving_fit_reason": "pruning.saving_fit: true" if p.saving_fit else
             "on by default without the in-graph calibration", "saving_fit_source": res.source,
+            "saving_fit_cache": res.cache,
             "saving_fit_scale": res.scale_factor, "saving_fit_points": res.points,
             "saving_fit_before": res.before, "saving_fit_residual_rms_ms": res.residual_rms_ms,
             "saving_fit_s": round(res.wall_s, 2)}

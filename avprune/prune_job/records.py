@@ -244,6 +244,7 @@ class LatencyTableRecord:
     saving_fit: bool = False
     saving_fit_reason: str = ""
     saving_fit_source: str = ""  # "cache" or "measured"
+    saving_fit_cache: str = ""  # the cached fit (beside the table file)
     saving_fit_scale: float | None = None  # fitted slope over the slope before (< 1: the table over-predicted savings)
     saving_fit_points: tuple[tuple[float, float, float], ...] = ()  # (uniform sparsity, predicted, measured) ms
     saving_fit_before: tuple[float, ...] = ()  # each point's prediction before the fit
