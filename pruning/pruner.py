@@ -385,6 +385,18 @@ class Pruner:
                 zeros += int((wm.mask == 0).sum())
         return zeros / total if total else 0.0
 
+    def mask_digest(self) -> str:
+        """A digest of every current mask: equal digests, the same network. What a caller compares
+        to tell whether anything was pruned or regrown since it last looked (e.g. before re-estimating
+        BatchNorm statistics, :mod:`pruning.bn_recalibration`)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for (mod, tname), wm in sorted(self.masks.items()):
+            h.update(f"{mod}.{tname}".encode())
+            h.update((wm.mask != 0).flatten().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step, masks, importance state, controller, history."""

@@ -367,6 +367,18 @@ class FinetuneSpec(StrictModel):
         "A fresh optimizer at full rate knocks a trained detector back for a while, and a controller "
         "would read that dip as pruning damage",
     )
+    bn_recalibration_images: int | None = Field(
+        None, ge=0,
+        description="before an in-job mAP measurement of a candidate whose network changed since its last "
+        "one (channels cut or regrown, a block gate moved), re-estimate the BatchNorm statistics on this many "
+        "training images (adaptive BN, pruning.bn_recalibration): a cut's BNs follow it only at their "
+        "momentum (0.03 in SSDlite), and a model measured soon after a cut reads far worse than it is. The "
+        "model keeps the re-estimated statistics. None: 64; 0: off",
+    )
+
+    def recalibration_images(self) -> int:
+        """Training images BatchNorm statistics are re-estimated on before each measurement (0: off)."""
+        return 64 if self.bn_recalibration_images is None else self.bn_recalibration_images
 
     @model_validator(mode="after")
     def _warmup_below_steps(self) -> FinetuneSpec:
@@ -485,8 +497,9 @@ class PruneJobConfig(StrictModel):
         if p.get("controller") != "allocation":  # these steer the allocation controller only
             for key in ("allocation", "floor_allowance", "step_back", "max_cut_per_update"):
                 p.pop(key, None)
-        if ft.get("distill") is None:
-            ft.pop("distill", None)
+        for key in ("distill", "bn_recalibration_images"):  # None: the resolved default
+            if ft.get(key) is None:
+                ft.pop(key, None)
         for key in ("in_graph_calibration", "saving_fit"):  # None: the resolved default (older folders resume)
             if p.get(key) is None:
                 p.pop(key, None)

@@ -63,6 +63,7 @@ class JobEnv:
 
     def __init__(self, config: PruneJobConfig) -> None:
         self.config = config
+        self._bn_batches: list[torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, config: PruneJobConfig) -> JobEnv:
@@ -132,6 +133,20 @@ class JobEnv:
         from perception.data import subset
 
         return subset(self.val_set, n, seed=self.config.seed)
+
+    def recalibrate_bn(self, model: nn.Module) -> int:
+        """Re-estimate ``model``'s BatchNorm statistics on ``finetune.bn_recalibration_images`` training
+        images (:func:`pruning.bn_recalibration.recalibrate_batchnorm`), before an mAP measurement.
+        Returns the BatchNorms re-estimated (0 when off)."""
+        n = self.config.finetune.recalibration_images()
+        if n == 0:
+            return 0
+        from pruning.bn_recalibration import recalibrate_batchnorm
+        from pruning.filters import DetectorCore
+
+        if self._bn_batches is None:  # the same images, through the same transform, for every model of the job
+            self._bn_batches = self.calibration_batches(model, n, batch=16)
+        return recalibrate_batchnorm(DetectorCore(model), self._bn_batches)
 
     def calibration_batches(self, model: nn.Module, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
         """The first ``images`` training images as ``model``'s normalised core inputs ([B, 3, H, W]
