@@ -180,6 +180,30 @@ def test_choose_infeasible_reports_best_tradeoff_and_nearest_budget():
     assert "no measured model, the dense one included, keeps mAP >= 0.600, and none runs within 3.00 ms" in str(e.value)
 
 
+@pytest.mark.parametrize(("steps", "hooked"), [(120, [20, 40, 60, 80, 100]), (130, [20, 40, 60, 80, 100, 120])])
+def test_the_last_step_is_reported_by_finish_alone(tmp_path, steps, hooked):
+    """The hook reports every measure_every steps before the last; the last is finish()'s report,
+    made once pruned.pt is written. A hook report of the last step let ASHA stop a candidate that had
+    trained every step before its model was saved (the demo's job: c0 'stopped early' at step 120
+    of 120, no pruned.pt)."""
+    from types import SimpleNamespace
+
+    from avprune.prune_job.search import _Trial, report_count
+
+    cfg = _cfg(tmp_path)
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"steps": steps, "measure_every": 20})})
+    trial = _Trial(None, SimpleNamespace(config=cfg), tmp_path / "c0")
+    trial.pruner = SimpleNamespace(predict_latency=None, masked_fraction=lambda: 0.0, channel_config=lambda: {})
+    measured, reported = [], []
+    trial.measure = lambda: measured.append(1)
+    trial.report = lambda step, **_: reported.append(step)
+    for s in range(steps):
+        trial.hook(SimpleNamespace(step=s))
+    # the last step is still measured when it falls on measure_every (its snapshot, reused by finish())
+    assert reported == hooked and len(measured) == len(hooked) + (steps % 20 == 0)
+    assert report_count(cfg.finetune) == len(hooked) + 1  # ASHA's max_t: the hook's reports and finish()'s
+
+
 def test_asha_compares_candidates_only_after_their_ramps(tmp_path):
     from avprune.prune_job.records import Candidate
     from avprune.prune_job.search import asha_grace, ramp_end_step, recovery_steps
@@ -193,7 +217,7 @@ def test_asha_compares_candidates_only_after_their_ramps(tmp_path):
                                                                            "warmup_steps": 40})})
     # the ramp ends at 40 + 0.5 * 360 = 220: its 5th report, then one recovering measurement
     assert asha_grace(cfg, cands(0.5, 0.5)) == 6
-    assert asha_grace(cfg, cands(0.25, 1.0)) == 9  # a full-length ramp: compared at the last report only
+    assert asha_grace(cfg, cands(0.25, 1.0)) == 8  # a full-length ramp: compared at the last report only
     three = cfg.model_copy(update={"search": cfg.search.model_copy(update={"grace_period": 3})})
     # one-shot: cut at step 40, its floor not judged for half the steps after the warm-up (to 220)
     assert asha_grace(three, cands(0.0, 0.0)) == 6
@@ -685,6 +709,8 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     # the old job's latency-table record stands on resume: the saving fit's default does not re-run it
     assert dumped["pruning"].pop("saving_fit") is None
     assert dumped["budget"].pop("latency_margin") == 0.0  # aimed at the budget: what every older job did
+    # adaptive BN, resolved to 64 images: it changes how a changed network is measured, not the records kept
+    assert dumped["finetune"].pop("bn_recalibration_images") is None
     assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"checkpoint": Path(stored["config"]["model"]["checkpoint"])}),

@@ -150,10 +150,12 @@ class JobEnv:
 
     def calibration_batches(self, model: nn.Module, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
         """The first ``images`` training images as ``model``'s normalised core inputs ([B, 3, H, W]
-        batches of ``batch``): what :func:`pruning.reconstruct.reconstruct` fits layers on."""
+        batches of ``batch``): what :func:`pruning.reconstruct.reconstruct` fits layers on, the gate
+        fold averages over and BatchNorm statistics are re-estimated on. Without augmentation: the
+        same pixels every call, and no draw from the random stream that orders a trial's training."""
         from perception.models import core_input_batches
 
-        return core_input_batches(model, self.train_set, images, batch)
+        return core_input_batches(model, self.train_set.augmented(False), images, batch)
 
     @cached_property
     def timing_frames(self) -> list[np.ndarray]:

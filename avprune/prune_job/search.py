@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from avprune.config.prune import PruneJobConfig
+from avprune.config.prune import FinetuneSpec, PruneJobConfig
 from avprune.prune_job.context import StageContext, TrialSpec
 from avprune.prune_job.env import JobEnv, MapScore
 from avprune.prune_job.node_gate import NodeGate
@@ -274,10 +274,16 @@ class _Trial:
         """Train hook: every ``measure_every`` steps, one Tune report (measured latency, mAP, sparsity)."""
         step = ctx.step + 1
         pruner = self.pruner
-        if step % self.env.config.finetune.measure_every or pruner is None:
+        ft = self.env.config.finetune
+        if step % ft.measure_every or pruner is None:
             return
         if self.last is None or self.last.step != step:  # otherwise the budget controller measured this very step
             self.measure()
+        if step >= ft.steps:
+            # The last step is finish()'s report, made once pruned.pt is written: a report of it here
+            # let ASHA stop a candidate that had trained every step before its model was saved (the
+            # demo's job: c0 'stopped early' at step 120 of 120, no pruned.pt).
+            return
         pred = pruner.predict_latency(pruner.channel_config()) if pruner.predict_latency else None
         self.report(step, latency_pred_ms=pred, sparsity=pruner.masked_fraction())
 
@@ -515,6 +521,12 @@ def _holdout(table: LatencyTableRecord) -> tuple[float, float] | None:
     return None if pred is None or meas is None else (float(pred), float(meas))
 
 
+def report_count(ft: FinetuneSpec) -> int:
+    """Tune reports of a candidate that trains every step (ASHA's ``max_t``): one per
+    ``measure_every`` steps before the last (:meth:`_Trial.hook`), then finish()'s."""
+    return -(-ft.steps // ft.measure_every)
+
+
 def asha_grace(cfg: PruneJobConfig, candidates: Sequence[Candidate]) -> int:
     """Reports before ASHA may stop a trial: ``search.grace_period``, and never before every ramp has
     ended plus one recovering measurement.
@@ -524,7 +536,7 @@ def asha_grace(cfg: PruneJobConfig, candidates: Sequence[Candidate]) -> int:
     at step 100 of 400, mAP 0.494 at 12.2 ms, behind c1's 0.465 at 11.8 ms, for a 6.9 ms budget).
     """
     ft = cfg.finetune
-    reports = ft.steps // ft.measure_every + 1
+    reports = report_count(ft)
     ramp_end = max((ramp_end_step(cfg, c) + recovery_steps(cfg, c) for c in candidates), default=0)
     return min(max(cfg.search.grace_period, -(-ramp_end // ft.measure_every) + 1), reports)
 
@@ -544,7 +556,7 @@ def run(ctx: StageContext) -> SearchRecord:
         shadow = shadow_stage.run(ctx, ctx.record(LatencyTableRecord).path)
     specs = trial_specs(ctx, shadow)
     ft = cfg.finetune
-    reports = ft.steps // ft.measure_every + 1
+    reports = report_count(ft)
     ctx.progress.stage_start("search", total=len(specs), note=f"{len(specs)} candidates as Ray Tune trials")
     res = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
     results = run_trials(
@@ -590,4 +602,4 @@ def pid_files(out_dir: Path) -> dict[str, int]:
     return pids
 
 
-__all__ = ["candidates", "finalized_copy", "pid_files", "run", "trial", "trial_specs"]
+__all__ = ["candidates", "finalized_copy", "pid_files", "report_count", "run", "trial", "trial_specs"]
