@@ -271,7 +271,8 @@ class _Trial:
         return lat.p50_ms, score.map
 
     def hook(self, ctx: StepContext) -> None:
-        """Train hook: every ``measure_every`` steps, one Tune report (measured latency, mAP, sparsity)."""
+        """Train hook: every ``measure_every`` steps a measurement, and one Tune report (measured latency,
+        mAP, sparsity) except at the last step, which :meth:`finish` reports once the model is saved."""
         step = ctx.step + 1
         pruner = self.pruner
         ft = self.env.config.finetune
