@@ -85,8 +85,14 @@ def test_a_trial_re_estimates_when_its_network_changed_since_it_last_measured(tm
     ctrl.default = 0.25
     pruner.update()
     assert measured() == 1  # regrown: re-estimated
-    restarted = _Trial(None, Env(), tmp_path / "c0")  # a restarted worker: its first measurement of a cut model
+    saved = trial.state_dict()  # what the training checkpoint keeps of the trial hook
+    restarted = _Trial(None, Env(), tmp_path / "c0")  # a restarted worker, from that checkpoint
     restarted.pruner = pruner
+    restarted.load_state_dict(saved)
     before = len(calls)
     restarted._recalibrate_if_cut()
+    assert len(calls) == before  # unchanged since the measurement the checkpoint recorded
+    fresh = _Trial(None, Env(), tmp_path / "c0")  # no saved state: its first measurement of a cut model
+    fresh.pruner = pruner
+    fresh._recalibrate_if_cut()
     assert len(calls) == before + 1

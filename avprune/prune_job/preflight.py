@@ -95,6 +95,7 @@ def probe_pruner(env: JobEnv, model: nn.Module, channel_multiple: int) -> Pruner
     from pruning import Pruner
     from pruning.controllers import build_controller
     from pruning.importance import offline_importance
+
     imp = offline_importance(env.config.pruning.importances)
     return Pruner(model, importance=imp, granularity="channel", controller=build_controller("fixed", sparsity=0.0),
                   example_inputs=env.example_input(), channel_multiple=channel_multiple,

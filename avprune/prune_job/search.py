@@ -235,6 +235,18 @@ class _Trial:
         if changed:
             self.env.recalibrate_bn(pruner.model)
 
+    # Train-hook state (saved in the training checkpoint): a trial restarted from it decides whether
+    # its network changed since the last measurement as the uninterrupted trial would.
+    def state_dict(self) -> dict[str, object]:
+        return {"measured_net": self._measured_net}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        net = state.get("measured_net")
+        self._measured_net = None if net is None else (str(net[0]), tuple((str(n), float(v)) for n, v in net[1]))
+
+    def __call__(self, ctx: StepContext) -> None:
+        self.hook(ctx)
+
     def measure(self) -> tuple[float, float]:
         """Measured latency of the current pruned model and its mAP; keeps the best feasible snapshot."""
         from perception.io import atomic_write_json
@@ -407,7 +419,7 @@ def trial(params: dict[str, object]) -> None:
     if p.reconstruct_images and p.prunes_channels:
         state.reconstruct = _reconstruct_step(cfg, spec, env, model, dense, controller)
         hooks.append(state.reconstruct)  # after the pruner (this step's masks), before the measurement
-    hooks += [state.hook, state.gate]  # the gate last: a measurement elsewhere waits for this step's hooks
+    hooks += [state, state.gate]  # the gate last: a measurement elsewhere waits for this step's hooks
     student = model
     if cfg.distill():
         from perception.distill import DistilledDetector

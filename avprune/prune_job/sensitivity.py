@@ -109,12 +109,12 @@ def scan(cfg: PruneJobConfig, layers: Sequence[str], dense_value: float, *, chan
          on_result: Callable[[int, object], None] | None = None) -> dict[str, LayerSensitivity]:
     """Scan ``layers`` as parallel Ray tasks (one CPU each) in the current Ray session."""
     from avprune.prune_job.ray_exec import map_tasks
+    from pruning.importance import offline_importance  # torch: imported when needed
 
     job = cfg.model_dump(mode="json")
-    from pruning.importance import offline_importance  # torch: imported when needed
-    tasks = [{"task": ScanTask(job=job, layer=layer, sparsities=tuple(cfg.sensitivity_sparsities()),
-                               importance=offline_importance(cfg.pruning.importances), dense_value=dense_value,
-                               channel_multiple=channel_multiple)} for layer in layers]
+    importance, sparsities = offline_importance(cfg.pruning.importances), tuple(cfg.sensitivity_sparsities())
+    tasks = [{"task": ScanTask(job=job, layer=layer, sparsities=sparsities, importance=importance,
+                               dense_value=dense_value, channel_multiple=channel_multiple)} for layer in layers]
     # A worker process costs ~3 s to start here (Ray, torch, the model), a layer's scan ~1.5 s: each
     # worker takes an equal share of the layers in one process (measured on 2 cores, 4 layers: 17.4 s
     # one process per layer vs 9.1 s shared), then exits (max_calls), so no scan worker idles on a
