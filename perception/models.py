@@ -250,8 +250,16 @@ def core_input_batches(model: nn.Module, dataset: Any, images: int = 64, batch: 
 
 def drop_blocks(model: nn.Module, names: list[str]) -> None:
     """Replace the named residual blocks by ``nn.Identity`` (a depth-pruned checkpoint's architecture,
-    as ``pruning.blocks.remove_blocks`` left it) and record them in ``avprune_meta``."""
+    as ``pruning.blocks.remove_blocks`` left it) and record them in ``avprune_meta``.
+
+    A name inside another removed block (a folded squeeze-excitation gate of a block that depth
+    pruning then removed whole) is recorded and skipped, whichever was removed first: the outer
+    identity already took it away. Why: a gate-folded start model pruned with ``channel+block`` saved
+    both names, and rebuilding its checkpoint failed on the inner one."""
+    removed = set((getattr(model, "avprune_meta", None) or {}).get("removed_blocks", ())) | set(names)
     for name in names:
+        if any(name.startswith(outer + ".") for outer in removed):
+            continue  # inside a block removed whole
         parent_name, _, last = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -112,6 +112,29 @@ def test_ssdlite_gates_are_its_squeeze_excitations_and_the_folded_model_round_tr
         torch.testing.assert_close(detector_core_forward(again, batches[1]), detector_core_forward(model, batches[1]))
 
 
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_a_block_removed_whole_takes_its_folded_gate_with_it(tmp_path, gate_first: bool) -> None:
+    """channel+block on a gate-folded start: the checkpoint records the folded gate and the block
+    around it, and must rebuild (a real job's select stage failed here), in either order."""
+    from perception.models import drop_blocks, load_detector, save_checkpoint
+
+    model = load_detector(ASSETS / "ssdlite320_synthdrive.pt").eval()
+    gate, block = "backbone.features.0.6.block.2", "backbone.features.0.6"
+    assert isinstance(model.get_submodule(gate), SqueezeExcitation)
+    for names in ([[gate], [block]] if gate_first else [[block], [gate]]):
+        drop_blocks(model, names)
+    assert isinstance(model.get_submodule(block), nn.Identity)
+    assert model.avprune_meta["removed_blocks"] == [block, gate]
+    save_checkpoint(tmp_path / "cut.pt", model)
+    again = load_detector(tmp_path / "cut.pt").eval()
+    assert isinstance(again.get_submodule(block), nn.Identity)
+    x = torch.randn(1, 3, 320, 320)
+    with torch.no_grad():
+        torch.testing.assert_close(detector_core_forward(again, x), detector_core_forward(model, x))
+    with pytest.raises(ValueError, match="'backbone.features.0.7.nope' is not a submodule"):
+        drop_blocks(again, ["backbone.features.0.7.nope"])
+
+
 def test_bad_input_is_refused_with_the_fix() -> None:
     with pytest.raises(ValueError, match="calibration batches"):
         fold_gates(_toy(), [])
