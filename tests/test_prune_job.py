@@ -711,6 +711,8 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     assert dumped["budget"].pop("latency_margin") == 0.0  # aimed at the budget: what every older job did
     # adaptive BN, resolved to 64 images: it changes how a changed network is measured, not the records kept
     assert dumped["finetune"].pop("bn_recalibration_images") is None
+    # augmentation, resolved to off: a trial resumed mid-fine-tune trains on raw frames from there on
+    assert dumped["finetune"].pop("augment") is None
     assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"checkpoint": Path(stored["config"]["model"]["checkpoint"])}),

@@ -376,6 +376,18 @@ class FinetuneSpec(StrictModel):
         "model keeps the re-estimated statistics. None: 64; 0: off",
     )
 
+    augment: bool | None = Field(
+        None,
+        description="train on flipped and colour-jittered images while fine-tuning. None: off, as the "
+        "project's training recipe (minutes-long runs converge faster on the raw frames): the demo's "
+        "checkpoint, trained without, fine-tuned dense for 120 steps read 0.544 mAP with augmentation and "
+        "0.562 without (0.550 at the start). true for long fine-tunes of a checkpoint trained with it",
+    )
+
+    def augmentation(self) -> bool:
+        """Whether fine-tuning augments its training images (None: off)."""
+        return bool(self.augment)
+
     def recalibration_images(self) -> int:
         """Training images BatchNorm statistics are re-estimated on before each measurement (0: off)."""
         return 64 if self.bn_recalibration_images is None else self.bn_recalibration_images
@@ -497,7 +509,7 @@ class PruneJobConfig(StrictModel):
         if p.get("controller") != "allocation":  # these steer the allocation controller only
             for key in ("allocation", "floor_allowance", "step_back", "max_cut_per_update"):
                 p.pop(key, None)
-        for key in ("distill", "bn_recalibration_images"):  # None: the resolved default
+        for key in ("distill", "bn_recalibration_images", "augment"):  # None: the resolved default
             if ft.get(key) is None:
                 ft.pop(key, None)
         for key in ("in_graph_calibration", "saving_fit"):  # None: the resolved default (older folders resume)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from deploy.timing import LatencySummary, PairedTiming
     from deploy.verify import VerifiedExport
     from perception.data import CocoDetectionDataset
+    from perception.train import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,15 @@ class JobEnv:
         from perception.data import subset
 
         return subset(self.val_set, n, seed=self.config.seed)
+
+    def finetune_settings(self, *, seed: int, threads: int | None) -> TrainSettings:
+        """The fine-tune recipe every trial trains with, candidates and the dense shadow alike."""
+        from perception.train import TrainSettings
+
+        ft = self.config.finetune
+        return TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
+                             warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=seed,
+                             augment=ft.augmentation(), num_threads=threads)
 
     def recalibrate_bn(self, model: nn.Module) -> int:
         """Re-estimate ``model``'s BatchNorm statistics on ``finetune.bn_recalibration_images`` training

@@ -362,7 +362,7 @@ def trial(params: dict[str, object]) -> None:
     import torch
 
     from perception.io import atomic_write_text
-    from perception.train import TrainSettings, train
+    from perception.train import train
     from pruning import Pruner
     from pruning.latency_model import LatencyTable
 
@@ -427,9 +427,7 @@ def trial(params: dict[str, object]) -> None:
         # the dense checkpoint teaches the pruned student (issue #12 lever 5); hooks see the student
         student = DistilledDetector(model, dense)
         student.avprune_meta = dict(model.avprune_meta)  # train's checkpoints name the detector
-    settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
-                             warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=spec.candidate.seed,
-                             num_threads=cfg.resources.torch_threads)
+    settings = env.finetune_settings(seed=spec.candidate.seed, threads=cfg.resources.torch_threads)
     state.gate.start_training()
     try:
         train(student, env.train_set, settings, out_dir=work / "train", hooks=hooks, resume=True, progress=False)

@@ -133,7 +133,7 @@ def trial(params: dict[str, object]) -> None:
     from avprune.prune_job.cluster import record_attempt, worker_identity
     from avprune.prune_job.env import JobEnv
     from perception.io import atomic_write_json, atomic_write_text
-    from perception.train import StepContext, TrainSettings, train
+    from perception.train import StepContext, train
 
     spec = TrialSpec.from_dict(params)
     cfg = PruneJobConfig.model_validate(spec.job)
@@ -171,8 +171,6 @@ def trial(params: dict[str, object]) -> None:
 
         student = DistilledDetector(model, env.load_dense())
         student.avprune_meta = dict(model.avprune_meta)
-    settings = TrainSettings(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
-                             warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=spec.candidate.seed,
-                             num_threads=threads)
+    settings = env.finetune_settings(seed=spec.candidate.seed, threads=threads)
     train(student, env.train_set, settings, out_dir=work / "train", hooks=[hook], resume=True, progress=False)
     measure(ft.steps)  # the final point (done) last: the curve is complete only once training is
