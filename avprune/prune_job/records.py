@@ -375,6 +375,9 @@ class CandidateRecord:
     steps: int | None = None
     snapshot: str | None = None  # the best point that met both targets while fine-tuning
     snapshot_step: int | None = None
+    # while no point met both: the fastest that kept the mAP floor (a deliverable when the budget is missed)
+    floor_snapshot: str | None = None
+    floor_snapshot_step: int | None = None
     infeasible: bool | None = None
     history: tuple[TrialReport, ...] = ()
     checkpoint: str | None = None  # the final, physically smaller model
@@ -395,6 +398,7 @@ class CandidateRecord:
         inf = d.get("infeasible")
         return cls(candidate=Candidate.from_dict(d), status=str(d["status"]), error=d.get("error"),
                    steps=_opt_int(d.get("steps")), snapshot=d.get("snapshot"), snapshot_step=_opt_int(d.get("snapshot_step")),
+                   floor_snapshot=d.get("floor_snapshot"), floor_snapshot_step=_opt_int(d.get("floor_snapshot_step")),
                    infeasible=None if inf is None else bool(inf),
                    history=tuple(TrialReport.from_dict(h) for h in d.get("history") or ()),
                    checkpoint=d.get("checkpoint"), pruning_record=d.get("pruning_record"))

@@ -23,6 +23,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -197,8 +198,10 @@ class _Trial:
         # Latency is timed with every other trial on the node paused (a trainer on the other core
         # squeezes the pruned/dense ratio toward 1: avprune.prune_job.node_gate)
         self.gate = NodeGate(work.parent)
-        snap_meta = work / "snapshot.json"
+        snap_meta, floor_meta = work / "snapshot.json", work / "floor_snapshot.json"
         self.best = json.loads(snap_meta.read_text())["map"] if snap_meta.is_file() else -1.0
+        # the fastest point that kept the floor while no point met both targets (restored on restart)
+        self.floor_best_ms = json.loads(floor_meta.read_text())["latency_ms"] if floor_meta.is_file() else math.inf
 
     def _latency(self, model: nn.Module) -> LatencySummary:
         dense_ms = self.spec.dense_latency_ms
@@ -248,10 +251,7 @@ class _Trial:
         self.hook(ctx)
 
     def measure(self) -> tuple[float, float]:
-        """Measured latency of the current pruned model and its mAP; keeps the best feasible snapshot."""
-        from perception.io import atomic_write_json
-        from perception.models import save_checkpoint
-
+        """Measured latency of the current pruned model and its mAP; keeps the snapshots (:meth:`keep_snapshots`)."""
         pruner = self.pruner
         if pruner is None:
             raise ValueError("measure() called before the trial's pruner was set")
@@ -272,15 +272,31 @@ class _Trial:
         if self.blocks is not None and not in_recovery(self.env.config, self.spec.candidate, pruner.controller,
                                                         pruner.step_count):
             self.blocks.observe(score.map, floor)
-        if lat.p50_ms <= self.spec.latency_budget_ms and score.map >= max(floor, self.best):
-            # Keep the best point that met both targets (NetAdapt keeps its best too): the controller
-            # may give capacity back later and end over budget on a noisy measurement.
-            save_checkpoint(self.work / "snapshot.pt", small,
-                            extra={"candidate": self.spec.candidate.to_dict(), "step": pruner.step_count})
-            atomic_write_json(self.work / "snapshot.json",
-                              {"step": pruner.step_count, "map": score.map, "latency_ms": lat.p50_ms})
-            self.best = score.map
+        self.keep_snapshots(small, pruner.step_count, lat.p50_ms, score.map, floor)
         return lat.p50_ms, score.map
+
+    def keep_snapshots(self, small: nn.Module, step: int, latency_ms: float, map_value: float, floor: float) -> None:
+        """Keep the measured model when it is the best point yet that met both targets (``snapshot.pt``),
+        or, while none has, the fastest yet that kept the mAP floor (``floor_snapshot.pt``).
+
+        Why both (NetAdapt keeps its best too): the controller may give capacity back later and end over
+        budget on a noisy measurement; and where the budget is out of reach it keeps cutting near the
+        floor, where one noisy read above it lets a last cut through that the masks' freeze leaves no
+        room to take back. The demo's job read 0.549 at step 80 (floor 0.548) and shipped 0.530 after its
+        cut at step 100; selection now sees the model that kept the floor too."""
+        from perception.io import atomic_write_json
+        from perception.models import save_checkpoint
+
+        extra = {"candidate": self.spec.candidate.to_dict(), "step": step}
+        point = {"step": step, "map": map_value, "latency_ms": latency_ms}
+        if latency_ms <= self.spec.latency_budget_ms and map_value >= max(floor, self.best):
+            save_checkpoint(self.work / "snapshot.pt", small, extra=extra)
+            atomic_write_json(self.work / "snapshot.json", point)
+            self.best = map_value
+        elif self.best < 0 and map_value >= floor and latency_ms < self.floor_best_ms:
+            save_checkpoint(self.work / "floor_snapshot.pt", small, extra=extra)
+            atomic_write_json(self.work / "floor_snapshot.json", point)
+            self.floor_best_ms = latency_ms
 
     def hook(self, ctx: StepContext) -> None:
         """Train hook: every ``measure_every`` steps a measurement, and one Tune report (measured latency,
@@ -582,21 +598,24 @@ def run(ctx: StageContext) -> SearchRecord:
         cand = TrialSpec.from_dict(r.config).candidate
         work = out / "search" / "trials" / cand.candidate_id
         done = bool(r.last.get("done")) and (work / "pruned.pt").is_file()
-        snap = work / "snapshot.json"
-        snapshot = json.loads(snap.read_text()) if snap.is_file() and (work / "snapshot.pt").is_file() else None
+        snapshot, floor_snapshot = (json.loads((work / f"{k}.json").read_text())
+                                    if (work / f"{k}.json").is_file() and (work / f"{k}.pt").is_file() else None
+                                    for k in ("snapshot", "floor_snapshot"))
         inf = r.last.get("infeasible")
         records.append(CandidateRecord(
             candidate=cand, status="done" if done else ("failed" if r.error else "stopped early"), error=r.error,
             steps=r.last.get("step"),
             snapshot=str((work / "snapshot.pt").relative_to(out)) if snapshot else None,
             snapshot_step=snapshot["step"] if snapshot else None,
+            floor_snapshot=str((work / "floor_snapshot.pt").relative_to(out)) if floor_snapshot else None,
+            floor_snapshot_step=floor_snapshot["step"] if floor_snapshot else None,
             infeasible=None if inf is None else bool(inf),
             history=tuple(TrialReport.from_dict(h) for h in r.history),
             checkpoint=str((work / "pruned.pt").relative_to(out)) if done else None,
             pruning_record=str((work / "pruning.json").relative_to(out)) if done else None,
         ))
         ctx.progress.stage_advance("search")
-    if not any(r.status == "done" or r.snapshot for r in records):
+    if not any(r.status == "done" or r.snapshot or r.floor_snapshot for r in records):
         errors = "; ".join(f"{r.candidate_id}: {r.error or r.status}" for r in records)
         raise RuntimeError(f"no candidate finished its fine-tuning ({errors})")
     return SearchRecord(candidates=tuple(records), shadow=shadow)
