@@ -96,3 +96,29 @@ def test_a_trial_re_estimates_when_its_network_changed_since_it_last_measured(tm
     fresh.pruner = pruner
     fresh._recalibrate_if_cut()
     assert len(calls) == before + 1
+
+
+def test_the_sensitivity_scan_can_score_each_cut_through_re_estimated_statistics(assets, tmp_path):
+    """sensitivity.bn_recalibration_images: each scanned model's BatchNorms re-estimated before its metric
+    (EagleEye); 0 (the default) scores it through the unpruned network's statistics, as before."""
+    from avprune.prune_job.sensitivity import metric_fn, scan_metric
+
+    cfg = PruneJobConfig.model_validate(tiny_job(assets, tmp_path / "job", **{"sensitivity.bn_recalibration_images": 8}))
+    env = JobEnv(cfg)
+    model = env.load_dense().eval()
+    with torch.no_grad():  # a cut: half of the first conv's output channels zeroed
+        model.backbone.features[0][0][0].weight[::2] = 0
+    frozen = metric_fn(env)(model)
+    before = _stats(model)
+    value = scan_metric(env)(model)
+    assert any(not torch.equal(a, b) for a, b in zip(before, _stats(model), strict=True))  # re-estimated
+    assert value == pytest.approx(metric_fn(env)(model)) and value != pytest.approx(frozen)
+    assert torch.all(model.backbone.features[0][0][1].running_mean[::2] == 0)
+    off = JobEnv(PruneJobConfig.model_validate(tiny_job(assets, tmp_path / "job")))
+    kept = _stats(model)
+    assert scan_metric(off)(model) == pytest.approx(value)  # off: the statistics it has
+    assert all(torch.equal(a, b) for a, b in zip(kept, _stats(model), strict=True))
+    on_fp = cfg.fingerprint()
+    assert on_fp != off.config.fingerprint()
+    with pytest.raises(ValidationError, match="bn_recalibration_images"):
+        PruneJobConfig.model_validate(tiny_job(assets, tmp_path / "job", **{"sensitivity.bn_recalibration_images": -1}))

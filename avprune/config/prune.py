@@ -338,6 +338,12 @@ class SensitivitySpec(StrictModel):
         None, min_length=1, description="None: [0.25, 0.5, 0.75] for the latency knapsack (its curves reach the "
         "pruning's depth), else [0.3, 0.6]")
     eval_images: int = Field(16, ge=1)
+    bn_recalibration_images: int = Field(
+        0, ge=0,
+        description="re-estimate each scanned model's BatchNorm statistics on this many training images before "
+        "its metric (adaptive BN, EagleEye ECCV 2020): a unit pruned alone is otherwise scored through the "
+        "statistics of the unpruned network after it. 0: off (the scan's BatchNorms stay frozen)",
+    )
 
     @field_validator("sparsities")
     @classmethod
@@ -529,6 +535,8 @@ class PruneJobConfig(StrictModel):
         for key in ("metric", "max_layers", "sparsities"):  # None: resolved as a job before them meant
             if data["sensitivity"].get(key) is None:
                 data["sensitivity"].pop(key, None)
+        if not data["sensitivity"].get("bn_recalibration_images"):  # off: what every scan before the field did
+            data["sensitivity"].pop("bn_recalibration_images", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

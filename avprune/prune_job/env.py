@@ -64,7 +64,7 @@ class JobEnv:
 
     def __init__(self, config: PruneJobConfig) -> None:
         self.config = config
-        self._bn_batches: list[torch.Tensor] | None = None
+        self._bn_batches: dict[int, list[torch.Tensor]] = {}  # calibration batches by image count
 
     @classmethod
     def from_config(cls, config: PruneJobConfig) -> JobEnv:
@@ -144,19 +144,19 @@ class JobEnv:
                              warmup_steps=ft.warmup(), checkpoint_every=ft.measure_every, seed=seed,
                              augment=ft.augmentation(), num_threads=threads)
 
-    def recalibrate_bn(self, model: nn.Module) -> int:
-        """Re-estimate ``model``'s BatchNorm statistics on ``finetune.bn_recalibration_images`` training
-        images (:func:`pruning.bn_recalibration.recalibrate_batchnorm`), before an mAP measurement.
-        Returns the BatchNorms re-estimated (0 when off)."""
-        n = self.config.finetune.recalibration_images()
+    def recalibrate_bn(self, model: nn.Module, images: int | None = None) -> int:
+        """Re-estimate ``model``'s BatchNorm statistics on ``images`` training images (default
+        ``finetune.bn_recalibration_images``; :func:`pruning.bn_recalibration.recalibrate_batchnorm`),
+        before a measurement. Returns the BatchNorms re-estimated (0 when off)."""
+        n = self.config.finetune.recalibration_images() if images is None else int(images)
         if n == 0:
             return 0
         from pruning.bn_recalibration import recalibrate_batchnorm
         from pruning.filters import DetectorCore
 
-        if self._bn_batches is None:  # the same images, through the same transform, for every model of the job
-            self._bn_batches = self.calibration_batches(model, n, batch=16)
-        return recalibrate_batchnorm(DetectorCore(model), self._bn_batches)
+        if n not in self._bn_batches:  # the same images, through the same transform, for every model of the job
+            self._bn_batches[n] = self.calibration_batches(model, n, batch=16)
+        return recalibrate_batchnorm(DetectorCore(model), self._bn_batches[n])
 
     def calibration_batches(self, model: nn.Module, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
         """The first ``images`` training images as ``model``'s normalised core inputs ([B, 3, H, W]

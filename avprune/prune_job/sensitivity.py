@@ -88,6 +88,22 @@ def metric_fn(env: JobEnv) -> Callable[[nn.Module], float]:
     return lambda m: env.evaluate_map(m, val).map
 
 
+def scan_metric(env: JobEnv) -> Callable[[nn.Module], float]:
+    """:func:`metric_fn`, after re-estimating the scored model's BatchNorm statistics when
+    ``sensitivity.bn_recalibration_images`` is set (EagleEye, Li et al., ECCV 2020: a pruned network
+    ranked through stale statistics ranks poorly). The scan works on its own copy, so the statistics
+    it changes are that copy's."""
+    metric, n = metric_fn(env), env.config.sensitivity.bn_recalibration_images
+    if not n:
+        return metric
+
+    def recalibrated(model: nn.Module) -> float:
+        env.recalibrate_bn(model, images=n)
+        return metric(model)
+
+    return recalibrated
+
+
 def scan_layer_task(task: ScanTask) -> tuple[str, LayerSensitivity]:
     """Ray task: the sensitivity curve of one unit, and the pid of the process that scanned it."""
     from pruning.sensitivity import scan_layer
@@ -97,7 +113,7 @@ def scan_layer_task(task: ScanTask) -> tuple[str, LayerSensitivity]:
     model = env.load_start()  # the model the trials prune (gates folded with pruning.fold_gates)
     p = env.config.pruning
     curve = scan_layer(
-        model, task.layer, metric_fn(env), list(task.sparsities),
+        model, task.layer, scan_metric(env), list(task.sparsities),
         importance=task.importance, granularity=p.pruner_granularity(), example_inputs=env.example_input(),
         channel_multiple=task.channel_multiple, layer_filter=env.layer_filter(model, task.importance),
     )
@@ -134,9 +150,10 @@ def calls_per_worker(tasks: int, cpus_per_task: float) -> int:
 
 
 def dense_value(cfg: PruneJobConfig) -> float:
-    """The unpruned start model's metric on the scan's images (every curve's reference point)."""
+    """The unpruned start model's metric on the scan's images (every curve's reference point), scored
+    as the scan scores its points (re-estimated statistics included)."""
     env = JobEnv.from_config(cfg)
-    return metric_fn(env)(env.load_start())
+    return scan_metric(env)(env.load_start())
 
 
 def run(ctx: StageContext) -> SensitivityRecord:
