@@ -67,6 +67,8 @@ def test_demo_table_uses_the_paired_frame_figures(tmp_path):
     text = _summary(tmp_path, {"train": 1.0})
     assert "decode+NMS" in text and "1.75x" in text and "2.00x" in text  # headers may wrap
     assert "7.00" in text and "4.00" in text  # frame p50 of dense / pruned from the paired run
+    # the verdict's timing (select's: report.json's dense/pruned p50) is named beside the table's
+    assert "select stage's re-timing of the graph: 3.00 ms against the baseline's dense 6.00 ms (2.00x)" in " ".join(text.split())
     # a prune report without frame_timing falls back to avprune validate's frames
     old = _report(None)
     del old["frame_timing"]
