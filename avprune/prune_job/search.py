@@ -198,10 +198,10 @@ class _Trial:
         # Latency is timed with every other trial on the node paused (a trainer on the other core
         # squeezes the pruned/dense ratio toward 1: avprune.prune_job.node_gate)
         self.gate = NodeGate(work.parent)
-        snap_meta, floor_meta = work / "snapshot.json", work / "floor_snapshot.json"
-        self.best = json.loads(snap_meta.read_text())["map"] if snap_meta.is_file() else -1.0
+        snapshot, floor_snapshot = kept_point(work, "snapshot"), kept_point(work, "floor_snapshot")
+        self.best = snapshot["map"] if snapshot else -1.0
         # the fastest point that kept the floor while no point met both targets (restored on restart)
-        self.floor_best_ms = json.loads(floor_meta.read_text())["latency_ms"] if floor_meta.is_file() else math.inf
+        self.floor_best_ms = floor_snapshot["latency_ms"] if floor_snapshot else math.inf
 
     def _latency(self, model: nn.Module) -> LatencySummary:
         dense_ms = self.spec.dense_latency_ms
@@ -287,15 +287,16 @@ class _Trial:
         from perception.io import atomic_write_json
         from perception.models import save_checkpoint
 
-        extra = {"candidate": self.spec.candidate.to_dict(), "step": step}
-        point = {"step": step, "map": map_value, "latency_ms": latency_ms}
+        def keep(name: str) -> None:  # the model first: its point file says the model is complete
+            save_checkpoint(self.work / f"{name}.pt", small,
+                            extra={"candidate": self.spec.candidate.to_dict(), "step": step})
+            atomic_write_json(self.work / f"{name}.json", {"step": step, "map": map_value, "latency_ms": latency_ms})
+
         if latency_ms <= self.spec.latency_budget_ms and map_value >= max(floor, self.best):
-            save_checkpoint(self.work / "snapshot.pt", small, extra=extra)
-            atomic_write_json(self.work / "snapshot.json", point)
+            keep("snapshot")
             self.best = map_value
         elif self.best < 0 and map_value >= floor and latency_ms < self.floor_best_ms:
-            save_checkpoint(self.work / "floor_snapshot.pt", small, extra=extra)
-            atomic_write_json(self.work / "floor_snapshot.json", point)
+            keep("floor_snapshot")
             self.floor_best_ms = latency_ms
 
     def hook(self, ctx: StepContext) -> None:
@@ -548,6 +549,13 @@ def _holdout(table: LatencyTableRecord) -> tuple[float, float] | None:
     return None if pred is None or meas is None else (float(pred), float(meas))
 
 
+def kept_point(work: Path, name: str) -> dict[str, float] | None:
+    """The measured point of a trial's kept model ``work/NAME.pt`` (:meth:`_Trial.keep_snapshots`), None
+    when it has none."""
+    meta = work / f"{name}.json"
+    return json.loads(meta.read_text()) if meta.is_file() and (work / f"{name}.pt").is_file() else None
+
+
 def report_count(ft: FinetuneSpec) -> int:
     """Tune reports of a candidate that trains every step (ASHA's ``max_t``): one per
     ``measure_every`` steps before the last (:meth:`_Trial.hook`), then finish()'s."""
@@ -598,9 +606,7 @@ def run(ctx: StageContext) -> SearchRecord:
         cand = TrialSpec.from_dict(r.config).candidate
         work = out / "search" / "trials" / cand.candidate_id
         done = bool(r.last.get("done")) and (work / "pruned.pt").is_file()
-        snapshot, floor_snapshot = (json.loads((work / f"{k}.json").read_text())
-                                    if (work / f"{k}.json").is_file() and (work / f"{k}.pt").is_file() else None
-                                    for k in ("snapshot", "floor_snapshot"))
+        snapshot, floor_snapshot = kept_point(work, "snapshot"), kept_point(work, "floor_snapshot")
         inf = r.last.get("infeasible")
         records.append(CandidateRecord(
             candidate=cand, status="done" if done else ("failed" if r.error else "stopped early"), error=r.error,
