@@ -142,6 +142,45 @@ def channel_mask_kept(scores: torch.Tensor, kept: int) -> MaskResult:
     return MaskResult(keep, thr, n_prune / c)
 
 
+def stable_channel_mask(scores: torch.Tensor, kept: int, previous: torch.Tensor) -> MaskResult:
+    """Keep ``kept`` channels, changing the ``previous`` keep vector only by the count's change.
+
+    A cut drops the least important of the channels kept so far; growth revives the most important
+    of the pruned ones; at an unchanged count nothing moves. :func:`channel_mask_kept` re-ranks every
+    channel instead, so a pruned channel that outscores a kept one swaps in. That is Dynamic Network
+    Surgery's splicing (Guo et al., NeurIPS 2016), and each swap is a fresh cut of a trained channel
+    plus the return of one that stopped training when it was cut. Gradual magnitude pruning's masks
+    only move with the target (Zhu & Gupta, "To prune, or not to prune", 2017); this is that rule,
+    with regrowth kept for a target that recedes. The threshold is the rank cut's, as for
+    :func:`channel_mask_kept`.
+    """
+    c = scores.numel()
+    if not 1 <= kept <= c:
+        raise ValueError(f"kept channels must be in [1, {c}]; got {kept}")
+    if previous.numel() != c:
+        raise ValueError(f"previous keep vector has {previous.numel()} entries for {c} channels")
+    norm = normalise(scores).reshape(-1)
+    was = previous.reshape(-1) > 0
+    keep = was.clone()
+    change = kept - int(was.sum())
+    if change > 0:  # revive the best pruned channels
+        pool = torch.nonzero(~was).flatten()
+        keep[pool[torch.argsort(norm[pool], descending=True, stable=True)[:change]]] = True
+    elif change < 0:  # drop the weakest kept channels
+        pool = torch.nonzero(was).flatten()
+        keep[pool[torch.argsort(norm[pool], stable=True)[:-change]]] = False
+    _, thr = _rank_cut(norm, c - kept)
+    return MaskResult(keep.to(torch.float32).view_as(scores), thr, (c - kept) / c)
+
+
+def swapped_channels(previous: torch.Tensor, new: torch.Tensor) -> int:
+    """Channels that changed side beyond what the kept count's change explains: a pruned one in
+    for a kept one out counts 1."""
+    was, now = previous.reshape(-1) > 0, new.reshape(-1) > 0
+    flipped = int((was != now).sum())
+    return (flipped - abs(int(now.sum()) - int(was.sum()))) // 2
+
+
 def nm_layer_mask(scores: torch.Tensor, sparsity: float, n: int, m: int) -> MaskResult:
     """N:M mask whose zeros per group follow the target: ``min(M-N, floor(sparsity*M))``.
 

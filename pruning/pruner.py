@@ -31,13 +31,14 @@ from pruning.bn_stats import BatchNormStatsKeeper
 from pruning.finalize import finalize_model, pruned_root_indices
 from pruning.granularity import (
     MaskResult,
-    channel_mask,
     channel_mask_kept,
     check_channel_multiple,
     check_granularity,
     kept_channels,
     nm_layer_mask,
     normalise,
+    stable_channel_mask,
+    swapped_channels,
     unstructured_mask,
 )
 from pruning.groups import (
@@ -76,6 +77,11 @@ class Pruner:
     :class:`pruning.allocation_controller.AllocationController`) decides kept channels per group
     at each update instead of one target sparsity per unit.
 
+    ``stable_masks``: a channel group's kept channels change only with its kept count
+    (:func:`pruning.granularity.stable_channel_mask`); by default every update re-ranks all
+    channels, and a pruned channel that outscores a kept one swaps in. Each update records the
+    swaps it made (``LayerRecord.swapped``) either way.
+
     ``freeze_after``: no mask update after this step (the controller still steps and measures).
     The fine-tune's last steps then recover from the last change, and a measurement there is of
     the model that ships: with updates to the last step, a final allocation cut groups that never
@@ -101,6 +107,7 @@ class Pruner:
         straight_through: bool = True,
         coupling: Coupling | None = None,
         freeze_after: int | None = None,
+        stable_masks: bool = False,
     ) -> None:
         CRITERIA.get(importance)  # unknown names fail before any tracing
         check_granularity(granularity)
@@ -112,6 +119,9 @@ class Pruner:
             raise ValueError(f"freeze_after must be None or an int >= 0 (the last step that updates masks); "
                              f"got {freeze_after!r}")
         self.freeze_after = freeze_after
+        if not isinstance(stable_masks, bool):
+            raise TypeError(f"stable_masks must be a bool; got {stable_masks!r}")
+        self.stable_masks = stable_masks
         # ``round_to`` is the older name of ``channel_multiple`` (kept for existing callers).
         if channel_multiple is not None and round_to is not None and channel_multiple != round_to:
             raise ValueError(f"channel_multiple={channel_multiple!r} and round_to={round_to!r} disagree; pass "
@@ -248,13 +258,20 @@ class Pruner:
             targets = self.controller.targets()
             for g in self.groups:
                 scores = all_scores[g.root]
-                if alloc is not None:  # per-layer kept counts; threshold = weakest kept group's importance
-                    res = dataclasses.replace(channel_mask_kept(scores, alloc.kept[g.root]),
-                                              threshold=alloc.thresholds[g.root])
+                if alloc is not None:  # per-layer kept counts
+                    kept = alloc.kept[g.root]
                 else:
-                    res = channel_mask(scores, targets[g.root], self.channel_multiple)
+                    kept = kept_channels(scores.numel(), targets[g.root], self.channel_multiple)
+                before = self._group_keep(g)
+                if self.stable_masks:
+                    res = stable_channel_mask(scores, kept, before)
+                else:
+                    res = channel_mask_kept(scores, kept)
+                if alloc is not None:  # threshold = weakest kept group's importance
+                    res = dataclasses.replace(res, threshold=alloc.thresholds[g.root])
                 dirty |= self._scatter_group(g, res.mask)
-                records[g.root] = self._record(targets[g.root], res, scores, channels=int(res.mask.sum()))
+                records[g.root] = self._record(targets[g.root], res, scores, channels=int(res.mask.sum()),
+                                               swapped=swapped_channels(before, res.mask))
             self._compose_channel_masks(dirty)
         else:
             targets = self.controller.targets()
@@ -274,11 +291,22 @@ class Pruner:
         return rec
 
     @staticmethod
-    def _record(target: float, res: MaskResult, scores: torch.Tensor, channels: int | None = None) -> LayerRecord:
+    def _record(target: float, res: MaskResult, scores: torch.Tensor, channels: int | None = None,
+                swapped: int | None = None) -> LayerRecord:
         return LayerRecord(
             target=float(target), threshold=res.threshold, sparsity=res.sparsity,
-            importance=importance_summary(normalise(scores)), channels=channels,
+            importance=importance_summary(normalise(scores)), channels=channels, swapped=swapped,
         )
+
+    def _group_keep(self, g: ChannelGroup) -> torch.Tensor:
+        """The group's current keep vector in root index space, read from its root layer's mask."""
+        for mem in g.members:
+            if mem.module == g.root and mem.role == "out":
+                tname, dim = mem.tensors[0]
+                keep = torch.ones(g.size)
+                keep[mem.root_idxs] = self._vec_index[(mem.module, tname, dim)][mem.idxs]
+                return keep
+        raise AssertionError(f"channel group {g.root!r} has no output member for its root layer")
 
     def _group_scores(self, g: ChannelGroup) -> torch.Tensor:
         """Aggregate member scores in root index space, each member normalised by its mean first.

@@ -20,6 +20,9 @@ class LayerRecord:
     sparsity: float  # sparsity actually applied (after rounding channel counts / N:M quantisation)
     importance: dict[str, float] = field(default_factory=dict)
     channels: int | None = None  # kept channels (channel granularity)
+    # channels that changed side at this update beyond the kept count's change (a pruned one in for
+    # a kept one out counts 1); None in records written before it was counted
+    swapped: int | None = None
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,23 @@ def test_finalizing_a_deep_copy_leaves_the_original_masked_model_intact() -> Non
     x = torch.randn(3, 16)
     torch.testing.assert_close(model(x), twin(x))  # the original still has its masked weight
     assert get_mask(model[0]) is not None and torch.all(model[0].weight[pruner.mask_of("0") == 0] == 0)
+
+
+def test_stable_channel_mask_changes_the_previous_mask_by_the_count_alone() -> None:
+    from pruning.granularity import channel_mask_kept, stable_channel_mask, swapped_channels
+
+    scores = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 6.0])
+    previous = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])  # kept 0, 1, 3; the strongest (5) pruned
+    same = stable_channel_mask(scores, 3, previous)
+    assert torch.equal(same.mask, previous)
+    ranked = channel_mask_kept(scores, 3)
+    assert ranked.mask.tolist() == [1, 0, 1, 0, 0, 1] and swapped_channels(previous, ranked.mask) == 2
+    assert same.threshold == pytest.approx(ranked.threshold) and same.sparsity == pytest.approx(0.5)
+    grown = stable_channel_mask(scores, 5, previous)  # revives the best pruned: 5 (6.0), then 2 (4.0)
+    assert grown.mask.tolist() == [1, 1, 1, 1, 0, 1] and swapped_channels(previous, grown.mask) == 0
+    cut = stable_channel_mask(scores, 1, previous)  # drops the weakest kept: 1 (1.0), then 3 (2.0)
+    assert cut.mask.tolist() == [1, 0, 0, 0, 0, 0] and swapped_channels(previous, cut.mask) == 0
+    with pytest.raises(ValueError, match="kept channels must be in"):
+        stable_channel_mask(scores, 0, previous)
+    with pytest.raises(ValueError, match="previous keep vector has 3 entries"):
+        stable_channel_mask(scores, 2, previous[:3])

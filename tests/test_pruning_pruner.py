@@ -273,3 +273,52 @@ def test_freeze_after_stops_mask_updates_but_not_the_controller() -> None:
     assert pruner.masked_fraction() < 0.6 * 0.9  # the schedule went on; the masks stayed at step 6's
     with pytest.raises(ValueError, match="freeze_after"):
         Pruner(small_net(), example_inputs=X, controller=ctrl, freeze_after=-1)
+
+
+def _boost_pruned_out_channel(model: nn.Module, pruner: Pruner, layer: str) -> int:
+    """Make one pruned output channel of ``layer`` the group's strongest by magnitude; its index."""
+    idx = int(torch.nonzero(out_keep(pruner.mask_of(layer)) == 0)[0])
+    with torch.no_grad():
+        stored(pruner.modules[layer])[idx] *= 100.0
+    return idx
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_stable_masks_move_only_with_the_kept_count_and_updates_count_swaps(stable: bool) -> None:
+    """By default an update re-ranks every channel: a pruned channel that now outscores the kept ones
+    swaps in (and the update records the swaps). With stable_masks it waits for the count to grow, then comes back
+    first; a cut drops the weakest kept channels."""
+    model = small_net()
+    ctrl = build_controller("fixed", sparsity=0.5)
+    pruner = Pruner(model, importance="magnitude", granularity="channel", example_inputs=X, controller=ctrl,
+                    stable_masks=stable)
+    first = pruner.update()
+    assert all(lr.swapped == 0 for lr in first.layers.values())  # from all-kept: a cut, not a swap
+    layer = "expand.0"  # one of the outputs of the group rooted at se.fc2
+    unit = next(g.root for g in pruner.groups if any(m.module == layer and m.role == "out" for m in g.members))
+    kept_before = out_keep(pruner.mask_of(layer)).clone()
+    idx = _boost_pruned_out_channel(model, pruner, layer)
+    rec = pruner.update()
+    kept_now = out_keep(pruner.mask_of(layer))
+    assert int(kept_now.sum()) == int(kept_before.sum())  # the count did not move
+    if stable:
+        assert torch.equal(kept_now, kept_before) and rec.layers[unit].swapped == 0
+    else:
+        # the boost also moved the member's mean, so other ranks may flip too: every flip is a swap
+        assert kept_now[idx] == 1 and rec.layers[unit].swapped >= 1
+        assert int((kept_now != kept_before).sum()) == 2 * rec.layers[unit].swapped
+    if stable:  # growth revives the strongest pruned channel first
+        pruner.controller = build_controller("fixed", sparsity=0.25)
+        pruner.controller.bind(pruner.units, pruner.config_at)
+        grown = pruner.update()
+        kept_grown = out_keep(pruner.mask_of(layer))
+        assert kept_grown[idx] == 1 and torch.all(kept_grown[kept_before == 1] == 1)
+        assert grown.layers[unit].swapped == 0
+        # a cut drops the weakest kept channels and never revives a pruned one
+        pruner.controller = build_controller("fixed", sparsity=0.5)
+        pruner.controller.bind(pruner.units, pruner.config_at)
+        pruner.update()
+        kept_cut = out_keep(pruner.mask_of(layer))
+        assert kept_cut[idx] == 1 and torch.all(kept_cut <= kept_grown)
+    with pytest.raises(TypeError, match="stable_masks must be a bool"):
+        Pruner(small_net(), example_inputs=X, controller=ctrl, stable_masks="yes")

@@ -224,6 +224,12 @@ class PruningSpec(StrictModel):
         "stage). 0: off. The gates are ~0.1% of SSDlite320's MACs but five passes each on a CPU runtime: "
         "measured 1.14-1.16x graph for the dense model at 0.648 -> 0.645 mAP before fine-tuning, "
         "multiplying a channel cut's speed-up alike (benchmarks/RESULTS.md oneshot_recovery_foldse)")
+    stable_masks: bool = Field(
+        False,
+        description="a channel group's kept channels change only when its kept count does: a cut drops the "
+        "weakest kept channels, growth revives the best pruned ones (pruning.granularity.stable_channel_mask). "
+        "Off: every mask update re-ranks all channels, and a pruned channel that outscores a kept one swaps "
+        "in (Dynamic Network Surgery). pruning.json records the swaps of every update either way")
     in_graph_calibration: bool | None = Field(
         None,
         description="re-fit the latency table's per-layer costs to the whole graph (one probe per channel "
@@ -523,7 +529,7 @@ class PruneJobConfig(StrictModel):
                 p.pop(key, None)
         if p.get("latency_costs") == "measured":  # every table before the field was measured
             p.pop("latency_costs", None)
-        for key in ("reconstruct_images", "fold_gates"):  # off: what every job before the field did
+        for key in ("reconstruct_images", "fold_gates", "stable_masks"):  # off: what every job before the field did
             if not p.get(key):
                 p.pop(key, None)
         if 0 not in p.get("ramps", []):  # read by one-shot candidates only, which no job before the field had

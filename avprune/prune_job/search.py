@@ -425,7 +425,8 @@ def trial(params: dict[str, object]) -> None:
     pruner = Pruner(model, importance=importance, granularity=p.pruner_granularity(), controller=controller,
                     example_inputs=env.example_input(), update_every=p.update_every,
                     channel_multiple=spec.channel_multiple, predict_latency=predict,
-                    layer_filter=env.layer_filter(model, importance), freeze_after=freeze_after(cfg))
+                    layer_filter=env.layer_filter(model, importance), freeze_after=freeze_after(cfg),
+                    stable_masks=p.stable_masks)
     state.pruner = pruner
     if blocks is not None:
         blocks.reach_ms = lambda: _widest_channels_ms(cfg, table, pruner)
