@@ -223,3 +223,18 @@ def test_trials_aim_under_the_budget_by_the_latency_margin_and_select_judges_at_
     assert "aimed at 5.70 ms (5% under the budget" in note and "judged at the budget" in note
     assert _aim_note({"latency_budget_ms": 6.0, "search_target_ms": 6.0}) == ""  # no margin: nothing to say
     assert _aim_note({"latency_budget_ms": 6.0}) == ""  # a report written before the field
+
+
+def test_swaps_note_counts_the_selected_candidates_swaps_after_the_last_count_change():
+    from avprune.prune_job.report import swaps_note
+
+    def rec(step, swapped, channels):
+        return {"step": step, "layers": {"a": {"swapped": swapped[0], "channels": channels[0]},
+                                         "b": {"swapped": swapped[1], "channels": channels[1]}}}
+
+    history = [rec(5, (0, 0), (64, 32)), rec(10, (2, 1), (48, 32)), rec(15, (1, 0), (48, 32)),
+               rec(20, (3, 2), (48, 32))]
+    note = swaps_note(history)
+    assert "swapped 9 channels in all (6 after step 10" in note
+    old = [{"step": 5, "layers": {"a": {"channels": 64}}}]  # written before swaps were counted
+    assert swaps_note(old) == "" and swaps_note([]) == ""

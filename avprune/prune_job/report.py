@@ -147,6 +147,28 @@ def _thresholds_figure(history: Sequence[JSONDict]) -> str | None:
     return _png(fig)
 
 
+def swaps_note(history: Sequence[JSONDict]) -> str:
+    """One line on the selected candidate's mask churn: channels swapped at unchanged counts (a
+    pruned channel outranking a kept one and taking its place), in all and after the last change of
+    any layer's kept count. Empty for records written before swaps were counted."""
+    per_update: list[tuple[int, int, tuple[int, ...]]] = []
+    for rec in history:
+        layers = [v for v in (rec.get("layers") or {}).values() if isinstance(v, Mapping)]
+        if not layers or any(v.get("swapped") is None for v in layers):
+            continue
+        per_update.append((int(rec.get("step", 0)), sum(int(v["swapped"]) for v in layers),
+                           tuple(int(v.get("channels") or 0) for v in layers)))
+    if not per_update:
+        return ""
+    total = sum(n for _, n, _ in per_update)
+    last_change = max((i for i in range(1, len(per_update)) if per_update[i][2] != per_update[i - 1][2]), default=0)
+    after = sum(n for _, n, _ in per_update[last_change + 1:])
+    since = per_update[last_change][0]
+    return (f"<p>Mask updates swapped {total} channels in all ({after} after step {since}, the last change of a "
+            f"kept count): a pruned channel that outranked a kept one took its place. "
+            f"<code>pruning.stable_masks</code> keeps the kept channels while their count holds.</p>")
+
+
 def _sensitivity_figure(sens: JSONDict) -> str | None:
     import matplotlib.pyplot as plt
 
@@ -222,6 +244,7 @@ def write_report_html(path: Path, doc: JSONDict, latency_table: JSONDict | None)
         thr = _thresholds_figure(doc.get("pruner_history", []))
         if thr:
             parts.append(thr)
+        parts.append(swaps_note(doc.get("pruner_history", [])))
         parts.append(_table([{"layer": n, **v} for n, v in layers.items()], ["layer", *sorted({k for v in layers.values() for k in v})]))
     sens = doc.get("sensitivity") or {}
     fig = _sensitivity_figure(sens)
