@@ -407,6 +407,27 @@ def test_tiny_job_judges_its_relative_floor_against_a_dense_shadow(reference):
     assert "mAP floor" in (out / "report.html").read_text() and "dense shadow" in (out / "report.html").read_text()
 
 
+def test_every_trial_of_the_tiny_job_trained_with_the_jobs_finetune_recipe(reference):
+    """Candidates and the dense shadow fine-tune with one recipe (``JobEnv.finetune_settings``): what
+    each trial's training saved in its resumable state, not TrainSettings' own defaults (augmentation,
+    for one, is on there and off in the job)."""
+    from dataclasses import asdict
+
+    from avprune.prune_job.env import JobEnv
+    from perception.models import read_checkpoint
+
+    out = reference["out"]
+    cfg = PruneJobConfig.model_validate(json.loads((out / "job.json").read_text())["config"])
+    want = asdict(JobEnv(cfg).finetune_settings(seed=cfg.seed, threads=None))
+    recipe = ("steps", "batch_size", "optimizer", "lr", "warmup_steps", "checkpoint_every", "augment")
+    assert want["augment"] is False  # the job's default; TrainSettings' own is on
+    trials = {p.parent.parent.name: p for p in (out / "search" / "trials").glob("*/train/last.pt")}
+    assert set(trials) == {"c0", "c1", "shadow"}, trials
+    for name, path in trials.items():
+        saved = read_checkpoint(path)["extra"]["train_state"]["settings"]
+        assert {k: saved[k] for k in recipe} == {k: want[k] for k in recipe}, name
+
+
 def _cli(job: Path, *args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen([PY, "-m", "avprune", "prune", str(job), "--no-progress", *args], cwd=ROOT,
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
