@@ -734,6 +734,7 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     assert dumped["finetune"].pop("bn_recalibration_images") is None
     # augmentation, resolved to off: a trial resumed mid-fine-tune trains on raw frames from there on
     assert dumped["finetune"].pop("augment") is None
+    assert dumped["pruning"].pop("stable_masks") is False  # every older job re-ranked its masks at each update
     assert dumped["sensitivity"].pop("bn_recalibration_images") == 0  # the scan's BNs frozen: what every scan did
     assert dumped == data  # no other field added, dropped or re-defaulted
     as_stored = cfg.model_copy(update={
