@@ -34,15 +34,17 @@ def pruned_root_indices(
     ``keep_vectors`` maps ``(module, tensor, dim)`` to that tensor's 0/1 keep vector
     (:attr:`pruning.pruner.Pruner.channel_keep_vectors`).
     """
-    out: dict[str, list[int]] = {}
-    for g in groups:
-        keep = torch.ones(g.size)
-        for mem in g.members:
-            if mem.role == "out" and mem.module == g.root:
-                keep[mem.root_idxs] = keep_vectors[(mem.module, "weight", 0)][mem.idxs]
-                break
-        out[g.root] = [int(i) for i in torch.nonzero(keep == 0).flatten()]
-    return out
+    return {g.root: [int(i) for i in torch.nonzero(root_keep(g, keep_vectors) == 0).flatten()] for g in groups}
+
+
+def root_keep(g: ChannelGroup, keep_vectors: Mapping[tuple[str, str, int], torch.Tensor]) -> torch.Tensor:
+    """A channel group's 0/1 keep vector in root index space, read from its root layer's output mask."""
+    keep = torch.ones(g.size)
+    for mem in g.members:
+        if mem.role == "out" and mem.module == g.root:
+            keep[mem.root_idxs] = keep_vectors[(mem.module, "weight", 0)][mem.idxs]
+            break
+    return keep
 
 
 def finalize_model(

@@ -28,7 +28,7 @@ from torch import nn
 from pruning import filters as _filters
 from pruning._controller import Controller
 from pruning.bn_stats import BatchNormStatsKeeper
-from pruning.finalize import finalize_model, pruned_root_indices
+from pruning.finalize import finalize_model, pruned_root_indices, root_keep
 from pruning.granularity import (
     MaskResult,
     channel_mask_kept,
@@ -262,7 +262,7 @@ class Pruner:
                     kept = alloc.kept[g.root]
                 else:
                     kept = kept_channels(scores.numel(), targets[g.root], self.channel_multiple)
-                before = self._group_keep(g)
+                before = root_keep(g, self._vec_index)
                 if self.stable_masks:
                     res = stable_channel_mask(scores, kept, before)
                 else:
@@ -297,16 +297,6 @@ class Pruner:
             target=float(target), threshold=res.threshold, sparsity=res.sparsity,
             importance=importance_summary(normalise(scores)), channels=channels, swapped=swapped,
         )
-
-    def _group_keep(self, g: ChannelGroup) -> torch.Tensor:
-        """The group's current keep vector in root index space, read from its root layer's mask."""
-        for mem in g.members:
-            if mem.module == g.root and mem.role == "out":
-                tname, dim = mem.tensors[0]
-                keep = torch.ones(g.size)
-                keep[mem.root_idxs] = self._vec_index[(mem.module, tname, dim)][mem.idxs]
-                return keep
-        raise AssertionError(f"channel group {g.root!r} has no output member for its root layer")
 
     def _group_scores(self, g: ChannelGroup) -> torch.Tensor:
         """Aggregate member scores in root index space, each member normalised by its mean first.
