@@ -200,7 +200,7 @@ def _measured_pruner(table_error: float, map_value: float, **kw) -> tuple[Pruner
     model = small_net()
     table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=8)
     box: list[AllocationController] = []
-    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=40, ramp=0.5, measure_every=5,
+    ctrl = _controller(table, 0.5 * table.predict({}), total_steps=kw.pop("total_steps", 40), ramp=0.5, measure_every=5,
                        measure=lambda: (table_error * (box[0].last.predicted_ms if box[0].last else box[0].dense_ms), map_value),
                        **kw)
     box.append(ctrl)
@@ -324,7 +324,8 @@ def test_saving_scale_from_a_holdout_aims_the_first_allocation_at_the_budget() -
         model = small_net()
         table = LatencyTable.measure(model, X, flops_ms, runtime="synthetic", device="test", multiple=1)
         box: list[AllocationController] = []
-        ctrl = _controller(table, 0.7 * table.predict({}), total_steps=20, ramp=0.5, measure_every=10,
+        # 30 steps, run for 20: the allocations at 10 and 15 are outside the last interval, which stands
+        ctrl = _controller(table, 0.7 * table.predict({}), total_steps=30, ramp=1 / 3, measure_every=10,
                            measure=lambda b=box: (runs(b[0]), 0.9), saving_scale=scale)
         box.append(ctrl)
         pruner = Pruner(model, example_inputs=X, controller=ctrl, channel_multiple=1, update_every=5)
@@ -519,3 +520,44 @@ def test_a_step_back_regrows_at_most_max_cut_per_update() -> None:
     plain, dense = first_back(None)
     capped, _ = first_back(0.05)
     assert plain > 0.1 * dense and capped == pytest.approx(0.05 * dense)
+
+
+def test_the_last_interval_keeps_its_allocation_under_the_floor() -> None:
+    # the same dip under the floor steps back at step 25 of 60, and changes nothing at step 55, where
+    # no measurement is left before the end to judge a regrowth
+    def dip_at(step: int, total: int) -> tuple[AllocationController, dict, float]:
+        maps = [0.9] * (step // 5 - 1) + [0.1] + [0.9] * 10
+        pruner, ctrl, _ = _scripted_step_back(maps, total_steps=total, ramp=0.25)
+        for _ in range(step - 5):
+            pruner.step()
+        before, target = dict(ctrl.kept), ctrl.last.target_ms
+        for _ in range(5):
+            pruner.step()
+        return ctrl, before, target
+    early, before, target = dip_at(25, 60)
+    assert early.under_floor and not early.settled() and early.kept != before and early.last.target_ms > target
+    late, before, target = dip_at(55, 60)
+    assert late.settled() and not late.settled(54)
+    assert late.under_floor and late.kept == before and late.last.target_ms == target
+    assert late.hold_ms is None and late.bad_ms is None  # no step back recorded either
+    measured = next(pt for pt in late.points if pt.step == 55 and pt.map is not None)
+    assert measured.map == 0.1 and measured.floor == pytest.approx(0.5)  # the measurement is still recorded
+
+
+def test_the_last_interval_takes_no_further_cut() -> None:
+    # one schedule (the ramp reaches the budget at step 40), two fine-tune lengths: ending at step 40,
+    # the allocations at 35 and 40 stand where step 30's left them; running on to 80, they cut further
+    def kept_at_40(total: int) -> tuple[AllocationController, dict, dict]:
+        pruner, ctrl = _measured_pruner(1.0, 0.9, total_steps=total)
+        ctrl.ramp_fraction = 40 / total
+        for _ in range(30):
+            pruner.step()
+        at_30 = dict(ctrl.kept)
+        for _ in range(10):
+            pruner.step()
+        return ctrl, at_30, dict(ctrl.kept)
+    ending, at_30, at_40 = kept_at_40(40)
+    assert ending.settled() and at_40 == at_30 and ending.target_ms() < ending.last.target_ms
+    running, at_30_too, cut = kept_at_40(80)
+    assert not running.settled() and at_30_too == at_30  # the same schedule up to step 30 ...
+    assert sum(cut.values()) < sum(at_30.values())  # ... which cuts further by step 40
