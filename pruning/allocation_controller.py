@@ -373,26 +373,19 @@ class AllocationController(Controller):
         # step 0, 1.8 after 250 steps; RESULTS.md oneshot_recovery_foldse)
         judged = self.map_floor is not None and not self.in_recovery()
         floor = self.map_floor - self.allowance() if judged else None
-        if self.settled():
-            if floor is not None and map_value < floor:
-                log.info("mAP %.4f under floor %.4f in the last interval: the allocation stands (a change "
-                         "now would never be judged)", map_value, floor)
-            self.prev_map = float(map_value)
-            self.under_floor = floor is not None and map_value < floor
-            self.kept_at_measure = dict(self.kept)
-            self.points.append(AllocationPoint(self.last_step, self.last.target_ms, self.last.predicted_ms,
-                                               float(latency_ms), float(map_value), self.correction, floor))
-            return
-        held = floor is not None and map_value < floor and self.recovering(map_value, floor)
+        settled = self.settled()  # the last interval: nothing changes, the measurement is still recorded
+        under = floor is not None and map_value < floor
+        held = under and (settled or self.recovering(map_value, floor))
         self.prev_map = float(map_value)
         if held:
-            log.info("mAP %.4f under floor %.4f but recovering on course: target held", map_value, floor)
-            if self.step_back > 0.0:
+            log.info("mAP %.4f under floor %.4f: target held (%s)", map_value, floor,
+                     "last interval: a change now would never be judged" if settled else "recovering on course")
+            if self.step_back > 0.0 and not settled:
                 self.hold_ms = self.last.target_ms if self.last is not None else self.dense_ms
-        elif floor is not None and self.step_back > 0.0:
+        elif floor is not None and self.step_back > 0.0 and not settled:
             self._step_back(map_value >= floor)
-        if floor is not None and map_value < floor:
-            self.under_floor = True
+        self.under_floor = under
+        if under and not settled:
             cuts = {u: 1.0 - self.kept[u] / self.kept_at_measure[u] for u in self.kept if self.kept_at_measure[u]}
             top = max(cuts.values(), default=0.0)
             if top > 0:
@@ -401,10 +394,8 @@ class AllocationController(Controller):
                         self.weights[u] *= 1.0 + self.dip_gain * cut / top
                 log.info("mAP %.4f under floor %.4f (allowance %.4f): importance of %d recently cut layers "
                          "scaled up", map_value, self.map_floor, self.allowance(), sum(1 for c in cuts.values() if c > 0))
-        else:
-            self.under_floor = False
         self.kept_at_measure = dict(self.kept)
-        self.points.append(AllocationPoint(self.last_step, self.target_ms(),
+        self.points.append(AllocationPoint(self.last_step, self.last.target_ms if settled else self.target_ms(),
                                            self.last.predicted_ms if self.last else self.dense_ms,
                                            float(latency_ms), float(map_value), self.correction, floor))
 
