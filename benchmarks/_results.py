@@ -37,6 +37,7 @@ SECTION_ORDER = (
     "allocation",
     "allocation_latency",
     "oneshot_recovery",
+    "cut_path",
     "depth",
     "reliability",
 )

@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "allocation": ("--quick",),
     "depth": ("--quick",),
     "oneshot_recovery": ("--quick",),
+    "cut_path": ("--quick",),
     "reliability": (),  # no quick mode: 23 bad inputs through the CLI, about a minute
 }
 
