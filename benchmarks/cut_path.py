@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._results import ASSETS, check_tag, machine_line, publish
-from benchmarks.oneshot_recovery import MULTIPLE, _cached_note, _plot
+from benchmarks.oneshot_recovery import MULTIPLE, _cached_note, _plot, curve_table, rows_table
 from benchmarks.oneshot_recovery import _config as _recovery_config
 from perception.io import atomic_write_json
 
@@ -110,12 +110,12 @@ class CutPath:
         """Masks as the path has them after ``done`` steps, or the cut's masks."""
         on_path = not cut and self.kind != "hard" and done < self.steps
         scale = fade_scale(done, self.steps) if self.kind == "fade" else 1.0
-        for k, cut in self.cut_masks.items():
+        for k, cut_mask in self.cut_masks.items():
             mask = self.pruner.masks[k].mask
             if not on_path:
-                mask.copy_(cut)
+                mask.copy_(cut_mask)
             elif self.kind == "fade" and self.is_bn[k]:
-                mask.copy_(cut + (1 - cut) * scale)
+                mask.copy_(cut_mask + (1 - cut_mask) * scale)
             else:  # fade: filters and input slices open; shrink: everything open, the weights decay instead
                 mask.fill_(1.0)
 
@@ -211,7 +211,7 @@ def markdown(rec: dict[str, Any], png: str) -> str:
     paths = ",".join(r["path"] + (f":{r['path_steps']}" if r["path"] != "hard" else "") for r in rows if r["path"])
     cmd = (f"python -m benchmarks.cut_path --tag {tag} --checkpoint {rec['checkpoint']} --data {rec['data']} "
            f"--ratio {rec['ratio']:g} --paths {paths} --steps {rec['steps']} --eval-every {rec['eval_every']} "
-           f"--lr {rec['lr']:g}")
+           f"--lr {rec['lr']:g}" + (f" --seed {rec['seed']}" if rec["seed"] else ""))
     lines = [
         f"## {tag}: one channel cut reached three ways (hard, fade, growing shrink), the same fine-tune",
         "",
@@ -226,20 +226,10 @@ def markdown(rec: dict[str, Any], png: str) -> str:
         "Every read is of the cut model. Latency: ORT CPU, 2 threads, paired interleaved blocks, the checkpoint "
         f"as the reference. Wall time {rec['wall_s'] / 60:.1f} min{_cached_note(rows, rec['wall_s'])}.",
         "",
-        "| row | params M | graph speed-up [95% CI] | frame speed-up | mAP | drop vs dense as long (points) |",
-        "|---|---:|---:|---:|---:|---:|",
+        *rows_table(rows),
+        "", "mAP during the fine-tune (val images; the pruned rows read as cut):", "",
+        *curve_table(rows),
     ]
-    for r in rows:
-        ci = r.get("graph_speedup_ci")
-        ci_s = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-        lines.append(f"| {r['name']} | {r['params_m']:.2f} | {r['graph_speedup']:.2f}x{ci_s} | "
-                     f"{r['frame_speedup']:.2f}x | {r['map']:.3f} | {r['map_drop_points']:+.1f} |")
-    steps = sorted({s for r in rows for s, _ in r["curve"]})
-    lines += ["", "mAP during the fine-tune (val images; the pruned rows read as cut):", "",
-              "| step | " + " | ".join(r["name"] for r in rows) + " |", "|---:|" + "---:|" * len(rows)]
-    for s in steps:
-        cells = [next((f"{m:.3f}" for st, m in r["curve"] if st == s), "-") for r in rows]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
     hard = next((r for r in rows if r["path"] == "hard"), None)
     others = [r for r in rows if r["path"] not in (None, "hard")]
     if rec["quick"]:

@@ -269,9 +269,30 @@ def _cached_note(rows: list[dict[str, Any]], wall_s: float) -> str:
     return f" (rows reused from the cache; their fine-tunes took {train_s / 60:.0f} min in all)"
 
 
+def rows_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each row's size, paired speed-ups, mAP and drop against dense trained as long."""
+    lines = ["| row | params M | graph ms | graph speed-up [95% CI] | frame speed-up | mAP | drop vs dense as long (points) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ci = r.get("graph_speedup_ci")
+        ci_s = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        lines.append(f"| {r['name']} | {r['params_m']:.2f} | {r['graph_p50_ms']:.2f} | {r['graph_speedup']:.2f}x{ci_s} | "
+                     f"{r['frame_speedup']:.2f}x | {r['map']:.3f} | {r['map_drop_points']:+.1f} |")
+    return lines
+
+
+def curve_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: every row's mAP at each evaluated fine-tune step ('-' where it was not read)."""
+    steps = sorted({s for r in rows for s, _ in r["curve"]})
+    lines = ["| step | " + " | ".join(r["name"] for r in rows) + " |", "|---:|" + "---:|" * len(rows)]
+    for s in steps:
+        cells = [next((f"{m:.3f}" for st, m in r["curve"] if st == s), "-") for r in rows]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(rec: dict[str, Any], png: str) -> str:
     rows = rec["rows"]
-    steps = sorted({s for r in rows for s, _ in r["curve"]})
     tag, fw = rec.get("tag", "oneshot_recovery"), rec.get("feature_weight", 0.0)
     ratios = ",".join(dict.fromkeys(str(r["ratio"]) for r in rows if r["ratio"] and not r.get("blocks")))
     depth = ",".join(f"{len(r['blocks'])}:{r['ratio']:g}" for r in rows if r.get("blocks"))
@@ -302,20 +323,10 @@ def markdown(rec: dict[str, Any], png: str) -> str:
         f"Latency: ORT CPU, 2 threads, paired interleaved blocks, dense as the reference. Wall time "
         f"{rec['wall_s'] / 60:.1f} min{_cached_note(rows, rec['wall_s'])}.",
         "",
-        "| row | params M | graph ms | graph speed-up [95% CI] | frame speed-up | mAP | drop vs dense as long (points) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows_table(rows),
+        "", "mAP during the fine-tune (val images):", "",
+        *curve_table(rows),
     ]
-    for r in rows:
-        ci = r.get("graph_speedup_ci")
-        ci_s = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-        lines.append(f"| {r['name']} | {r['params_m']:.2f} | {r['graph_p50_ms']:.2f} | {r['graph_speedup']:.2f}x{ci_s} | "
-                     f"{r['frame_speedup']:.2f}x | {r['map']:.3f} | {r['map_drop_points']:+.1f} |")
-    lines += ["", "mAP during the fine-tune (val images):", "",
-              "| step | " + " | ".join(r["name"] for r in rows) + " |",
-              "|---:|" + "---:|" * len(rows)]
-    for s in steps:
-        cells = [next((f"{m:.3f}" for st, m in r["curve"] if st == s), "-") for r in rows]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
     for r in rows:
         rc = r.get("reconstruct")
         if rc:

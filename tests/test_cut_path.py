@@ -116,7 +116,7 @@ def test_paths_refuse_what_they_cannot_do() -> None:
 def test_markdown_compares_each_path_with_the_hard_cut_and_reruns_the_same_rows() -> None:
     def row(name: str, path: str | None, n: int, m: float) -> dict:
         return {"name": name, "path": path, "path_steps": n, "ratio": 0.5 if path else 0.0, "params_m": 1.0,
-                "graph_speedup": 1.8 if path else 1.0, "graph_speedup_ci": [1.7, 1.9], "frame_speedup": 1.5,
+                "graph_p50_ms": 5.0 if path else 9.0, "graph_speedup": 1.8 if path else 1.0, "graph_speedup_ci": [1.7, 1.9], "frame_speedup": 1.5,
                 "map": m, "map_drop_points": 100 * (0.645 - m), "curve": [[0, 0.01], [400, m]], "train_s": 1.0}
 
     rec = {"tag": "cut_path", "quick": False, "checkpoint": "c.pt", "data": "d", "ratio": 0.5, "steps": 400,
@@ -127,4 +127,5 @@ def test_markdown_compares_each_path_with_the_hard_cut_and_reruns_the_same_rows(
     assert md.startswith("## cut_path: ")
     assert "--ratio 0.5 --paths hard,fade:150 --steps 400" in md
     assert "50% fade over 150 steps -0.6." in md
+    assert "--seed" not in md and "--seed 1" in markdown({**rec, "seed": 1}, "x.png")
     assert "no verdict" in markdown({**rec, "quick": True}, "x.png")
