@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tag = check_tag(args.tag or ("cut_path_quick" if args.quick else "cut_path"))
     if args.report_only:
-        return _write(json.loads((ASSETS / f"{tag}.json").read_text()), tag)
+        last = ASSETS / f"{tag}.json"
+        if not last.is_file():
+            raise SystemExit(f"--report-only: no earlier run at {last}; run without --report-only first (or give --tag)")
+        return _write(json.loads(last.read_text()), tag)
     try:
         paths = parse_paths(args.paths)
     except ValueError as e:

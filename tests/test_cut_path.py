@@ -129,3 +129,17 @@ def test_markdown_compares_each_path_with_the_hard_cut_and_reruns_the_same_rows(
     assert "50% fade over 150 steps -0.6." in md
     assert "--seed" not in md and "--seed 1" in markdown({**rec, "seed": 1}, "x.png")
     assert "no verdict" in markdown({**rec, "quick": True}, "x.png")
+
+
+def test_bad_command_lines_are_one_line_refusals_that_write_nothing() -> None:
+    from benchmarks._results import ASSETS
+    from benchmarks.cut_path import main
+
+    before = sorted(p.name for p in ASSETS.iterdir())
+    for argv, words in ((["--paths", "soft:3"], "--paths 'soft:3'"), (["--ratio", "0.95"], "--ratio 0.95"),
+                        (["--steps", "100", "--paths", "fade:150"], "must end before"),
+                        (["--tag", "no_such_run_xyz", "--report-only"], "no earlier run")):
+        with pytest.raises(SystemExit, match=words) as e:
+            main(argv)
+        assert "\n" not in str(e.value)
+    assert sorted(p.name for p in ASSETS.iterdir()) == before
