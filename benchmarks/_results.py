@@ -38,6 +38,7 @@ SECTION_ORDER = (
     "allocation_latency",
     "oneshot_recovery",
     "cut_path",
+    "stage_multiple",
     "depth",
     "reliability",
 )

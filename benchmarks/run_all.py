@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "depth": ("--quick",),
     "oneshot_recovery": ("--quick",),
     "cut_path": ("--quick",),
+    "stage_multiple": ("--quick",),
     "reliability": (),  # no quick mode: 23 bad inputs through the CLI, about a minute
 }
 
