@@ -59,6 +59,11 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   0.533 in the demo's job (step 100 of 120), and a late regrowth took 0.619 to 0.604 at full size
   (3,200 -> 3,792 channels at step 750 of 800, prune_job_noaug); with the rule, the same path
   shipped 0.617 at 2.24x instead of 0.604 at 1.90x (prune_job_settle_repeat).
+- **No regrowth late.** Past ``regrow_until`` of the fine-tune steps a measurement under the floor
+  holds the target instead of stepping back. Why: regrown channels come back with the weights they
+  had at their cut and have only the schedule's lowest rates to fit back in. Late step backs lost in
+  every full-size run: 0.619 -> 0.604 from step 750 of 800 (prune_job_noaug), and 0.627 at 2.06x
+  (step 1400 of 1600) -> 0.614 at 1.57x after regrowths at 1400-1550 (prune_job_s1600).
 - **Gentle retries.** Once the bisection converges, the schedule may pull the target at most half
   the unresolved gap (to the untried midpoint of the last good and last bad targets) below the last
   good target, and that distance doubles with every measurement that meets the floor (slow start,
@@ -153,6 +158,7 @@ class AllocationController(Controller):
         step_back: float = 0.0,
         max_cut_per_update: float | None = None,
         recovery_steps: int = 0,
+        regrow_until: float = 1.0,
     ) -> None:
         super().__init__()
         if allocation not in ALLOCATIONS:
@@ -181,6 +187,9 @@ class AllocationController(Controller):
         if not isinstance(recovery_steps, int) or recovery_steps < 0:
             raise ValueError(f"recovery_steps must be an int >= 0 (steps after the ramp before the floor is judged); "
                              f"got {recovery_steps!r}")
+        if not 0.0 <= regrow_until <= 1.0:
+            raise ValueError(f"regrow_until is a share of the fine-tune steps in [0, 1] (1 = step back until the "
+                             f"last interval); got {regrow_until!r}")
         latency_target(0, dense_ms=1.0, budget_ms=1.0, end_step=1, kind=schedule)  # validates the name now
         self.table, self.budget, self.allocation_kind = table, float(latency_budget_ms), allocation
         self.total_steps, self.ramp_fraction, self.schedule = total_steps, float(ramp_fraction), schedule
@@ -191,6 +200,7 @@ class AllocationController(Controller):
         self.warmup_steps, self.floor_allowance, self.step_back = warmup_steps, float(floor_allowance), float(step_back)
         self.max_cut_per_update = max_cut_per_update
         self.recovery_steps = recovery_steps
+        self.regrow_until = float(regrow_until)
         self.one_shot_done = False  # ramp_fraction 0: the scheduled cut has been made (the cap applies from then)
         self.dense_ms = float(table.predict({}))
         self.channel_multiple = 1
@@ -306,6 +316,12 @@ class AllocationController(Controller):
         return (self.measure is not None and self.last is not None and not self._one_shot_pending()
                 and self.total_steps - step <= self.measure_every)
 
+    def late(self, step: int | None = None) -> bool:
+        """Whether ``step`` lies past ``regrow_until`` of the fine-tune: under the floor there the target
+        holds instead of stepping back (see the module docstring)."""
+        step = self.last_step if step is None else step
+        return self.regrow_until < 1.0 and step >= self.regrow_until * self.total_steps
+
     def _one_shot_pending(self) -> bool:
         """A one-shot candidate whose warm-up has ended and whose cut has not been made yet."""
         return self.ramp_fraction == 0.0 and not self.one_shot_done and self.schedule_clock() >= self.warmup_steps
@@ -375,11 +391,14 @@ class AllocationController(Controller):
         floor = self.map_floor - self.allowance() if judged else None
         settled = self.settled()  # the last interval: nothing changes, the measurement is still recorded
         under = floor is not None and map_value < floor
-        held = under and (settled or self.recovering(map_value, floor))
+        late = self.late()
+        held = under and (settled or late or self.recovering(map_value, floor))
         self.prev_map = float(map_value)
         if held:
-            log.info("mAP %.4f under floor %.4f: target held (%s)", map_value, floor,
-                     "last interval: a change now would never be judged" if settled else "recovering on course")
+            why = ("last interval: a change now would never be judged" if settled else
+                   f"past regrow_until={self.regrow_until:g} of the steps: a regrowth now has too few steps to pay"
+                   if late else "recovering on course")
+            log.info("mAP %.4f under floor %.4f: target held (%s)", map_value, floor, why)
             if self.step_back > 0.0 and not settled:
                 self.hold_ms = self.last.target_ms if self.last is not None else self.dense_ms
         elif floor is not None and self.step_back > 0.0 and not settled:

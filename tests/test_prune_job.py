@@ -722,7 +722,8 @@ def test_job_folder_written_before_the_typed_records_resumes(tmp_path):
     assert dumped["pruning"].pop("latency_costs") == "measured"  # every table before the field was timed
     assert dumped["sensitivity"].pop("metric") is None  # resolved: what the old job meant
     # the allocation controller's floor handling (not read by this job's cubic controller)
-    assert [dumped["pruning"].pop(k) for k in ("floor_allowance", "step_back", "max_cut_per_update")] == [0.02, 0.5, 0.08]
+    assert [dumped["pruning"].pop(k) for k in ("floor_allowance", "step_back", "regrow_until", "max_cut_per_update")
+            ] == [0.02, 0.5, 0.8, 0.08]
     assert dumped["pruning"].pop("reconstruct_images") == 0  # reconstruction off: what every older job did
     assert dumped["pruning"].pop("fold_gates") == 0  # gates kept: what every older job did
     # no older job could have a one-shot candidate (ramps were in (0, 1]), so the window changes nothing

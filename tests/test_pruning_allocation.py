@@ -544,6 +544,27 @@ def test_the_last_interval_keeps_its_allocation_under_the_floor() -> None:
     assert measured.map == 0.1 and measured.floor == pytest.approx(0.5)  # the measurement is still recorded
 
 
+@pytest.mark.parametrize("regrow_until", [1.0, 0.8])
+def test_past_regrow_until_a_dip_holds_instead_of_regrowing(regrow_until: float) -> None:
+    # a dip under the floor at step 50 of 60 (two measurements left, so not the settled last interval):
+    # with regrowth allowed to the end the target steps back; past regrow_until the allocation holds
+    maps = [0.9] * 9 + [0.1] + [0.9] * 10
+    pruner, ctrl, _ = _scripted_step_back(maps, total_steps=60, ramp=0.25, regrow_until=regrow_until)
+    for _ in range(45):
+        pruner.step()
+    before, target = dict(ctrl.kept), ctrl.last.target_ms
+    for _ in range(5):
+        pruner.step()
+    assert ctrl.under_floor and not ctrl.settled()
+    assert ctrl.late() == (regrow_until < 1.0) and not ctrl.late(47)
+    if regrow_until < 1.0:
+        assert ctrl.kept == before and ctrl.bad_ms is None and ctrl.hold_ms == pytest.approx(target)
+    else:
+        assert ctrl.bad_ms == pytest.approx(target) and ctrl.hold_ms > target and ctrl.kept != before
+    with pytest.raises(ValueError, match="regrow_until"):
+        _controller(ctrl.table, ctrl.budget, total_steps=60, regrow_until=1.5)
+
+
 def test_the_last_interval_takes_no_further_cut() -> None:
     # one schedule (the ramp reaches the budget at step 40), two fine-tune lengths: ending at step 40,
     # the allocations at 35 and 40 stand where step 30's left them; running on to 80, they cut further

@@ -193,6 +193,12 @@ class PruningSpec(StrictModel):
         0.5, ge=0, le=1,
         description="allocation controller: under the floor, raise the latency target this share of the way back "
         "to the last target that met it (pruned groups regrow), then bisect; 0: hold the target instead")
+    regrow_until: float = Field(
+        0.8, ge=0, le=1,
+        description="allocation controller: share of the fine-tune steps after which a model under the floor "
+        "holds its target instead of stepping back (regrown channels late have too few steps, at too low a rate, "
+        "to fit back in: a regrowth at step 1400 of 1600 took a 0.627 model at 2.06x to 0.614 at 1.57x, "
+        "benchmarks/RESULTS.md prune_job_s1600); 1: step back until the last interval")
     max_cut_per_update: float | None = Field(
         0.08, gt=0, le=1,
         description="allocation controller: the most predicted latency one mask update may cut, as a share of the "
@@ -519,8 +525,10 @@ class PruneJobConfig(StrictModel):
         if p.get("round_to") is not None and p.get("channel_multiple") == p["round_to"]:
             p.pop("channel_multiple")
         if p.get("controller") != "allocation":  # these steer the allocation controller only
-            for key in ("allocation", "floor_allowance", "step_back", "max_cut_per_update"):
+            for key in ("allocation", "floor_allowance", "step_back", "max_cut_per_update", "regrow_until"):
                 p.pop(key, None)
+        if p.get("regrow_until") == 1.0:  # what a job file written before the field meant
+            p.pop("regrow_until")
         for key in ("distill", "bn_recalibration_images", "augment"):  # None: the resolved default
             if ft.get(key) is None:
                 ft.pop(key, None)

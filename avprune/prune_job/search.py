@@ -101,6 +101,7 @@ def _controller(cfg: PruneJobConfig, spec: TrialSpec, table: LatencyTable, predi
             measure_every=cfg.finetune.measure_every, map_floor=spec.map_floor, max_unit_sparsity=p.max_sparsity,
             saving_scale=scale, warmup_steps=begin, floor_allowance=p.floor_allowance, step_back=p.step_back,
             max_cut_per_update=p.max_cut_per_update, recovery_steps=recovery_steps(cfg, cand),
+            regrow_until=p.regrow_until,
         )
         log.info("%s: saving scale %.3f (held-out model %s ms predicted/measured)", cand.candidate_id, scale,
                  spec.holdout_ms)
