@@ -61,9 +61,10 @@ a :class:`~pruning._controller.Controller` the :class:`~pruning.pruner.Pruner` c
   shipped 0.617 at 2.24x instead of 0.604 at 1.90x (prune_job_settle_repeat).
 - **No regrowth late.** Past ``regrow_until`` of the fine-tune steps a measurement under the floor
   holds the target instead of stepping back. Why: regrown channels come back with the weights they
-  had at their cut and have only the schedule's lowest rates to fit back in. Late step backs lost in
-  every full-size run: 0.619 -> 0.604 from step 750 of 800 (prune_job_noaug), and 0.627 at 2.06x
-  (step 1400 of 1600) -> 0.614 at 1.57x after regrowths at 1400-1550 (prune_job_s1600).
+  had at their cut and have only the schedule's lowest rates to fit back in. Each late step back
+  in a full-size run lost: 0.619 -> 0.604 from step 750 of 800 (prune_job_noaug), and 0.628 at
+  2.06x -> 0.614 at 1.57x after step backs from step 1350 of 1600 (prune_job_s1600). With the rule
+  at 800 steps the job held at 700 and 750 and shipped 2.06x at 2.3 points (prune_job_regrow).
 - **Gentle retries.** Once the bisection converges, the schedule may pull the target at most half
   the unresolved gap (to the untried midpoint of the last good and last bad targets) below the last
   good target, and that distance doubles with every measurement that meets the floor (slow start,

@@ -197,7 +197,7 @@ class PruningSpec(StrictModel):
         0.8, ge=0, le=1,
         description="allocation controller: share of the fine-tune steps after which a model under the floor "
         "holds its target instead of stepping back (regrown channels late have too few steps, at too low a rate, "
-        "to fit back in: a regrowth at step 1400 of 1600 took a 0.627 model at 2.06x to 0.614 at 1.57x, "
+        "to fit back in: step backs from step 1350 of 1600 took a 0.628 model at 2.06x to 0.614 at 1.57x, "
         "benchmarks/RESULTS.md prune_job_s1600); 1: step back until the last interval")
     max_cut_per_update: float | None = Field(
         0.08, gt=0, le=1,
