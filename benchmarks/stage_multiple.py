@@ -30,6 +30,7 @@ calibrated BatchNorm (:func:`benchmarks.depth.build_model`): latency depends on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -138,24 +139,20 @@ def run(cuts: list[str], ratio: float, early_stride: int, blocks: int, work: Pat
     counts: dict[str, dict[str, tuple[int, int, int]]] = {}
     for spec in cuts:
         models[spec], counts[spec] = cut_model(dense, parse_cut(spec), ratio, early_stride, SIZE)
-    runtimes = {}
-    try:
-        for i, (name, m) in enumerate(models.items()):
-            path = export_onnx(m, work / f"{i}.onnx", form="core", exporter="legacy").path
-            runtimes[name] = open_runtime(path, threads=THREADS).__enter__()
+    with contextlib.ExitStack() as stack:  # every runtime opened is closed, whatever fails
+        runtimes = {name: stack.enter_context(open_runtime(
+            export_onnx(m, work / f"{i}.onnx", form="core", exporter="legacy").path, threads=THREADS))
+            for i, (name, m) in enumerate(models.items())}
         frames = [(torch.rand(SIZE, SIZE, 3) * 255).to(torch.uint8).numpy() for _ in range(8)]
         torch.set_num_threads(THREADS)
         timing = time_runtimes(runtimes, frames, end_to_end=False, reference="dense", blocks=blocks, block_size=8)
-    finally:
-        for rt in runtimes.values():
-            rt.__exit__(None, None, None)
-    dense_macs = macs(dense)
+    mac_count = {name: macs(m) for name, m in models.items()}  # counted once per model
     rows = []
     for name, m in models.items():
         r = timing.ratios.get(name)
         c = counts.get(name, {})
         rows.append({
-            "cut": name, "macs_m": macs(m) / 1e6, "mac_ratio": dense_macs / macs(m),
+            "cut": name, "macs_m": mac_count[name] / 1e6, "mac_ratio": mac_count["dense"] / mac_count[name],
             "params_m": sum(p.numel() for p in m.parameters()) / 1e6,
             "graph_p50_ms": timing.summaries[name].p50_ms,
             "speedup": 1.0 if r is None else r.ratio, "speedup_ci": None if r is None else [r.low, r.high],
